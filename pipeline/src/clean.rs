@@ -1,0 +1,463 @@
+//! Clean: markup to text, NFC, control and zero-width removal, whitespace collapse, content hash.
+//! Pure and per document, so the runner can run it on rayon over a batch.
+
+use pulldown_cmark::{Event, Options, Parser, Tag, TagEnd};
+use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
+
+use crate::hash::content_hash;
+use crate::types::{CleanDocument, RawDocument};
+
+/// The cleaning stage. Stateless; duplicates are dropped by `Deduper`, which needs order.
+#[derive(Debug, Clone, Default)]
+pub struct Cleaner;
+
+impl Cleaner {
+    pub fn new() -> Self {
+        Cleaner
+    }
+
+    /// Cleans one document; `None` when nothing readable is left.
+    pub fn clean(&self, raw: RawDocument) -> Option<CleanDocument> {
+        let text = clean_text(&raw.text);
+        if text.is_empty() {
+            return None;
+        }
+        let title = raw.title.map(|t| clean_text(&t)).filter(|t| !t.is_empty());
+        Some(CleanDocument {
+            content_hash: content_hash(&text),
+            user_id: raw.user_id,
+            kind: raw.kind,
+            source_id: raw.source_id,
+            text,
+            created_at: raw.created_at,
+            conversation_id: raw.conversation_id,
+            title,
+            author: raw.author,
+            meta: raw.meta,
+        })
+    }
+}
+
+/// The whole text transformation, exposed for tests and benches.
+pub fn clean_text(input: &str) -> String {
+    let converted;
+    let text: &str = if looks_like_html(input) {
+        converted = html_to_text(input);
+        &converted
+    } else if looks_like_markdown(input) {
+        converted = markdown_to_text(input);
+        &converted
+    } else {
+        input
+    };
+    let normalized;
+    let text: &str = match is_nfc_quick(text.chars()) {
+        IsNormalized::Yes => text,
+        _ => {
+            normalized = text.nfc().collect::<String>();
+            &normalized
+        }
+    };
+    filter_and_collapse(text)
+}
+
+/// Zero-width and invisible format characters that carry no meaning in memory. ZWJ and ZWNJ are
+/// handled apart: they join emoji sequences and shape Indic and Persian words.
+fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{200B}' | '\u{2060}' | '\u{FEFF}' | '\u{00AD}' | '\u{180E}'
+        | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+        | '\u{2061}'..='\u{2064}')
+}
+
+/// One pass: drops controls and invisibles, keeps ZWJ/ZWNJ only inside a word, folds runs of
+/// spaces to one space and blank lines to one paragraph break, trims every line.
+fn filter_and_collapse(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut pending_space = false;
+    let mut pending_newlines = 0u8;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\n' => pending_newlines = pending_newlines.saturating_add(1),
+            '\r' => {
+                if chars.peek() != Some(&'\n') {
+                    pending_newlines = pending_newlines.saturating_add(1);
+                }
+            }
+            '\u{2028}' | '\u{2029}' => pending_newlines = pending_newlines.saturating_add(1),
+            c if c.is_whitespace() => pending_space = true,
+            c if c.is_control() || is_invisible(c) => {}
+            '\u{200C}' | '\u{200D}' => {
+                let prev_ok = !out.is_empty() && !pending_space && pending_newlines == 0;
+                let next_ok = chars
+                    .peek()
+                    .is_some_and(|n| !n.is_whitespace() && !n.is_control());
+                if prev_ok && next_ok {
+                    out.push(c);
+                }
+            }
+            c => {
+                if !out.is_empty() {
+                    if pending_newlines >= 2 {
+                        out.push_str("\n\n");
+                    } else if pending_newlines == 1 {
+                        out.push('\n');
+                    } else if pending_space {
+                        out.push(' ');
+                    }
+                }
+                pending_space = false;
+                pending_newlines = 0;
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------- HTML
+
+/// HTML if a known tag appears; `Vec<String>` or `a <b` in a chat message stays text.
+fn looks_like_html(s: &str) -> bool {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while let Some(off) = b[i..].iter().position(|&c| c == b'<') {
+        let at = i + off;
+        if let Some((name, _)) = tag_name(&s[at + 1..]) {
+            if is_known_tag(&name) {
+                return true;
+            }
+        }
+        if s[at + 1..].starts_with("!--") {
+            return true;
+        }
+        i = at + 1;
+    }
+    false
+}
+
+/// The tag name after `<` (lowercased), and whether it is a closing tag.
+fn tag_name(after_lt: &str) -> Option<(String, bool)> {
+    let (closing, rest) = match after_lt.strip_prefix('/') {
+        Some(r) => (true, r),
+        None => (false, after_lt),
+    };
+    let len = rest
+        .bytes()
+        .take_while(|c| c.is_ascii_alphanumeric())
+        .count();
+    if len == 0 || !rest.as_bytes()[0].is_ascii_alphabetic() {
+        return None;
+    }
+    let next = rest.as_bytes().get(len).copied();
+    if !matches!(
+        next,
+        None | Some(b'>' | b' ' | b'/' | b'\t' | b'\n' | b'\r')
+    ) {
+        return None;
+    }
+    Some((rest[..len].to_ascii_lowercase(), closing))
+}
+
+const BLOCK_TAGS: &[&str] = &[
+    "p",
+    "div",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "blockquote",
+    "pre",
+    "ul",
+    "ol",
+    "table",
+    "section",
+    "article",
+    "header",
+    "footer",
+    "hr",
+    "dl",
+    "figure",
+    "main",
+    "nav",
+    "aside",
+    "html",
+    "body",
+    "head",
+    "title",
+];
+const LINE_TAGS: &[&str] = &["br", "li", "tr", "dt", "dd", "option"];
+const INLINE_TAGS: &[&str] = &[
+    "a", "b", "i", "u", "s", "em", "strong", "span", "code", "small", "sub", "sup", "mark", "img",
+    "font", "abbr", "cite", "q", "del", "ins", "label", "td", "th", "tbody", "thead", "tfoot",
+    "caption", "meta", "link", "input", "button", "select", "textarea", "form", "iframe", "video",
+    "audio", "source", "svg", "time", "wbr", "center", "kbd", "var", "samp",
+];
+const SKIP_CONTENT_TAGS: &[&str] = &["script", "style", "noscript", "template"];
+
+fn is_known_tag(name: &str) -> bool {
+    BLOCK_TAGS.contains(&name)
+        || LINE_TAGS.contains(&name)
+        || INLINE_TAGS.contains(&name)
+        || SKIP_CONTENT_TAGS.contains(&name)
+}
+
+fn html_to_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut text_start = 0;
+    let mut i = 0;
+    let b = s.as_bytes();
+    let flush = |out: &mut String, from: usize, to: usize| {
+        if from < to {
+            out.push_str(&html_escape::decode_html_entities(&s[from..to]));
+        }
+    };
+    while i < b.len() {
+        if b[i] != b'<' {
+            i += 1;
+            continue;
+        }
+        if s[i + 1..].starts_with("!--") {
+            flush(&mut out, text_start, i);
+            i = s[i..].find("-->").map(|e| i + e + 3).unwrap_or(b.len());
+            text_start = i;
+            continue;
+        }
+        if s[i + 1..].starts_with('!') || s[i + 1..].starts_with('?') {
+            // doctype or processing instruction
+            flush(&mut out, text_start, i);
+            i = s[i..].find('>').map(|e| i + e + 1).unwrap_or(b.len());
+            text_start = i;
+            continue;
+        }
+        let Some((name, closing)) = tag_name(&s[i + 1..]) else {
+            i += 1;
+            continue;
+        };
+        if !is_known_tag(&name) {
+            i += 1;
+            continue;
+        }
+        let Some(end_rel) = s[i..].find('>') else {
+            i += 1;
+            continue;
+        };
+        flush(&mut out, text_start, i);
+        let tag_end = i + end_rel + 1;
+        if BLOCK_TAGS.contains(&name.as_str()) {
+            out.push_str("\n\n");
+        } else if LINE_TAGS.contains(&name.as_str()) {
+            // Only the opening tag breaks: `</li><li>` is one line break, not a paragraph.
+            if !closing {
+                out.push('\n');
+            }
+        } else if matches!(name.as_str(), "td" | "th") {
+            out.push(' ');
+        } else if name == "img" {
+            if let Some(alt) = attr(&s[i..tag_end], "alt") {
+                out.push_str(&html_escape::decode_html_entities(alt));
+            }
+        }
+        i = tag_end;
+        if !closing && SKIP_CONTENT_TAGS.contains(&name.as_str()) {
+            let close = format!("</{name}");
+            i = find_ascii_ci(&s[i..], &close)
+                .and_then(|c| s[i + c..].find('>').map(|e| i + c + e + 1))
+                .unwrap_or(b.len());
+        }
+        text_start = i;
+    }
+    flush(&mut out, text_start, b.len());
+    out
+}
+
+fn attr<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
+    let at = find_ascii_ci(tag, &format!("{name}="))?;
+    let rest = &tag[at + name.len() + 1..];
+    let quote = rest.chars().next()?;
+    if quote == '"' || quote == '\'' {
+        let end = rest[1..].find(quote)?;
+        Some(&rest[1..1 + end])
+    } else {
+        None
+    }
+}
+
+fn find_ascii_ci(hay: &str, needle: &str) -> Option<usize> {
+    let (h, n) = (hay.as_bytes(), needle.as_bytes());
+    if n.len() > h.len() {
+        return None;
+    }
+    (0..=h.len() - n.len()).find(|&i| h[i..i + n.len()].eq_ignore_ascii_case(n))
+}
+
+// ---------------------------------------------------------------- Markdown
+
+/// Markdown only on strong signals, so ordinary chat (`:-)`, `2*3`, `snake_case`) is untouched.
+fn looks_like_markdown(s: &str) -> bool {
+    if s.contains("**")
+        || s.contains("](")
+        || s.contains("```")
+        || s.contains("~~")
+        || s.contains("__")
+    {
+        return true;
+    }
+    if s.matches('`').count() >= 2 {
+        return true;
+    }
+    s.lines().any(|l| {
+        let l = l.trim_start();
+        l.starts_with("# ") || l.starts_with("## ") || l.starts_with("### ") || l.starts_with("> ")
+    })
+}
+
+fn markdown_to_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut link: Option<(String, usize)> = None;
+    let opts = Options::ENABLE_STRIKETHROUGH | Options::ENABLE_TABLES | Options::ENABLE_TASKLISTS;
+    for ev in Parser::new_ext(s, opts) {
+        match ev {
+            Event::Text(t) | Event::Code(t) => out.push_str(&t),
+            Event::Html(h) | Event::InlineHtml(h) => out.push_str(&html_to_text(&h)),
+            Event::SoftBreak | Event::HardBreak => out.push('\n'),
+            Event::Rule => out.push_str("\n\n"),
+            Event::TaskListMarker(done) => out.push_str(if done { "[x] " } else { "[ ] " }),
+            Event::Start(Tag::Link { dest_url, .. }) => {
+                link = Some((dest_url.to_string(), out.len()))
+            }
+            Event::End(TagEnd::Link) => {
+                if let Some((url, start)) = link.take() {
+                    // Keep the address too: "the link Bob sent" is a question memory must answer.
+                    if !url.is_empty() && !out[start..].contains(url.as_str()) {
+                        out.push_str(" (");
+                        out.push_str(&url);
+                        out.push(')');
+                    }
+                }
+            }
+            Event::Start(Tag::Item) => out.push_str("- "),
+            Event::End(TagEnd::Item)
+            | Event::End(TagEnd::TableRow)
+            | Event::End(TagEnd::TableHead) => out.push('\n'),
+            Event::End(TagEnd::TableCell) => out.push(' '),
+            Event::End(
+                TagEnd::Paragraph
+                | TagEnd::Heading(_)
+                | TagEnd::BlockQuote(_)
+                | TagEnd::CodeBlock
+                | TagEnd::List(_)
+                | TagEnd::Table,
+            ) => out.push_str("\n\n"),
+            _ => {}
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------- dedup
+
+/// Drops exact duplicates per user and conversation by content hash. Keyed by a 64-bit fold of
+/// (user, conversation, hash) so a few million documents cost tens of MB, not hundreds.
+#[derive(Debug, Default)]
+pub struct Deduper {
+    seen: std::collections::HashSet<u64>,
+}
+
+impl Deduper {
+    /// True the first time this content is seen for the user and conversation.
+    pub fn first_time(&mut self, doc: &CleanDocument) -> bool {
+        let mut key = xxhash_rust::xxh3::Xxh3::new();
+        key.update(&doc.user_id.to_le_bytes());
+        key.update(doc.conversation_id.as_deref().unwrap_or("").as_bytes());
+        key.update(&[0xff]);
+        key.update(&doc.content_hash.to_le_bytes());
+        self.seen.insert(key.digest())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collapses_whitespace_and_keeps_paragraphs() {
+        assert_eq!(clean_text("  a \t b  \r\n\r\n\n  c\n d  "), "a b\n\nc\nd");
+        assert_eq!(clean_text(" \u{00A0}\u{3000} "), "");
+    }
+
+    #[test]
+    fn removes_controls_and_zero_width_but_keeps_emoji_and_scripts() {
+        assert_eq!(
+            clean_text("he\u{0000}llo\u{200B} wo\u{FEFF}rld\u{0007}"),
+            "hello world"
+        );
+        let family = "👨\u{200D}👩\u{200D}👧 ok";
+        assert_eq!(clean_text(family), family);
+        let persian = "می\u{200C}خواهم";
+        assert_eq!(clean_text(persian), persian);
+        assert_eq!(clean_text("\u{200D} x \u{200C}"), "x");
+        for s in [
+            "日本語のテキスト",
+            "Привет мир",
+            "مرحبا بالعالم",
+            "नमस्ते दुनिया",
+            "🇫🇷🏳️‍🌈 👍🏽",
+        ] {
+            assert_eq!(clean_text(s), s);
+        }
+    }
+
+    #[test]
+    fn normalizes_to_nfc() {
+        assert_eq!(clean_text("Cafe\u{0301}"), "Café");
+    }
+
+    #[test]
+    fn html_to_text_drops_tags_scripts_and_decodes_entities() {
+        let html = "<div><p>Hello &amp; <b>welcome</b></p><script>var x=1;</script><ul><li>one</li><li>two</li></ul><img alt=\"cat\" src=x></div>";
+        assert_eq!(clean_text(html), "Hello & welcome\n\none\ntwo\n\ncat");
+        assert_eq!(
+            clean_text("use Vec<String> and a < b"),
+            "use Vec<String> and a < b"
+        );
+        assert_eq!(clean_text("I <3 you &amp; co"), "I <3 you &amp; co");
+        assert_eq!(clean_text("x<!-- hidden -->y"), "xy");
+    }
+
+    #[test]
+    fn markdown_to_text_keeps_words_and_links() {
+        assert_eq!(
+            clean_text("# Title\n\nSome **bold** and `code`, see [docs](https://x.io/a)."),
+            "Title\n\nSome bold and code, see docs (https://x.io/a)."
+        );
+        assert_eq!(clean_text("snake_case stays 2*3"), "snake_case stays 2*3");
+    }
+
+    #[test]
+    fn dedup_is_per_user_and_conversation() {
+        let c = Cleaner::new();
+        let mk = |u, conv: &str, t: &str| {
+            c.clean(RawDocument {
+                user_id: u,
+                kind: crate::DocKind::Message,
+                source_id: "s".into(),
+                text: t.into(),
+                created_at: chrono::Utc::now(),
+                conversation_id: Some(conv.into()),
+                title: None,
+                author: None,
+                meta: None,
+            })
+            .unwrap()
+        };
+        let mut d = Deduper::default();
+        assert!(d.first_time(&mk(1, "a", "ok")));
+        assert!(!d.first_time(&mk(1, "a", " ok ")));
+        assert!(d.first_time(&mk(1, "b", "ok")));
+        assert!(d.first_time(&mk(2, "a", "ok")));
+    }
+}

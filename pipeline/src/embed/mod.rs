@@ -1,0 +1,175 @@
+//! Embed: the `Embedder` trait, request batching by token budget and count, and the
+//! implementations (OpenAI-compatible HTTP, a local MiniLM on candle, a deterministic hasher).
+
+mod hashing;
+mod local;
+mod openai;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+pub use hashing::HashingEmbedder;
+pub use local::{LocalEmbedder, LOCAL_MODEL_FILES};
+pub use openai::{OpenAiEmbedder, OpenAiSettings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    #[error("embedding request failed with HTTP {status}: {message}")]
+    Http {
+        status: u16,
+        message: String,
+        retryable: bool,
+        retry_after: Option<std::time::Duration>,
+    },
+    #[error("embedding endpoint unreachable: {0}")]
+    Connect(String),
+    #[error("embedding response malformed: {0}")]
+    Decode(String),
+    #[error("embedding configuration: {0}")]
+    Config(String),
+    #[error("local model: {0}")]
+    Model(String),
+}
+
+impl EmbedError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            EmbedError::Http { retryable, .. } => *retryable,
+            EmbedError::Connect(_) => true,
+            EmbedError::Decode(_) | EmbedError::Config(_) | EmbedError::Model(_) => false,
+        }
+    }
+
+    /// The provider's own hint of when to come back, for the task-level retry.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            EmbedError::Http { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// How an embedder wants to be fed.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct EmbedLimits {
+    /// Inputs per request.
+    pub max_inputs: usize,
+    /// Sum of input tokens per request.
+    pub max_batch_tokens: usize,
+    /// Requests kept in flight at once.
+    pub max_in_flight: usize,
+}
+
+#[async_trait]
+pub trait Embedder: Send + Sync {
+    /// Stored with the vectors: a store built by one model refuses another's vectors.
+    fn model_id(&self) -> &str;
+    fn dimension(&self) -> usize;
+    fn limits(&self) -> EmbedLimits;
+    /// Chunk size this model reads whole, when smaller than the pipeline default.
+    fn preferred_chunk_tokens(&self) -> Option<usize> {
+        None
+    }
+    /// One vector per text, in input order, L2-normalised.
+    async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, EmbedError>;
+}
+
+/// Groups items into requests under both the count and the token budget of `EmbedLimits`.
+#[derive(Debug)]
+pub struct RequestBatcher<T> {
+    limits: EmbedLimits,
+    items: Vec<T>,
+    tokens: usize,
+}
+
+impl<T> RequestBatcher<T> {
+    pub fn new(limits: EmbedLimits) -> Self {
+        Self {
+            limits,
+            items: Vec::new(),
+            tokens: 0,
+        }
+    }
+
+    /// Adds an item; returns a full request when this item does not fit in the open one.
+    pub fn push(&mut self, item: T, tokens: usize) -> Option<Vec<T>> {
+        let full = !self.items.is_empty()
+            && (self.items.len() >= self.limits.max_inputs
+                || self.tokens + tokens > self.limits.max_batch_tokens);
+        let out = if full { self.take() } else { None };
+        self.items.push(item);
+        self.tokens += tokens;
+        out
+    }
+
+    pub fn take(&mut self) -> Option<Vec<T>> {
+        self.tokens = 0;
+        if self.items.is_empty() {
+            None
+        } else {
+            Some(std::mem::take(&mut self.items))
+        }
+    }
+}
+
+pub(crate) fn l2_normalize(v: &mut [f32]) {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n > 0.0 {
+        v.iter_mut().for_each(|x| *x /= n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batcher_respects_count_and_tokens() {
+        let mut b = RequestBatcher::new(EmbedLimits {
+            max_inputs: 3,
+            max_batch_tokens: 100,
+            max_in_flight: 1,
+        });
+        assert!(b.push(1, 40).is_none());
+        assert!(b.push(2, 40).is_none());
+        assert_eq!(b.push(3, 40), Some(vec![1, 2]));
+        assert!(b.push(4, 10).is_none());
+        assert!(b.push(5, 10).is_none());
+        assert_eq!(b.push(6, 10), Some(vec![3, 4, 5]));
+        // An item over the budget alone still goes, alone.
+        assert_eq!(b.push(7, 500), Some(vec![6]));
+        assert_eq!(b.take(), Some(vec![7]));
+        assert_eq!(b.take(), None);
+    }
+}
+
+/// An embedder with request limits set by configuration instead of its own defaults.
+pub struct WithLimits {
+    inner: std::sync::Arc<dyn Embedder>,
+    limits: EmbedLimits,
+}
+
+impl WithLimits {
+    pub fn new(inner: std::sync::Arc<dyn Embedder>, limits: EmbedLimits) -> Self {
+        Self { inner, limits }
+    }
+}
+
+#[async_trait]
+impl Embedder for WithLimits {
+    fn model_id(&self) -> &str {
+        self.inner.model_id()
+    }
+    fn dimension(&self) -> usize {
+        self.inner.dimension()
+    }
+    fn limits(&self) -> EmbedLimits {
+        self.limits
+    }
+    fn preferred_chunk_tokens(&self) -> Option<usize> {
+        self.inner.preferred_chunk_tokens()
+    }
+    async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, EmbedError> {
+        self.inner.embed(texts).await
+    }
+}

@@ -1,0 +1,20 @@
+//! orbit-pipeline: the memory pipeline (extract → clean → chunk → embed → store) as a library,
+//! free of Redis, Celery and CLI concerns so the worker, the CLI and the benchmarks share it.
+
+pub mod chunk;
+pub mod clean;
+pub mod embed;
+pub mod hash;
+pub mod report;
+pub mod runner;
+pub mod secret;
+pub mod source;
+pub mod store;
+pub mod tokenize;
+pub mod types;
+
+pub use chunk::{ChunkSettings, Chunker};
+pub use clean::Cleaner;
+pub use report::BuildReport;
+pub use runner::{BuildScope, Pipeline, PipelineSettings};
+pub use types::{Chunk, CleanDocument, DocKind, EmbeddedChunk, RawDocument};

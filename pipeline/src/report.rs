@@ -1,0 +1,78 @@
+//! The BuildReport: what each stage did, how long it worked and how long it waited.
+
+use serde::Serialize;
+
+use crate::source::Rejection;
+
+/// Rejections kept in full in the report; the rest are only counted.
+pub const MAX_REPORTED_REJECTIONS: usize = 100;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StageReport {
+    pub name: &'static str,
+    pub items_in: u64,
+    pub items_out: u64,
+    pub bytes_out: u64,
+    pub tokens: u64,
+    /// Wall time minus both waits: the time the stage was working.
+    pub busy_ms: f64,
+    /// Time blocked waiting for the previous stage.
+    pub wait_upstream_ms: f64,
+    /// Time blocked because the next stage's channel was full: this stage is not the bottleneck.
+    pub wait_downstream_ms: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Throughput {
+    pub documents_per_s: f64,
+    pub chunks_per_s: f64,
+    pub input_mb_per_s: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BuildReport {
+    pub scope: String,
+    pub model: String,
+    pub dimension: usize,
+    pub documents_read: u64,
+    pub documents_kept: u64,
+    pub empty_dropped: u64,
+    pub duplicates_dropped: u64,
+    pub chunks: u64,
+    pub packed_messages: u64,
+    pub tokens: u64,
+    pub bytes_read: u64,
+    pub vectors_upserted: u64,
+    pub points_deleted: u64,
+    pub rejected_count: u64,
+    pub rejected: Vec<Rejection>,
+    pub stages: Vec<StageReport>,
+    pub wall_ms: f64,
+    pub throughput: Throughput,
+    /// The stage with the most busy time.
+    pub bottleneck: String,
+}
+
+impl BuildReport {
+    pub fn add_rejections(&mut self, r: Vec<Rejection>) {
+        self.rejected_count += r.len() as u64;
+        let room = MAX_REPORTED_REJECTIONS.saturating_sub(self.rejected.len());
+        self.rejected.extend(r.into_iter().take(room));
+    }
+
+    pub(crate) fn finish(&mut self, wall: std::time::Duration) {
+        let secs = wall.as_secs_f64().max(1e-9);
+        self.wall_ms = secs * 1000.0;
+        self.throughput = Throughput {
+            documents_per_s: self.documents_read as f64 / secs,
+            chunks_per_s: self.chunks as f64 / secs,
+            input_mb_per_s: self.bytes_read as f64 / 1e6 / secs,
+        };
+        self.bottleneck = self
+            .stages
+            .iter()
+            .max_by(|a, b| a.busy_ms.total_cmp(&b.busy_ms))
+            .map(|s| s.name.to_string())
+            .unwrap_or_default();
+    }
+}

@@ -1,0 +1,71 @@
+//! Extract: the `Source` trait and its implementations, yielding documents as a bounded stream.
+
+mod jsonl;
+
+use std::pin::Pin;
+
+use futures::Stream;
+use serde::Serialize;
+
+use crate::runner::BuildScope;
+use crate::types::RawDocument;
+
+pub use jsonl::JsonlSource;
+
+/// Documents per batch a source hands on: large enough that channel hand-offs are noise next to
+/// cleaning the batch, small enough that a batch of long documents stays a few MB.
+pub const SOURCE_BATCH_DOCS: usize = 1024;
+/// Bytes per batch a source hands on, whichever of the two limits comes first.
+pub const SOURCE_BATCH_BYTES: usize = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("source path {path}: {reason}")]
+    BadPath { path: String, reason: String },
+    #[error("reading {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("source query failed: {0}")]
+    Query(String),
+}
+
+impl SourceError {
+    /// A missing file will still be missing on retry; a dropped connection may not be.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, SourceError::Query(_))
+    }
+}
+
+/// One input the source could not turn into a document; the build goes on without it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Rejection {
+    /// `file:line` for files, a row key for databases.
+    pub location: String,
+    pub reason: String,
+}
+
+/// What a source yields: documents plus the inputs it had to reject on the way.
+#[derive(Debug, Default)]
+pub struct SourceBatch {
+    pub docs: Vec<RawDocument>,
+    /// Bytes of input read for these documents (for throughput).
+    pub bytes: u64,
+    pub rejected: Vec<Rejection>,
+}
+
+pub type SourceStream = Pin<Box<dyn Stream<Item = Result<SourceBatch, SourceError>> + Send>>;
+
+pub trait Source: Send + Sync {
+    /// Streams the documents in `scope`. Input-level problems come back as `Rejection`s inside
+    /// batches; an `Err` item ends the build.
+    fn documents(&self, scope: &BuildScope) -> SourceStream;
+    /// Total input size in bytes when known up front (drives the progress bar).
+    fn size_hint_bytes(&self) -> Option<u64> {
+        None
+    }
+    /// A short human description for logs.
+    fn describe(&self) -> String;
+}

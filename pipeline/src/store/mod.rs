@@ -1,0 +1,97 @@
+//! Store: the `VectorStore` trait and the embedded SQLite implementation with exact search.
+
+mod sqlite;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use uuid::Uuid;
+
+pub use sqlite::SqliteStore;
+
+use crate::runner::BuildScope;
+use crate::types::EmbeddedChunk;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "vector store holds embeddings of model {stored_model} ({stored_dim} dims) but this build \
+         uses {model} ({dim} dims); re-embed everything with `orbit-worker build --all-users --reembed`"
+    )]
+    ModelMismatch {
+        stored_model: String,
+        stored_dim: usize,
+        model: String,
+        dim: usize,
+    },
+    #[error("vector store: {0}")]
+    Backend(String),
+    #[error("query vector has {got} dimensions, store has {want}")]
+    Dimension { got: usize, want: usize },
+}
+
+impl StoreError {
+    pub fn is_retryable(&self) -> bool {
+        // SQLite busy or a Qdrant connection hiccup; a model mismatch needs a human.
+        matches!(self, StoreError::Backend(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+/// One search result.
+#[derive(Debug, Clone, Serialize)]
+pub struct SearchHit {
+    pub id: Uuid,
+    pub score: f32,
+    pub user_id: i64,
+    pub kind: String,
+    pub source_ids: Vec<String>,
+    pub conversation_id: Option<String>,
+    pub author: Option<String>,
+    pub created_at: String,
+    pub text: String,
+}
+
+/// Counts of what a build changed in the store.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StoreCounts {
+    pub upserted: u64,
+    pub deleted: u64,
+}
+
+/// Identifies one build's writes, so points the build did not produce can be deleted after it.
+pub type BuildGeneration = i64;
+
+#[async_trait]
+pub trait VectorStore: Send + Sync {
+    /// Records the model and dimension on first use; a different one is `ModelMismatch`.
+    async fn ensure_model(&self, model: &str, dim: usize) -> Result<(), StoreError>;
+    /// Forgets every vector and the recorded model, for a full re-embed with another model.
+    async fn reset(&self) -> Result<(), StoreError>;
+    async fn begin_build(&self) -> Result<BuildGeneration, StoreError>;
+    /// Inserts or replaces points by their deterministic id, in one transaction.
+    async fn upsert(
+        &self,
+        gen: BuildGeneration,
+        points: &[EmbeddedChunk],
+    ) -> Result<(), StoreError>;
+    /// Deletes points in `scope` the build `gen` did not write; returns how many.
+    async fn finish_build(
+        &self,
+        gen: BuildGeneration,
+        scope: &BuildScope,
+    ) -> Result<u64, StoreError>;
+    /// Nearest chunks of `user_id` only; other users' points are never read.
+    async fn search(
+        &self,
+        user_id: i64,
+        query: &[f32],
+        top_k: usize,
+    ) -> Result<Vec<SearchHit>, StoreError>;
+    async fn count(&self, user_id: i64) -> Result<u64, StoreError>;
+    async fn point_ids(&self, user_id: i64) -> Result<Vec<Uuid>, StoreError>;
+}

@@ -1,0 +1,260 @@
+//! The command line: `build` and `search` over the configured source, embedder and store.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use orbit_pipeline::runner::ProgressFn;
+use orbit_pipeline::source::{JsonlSource, Source};
+use orbit_pipeline::{BuildReport, BuildScope, Pipeline, PipelineSettings};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::embedders;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "orbit-worker",
+    version,
+    about = "OrbitingFox memory pipeline and Celery worker"
+)]
+pub struct Cli {
+    /// Log level (error, warn, info, debug, trace); ORBIT_LOG overrides with a full filter.
+    #[arg(long, global = true, default_value = "warn")]
+    pub loglevel: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Build one user's memory, or every user's.
+    Build(BuildArgs),
+    /// Print a user's nearest chunks for a query.
+    Search(SearchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// The user whose memory to build.
+    #[arg(
+        long,
+        conflicts_with = "all_users",
+        required_unless_present = "all_users"
+    )]
+    pub user: Option<i64>,
+    /// Build every user found in the source.
+    #[arg(long)]
+    pub all_users: bool,
+    /// JSONL file or directory (repeatable); defaults to ORBIT_SOURCE.
+    #[arg(long)]
+    pub source: Vec<PathBuf>,
+    /// Drop every stored vector first: needed when switching embedding model (with --all-users).
+    #[arg(long, requires = "all_users")]
+    pub reembed: bool,
+    /// Print the BuildReport as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SearchArgs {
+    #[arg(long)]
+    pub user: i64,
+    #[arg(long, default_value_t = 5)]
+    pub top_k: usize,
+    #[arg(long)]
+    pub json: bool,
+    /// The query text.
+    pub query: String,
+}
+
+pub async fn run(cli: Cli) -> Result<()> {
+    let settings = Settings::from_env()?;
+    match cli.command {
+        Command::Build(a) => build(settings, a).await,
+        Command::Search(a) => search(settings, a).await,
+    }
+}
+
+async fn build(mut settings: Settings, a: BuildArgs) -> Result<()> {
+    if !a.source.is_empty() {
+        settings.source_paths = a.source.clone();
+    }
+    if settings.source_paths.is_empty() {
+        bail!("no source: pass --source PATH or set ORBIT_SOURCE");
+    }
+    let source = Arc::new(JsonlSource::new(&settings.source_paths)?);
+    let embedder = embedders::embedder(&settings)?;
+    let store = embedders::store(&settings).await?;
+    if a.reembed {
+        store.reset().await?;
+    }
+    let chunk = settings.chunk_settings(embedder.preferred_chunk_tokens())?;
+    let scope = match a.user {
+        Some(u) => BuildScope::User(u),
+        None => BuildScope::AllUsers,
+    };
+    let total = source.size_hint_bytes();
+    let pipeline = Pipeline {
+        source,
+        embedder,
+        store,
+        settings: PipelineSettings {
+            chunk,
+            cpu_threads: settings.cpu_threads,
+        },
+    };
+    let cancel = CancellationToken::new();
+    let ctrl_c = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            ctrl_c.cancel();
+        }
+    });
+    let bar = LazyBar::new(total);
+    let report = pipeline.run(scope, cancel, Some(bar.callback())).await;
+    bar.finish();
+    let report = report.context("build failed")?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+fn print_report(r: &BuildReport) {
+    println!(
+        "built {}: {} documents read, {} kept ({} empty, {} duplicates), {} chunks ({} messages packed), {} tokens",
+        r.scope, r.documents_read, r.documents_kept, r.empty_dropped, r.duplicates_dropped, r.chunks, r.packed_messages, r.tokens
+    );
+    println!(
+        "store: {} vectors upserted, {} stale removed; model {} ({} dims)",
+        r.vectors_upserted, r.points_deleted, r.model, r.dimension
+    );
+    if r.rejected_count > 0 {
+        println!("rejected {} inputs:", r.rejected_count);
+        for x in r.rejected.iter().take(10) {
+            println!("  {}: {}", x.location, x.reason);
+        }
+    }
+    for s in &r.stages {
+        println!(
+            "  {:<8} busy {:>9.1} ms  waited on previous {:>9.1} ms  on next {:>9.1} ms",
+            s.name, s.busy_ms, s.wait_upstream_ms, s.wait_downstream_ms
+        );
+    }
+    println!(
+        "{:.2} s, {:.0} documents/s, {:.2} MB/s; bottleneck: {}",
+        r.wall_ms / 1000.0,
+        r.throughput.documents_per_s,
+        r.throughput.input_mb_per_s,
+        r.bottleneck
+    );
+}
+
+/// A progress bar that appears only on a terminal and only once the work has taken a moment.
+struct LazyBar {
+    inner: Arc<Mutex<BarState>>,
+}
+
+struct BarState {
+    started: Instant,
+    total: Option<u64>,
+    done: u64,
+    bar: Option<ProgressBar>,
+}
+
+/// Work shorter than this finishes without a bar.
+const BAR_DELAY: Duration = Duration::from_millis(700);
+
+impl LazyBar {
+    fn new(total: Option<u64>) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(BarState {
+                started: Instant::now(),
+                total,
+                done: 0,
+                bar: None,
+            })),
+        }
+    }
+
+    fn callback(&self) -> ProgressFn {
+        let state = self.inner.clone();
+        let tty = std::io::stderr().is_terminal();
+        Arc::new(move |bytes| {
+            let Ok(mut s) = state.lock() else { return };
+            s.done += bytes;
+            if s.bar.is_none() && tty && s.started.elapsed() > BAR_DELAY {
+                let bar = match s.total {
+                    Some(t) => ProgressBar::with_draw_target(Some(t), ProgressDrawTarget::stderr()),
+                    None => ProgressBar::new_spinner(),
+                };
+                bar.set_style(
+                    ProgressStyle::with_template("{spinner} {bytes}/{total_bytes} {wide_bar} {binary_bytes_per_sec} eta {eta}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+                s.bar = Some(bar);
+            }
+            let done = s.done;
+            if let Some(b) = &s.bar {
+                b.set_position(done);
+            }
+        })
+    }
+
+    fn finish(&self) {
+        if let Ok(s) = self.inner.lock() {
+            if let Some(b) = &s.bar {
+                b.finish_and_clear();
+            }
+        }
+    }
+}
+
+async fn search(settings: Settings, a: SearchArgs) -> Result<()> {
+    if a.query.trim().is_empty() {
+        bail!("empty query");
+    }
+    let embedder = embedders::embedder(&settings)?;
+    let store = embedders::store(&settings).await?;
+    store
+        .ensure_model(embedder.model_id(), embedder.dimension())
+        .await?;
+    let q = embedder
+        .embed(vec![a.query.clone()])
+        .await?
+        .pop()
+        .context("no query vector")?;
+    let hits = store.search(a.user, &q, a.top_k).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&hits)?);
+        return Ok(());
+    }
+    if hits.is_empty() {
+        println!("no memory for user {} yet", a.user);
+    }
+    for (i, h) in hits.iter().enumerate() {
+        let text: String = h
+            .text
+            .chars()
+            .take(200)
+            .collect::<String>()
+            .replace('\n', " ");
+        println!(
+            "{}. {:.4} [{}] {} {}",
+            i + 1,
+            h.score,
+            h.kind,
+            h.source_ids.join(","),
+            text
+        );
+    }
+    Ok(())
+}

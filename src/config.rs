@@ -1,0 +1,146 @@
+//! Settings: read from the environment once at start-up, validated into typed values.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use orbit_pipeline::chunk::ChunkSettings;
+use orbit_pipeline::secret::Secret;
+use orbit_pipeline::tokenize::Encoding;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmbedderKind {
+    /// `openai` when OPENAI_API_KEY is set, else `local`.
+    Auto,
+    Local,
+    OpenAi,
+    /// Deterministic feature hashing: tests and benchmarks of the CPU stages.
+    Hashing,
+}
+
+impl std::str::FromStr for EmbedderKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "auto" | "" => EmbedderKind::Auto,
+            "local" => EmbedderKind::Local,
+            "openai" => EmbedderKind::OpenAi,
+            "hashing" => EmbedderKind::Hashing,
+            other => bail!("unknown embedder {other:?} (auto, local, openai, hashing)"),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    pub source_paths: Vec<PathBuf>,
+    pub embedder: EmbedderKind,
+    pub openai_api_key: Secret,
+    pub openai_base_url: String,
+    pub embed_model: String,
+    pub model_dir: PathBuf,
+    pub hashing_dim: usize,
+    /// None: the embedder's preference, else 512.
+    pub chunk_tokens: Option<usize>,
+    pub chunk_overlap: Option<usize>,
+    pub encoding: Encoding,
+    pub cpu_threads: usize,
+    pub embed_in_flight: Option<usize>,
+    pub embed_batch_inputs: Option<usize>,
+    pub embed_batch_tokens: Option<usize>,
+}
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn parse<T: std::str::FromStr>(name: &str) -> Result<Option<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    match var(name) {
+        None => Ok(None),
+        Some(v) => v
+            .trim()
+            .parse::<T>()
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("{name}={v:?}: {e}")),
+    }
+}
+
+/// Where `make model` puts all-MiniLM-L6-v2.
+pub fn default_model_dir() -> PathBuf {
+    let cache = var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    cache.join("orbit-worker/models/all-MiniLM-L6-v2")
+}
+
+impl Settings {
+    pub fn from_env() -> Result<Self> {
+        let s = Settings {
+            data_dir: var("ORBIT_DATA_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("./data")),
+            source_paths: var("ORBIT_SOURCE")
+                .map(|v| v.split(',').map(|p| PathBuf::from(p.trim())).collect())
+                .unwrap_or_default(),
+            embedder: parse("ORBIT_EMBEDDER")?.unwrap_or(EmbedderKind::Auto),
+            openai_api_key: Secret::new(var("OPENAI_API_KEY").unwrap_or_default()),
+            openai_base_url: var("OPENAI_BASE_URL")
+                .unwrap_or_else(|| "https://api.openai.com/v1".into()),
+            embed_model: var("ORBIT_EMBED_MODEL")
+                .unwrap_or_else(|| "text-embedding-3-small".into()),
+            model_dir: var("ORBIT_MODEL_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(default_model_dir),
+            hashing_dim: parse("ORBIT_HASHING_DIM")?.unwrap_or(384),
+            chunk_tokens: parse("ORBIT_CHUNK_TOKENS")?,
+            chunk_overlap: parse("ORBIT_CHUNK_OVERLAP")?,
+            encoding: parse::<Encoding>("ORBIT_ENCODING")?.unwrap_or_default(),
+            cpu_threads: parse("ORBIT_CPU_THREADS")?.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2)
+            }),
+            embed_in_flight: parse("ORBIT_EMBED_IN_FLIGHT")?,
+            embed_batch_inputs: parse("ORBIT_EMBED_BATCH_INPUTS")?,
+            embed_batch_tokens: parse("ORBIT_EMBED_BATCH_TOKENS")?,
+        };
+        if s.cpu_threads == 0 {
+            bail!("ORBIT_CPU_THREADS must be at least 1");
+        }
+        if s.embedder == EmbedderKind::OpenAi && s.openai_api_key.is_empty() {
+            bail!("ORBIT_EMBEDDER=openai needs OPENAI_API_KEY");
+        }
+        Ok(s)
+    }
+
+    pub fn resolved_embedder(&self) -> EmbedderKind {
+        match self.embedder {
+            EmbedderKind::Auto if !self.openai_api_key.is_empty() => EmbedderKind::OpenAi,
+            EmbedderKind::Auto => EmbedderKind::Local,
+            k => k,
+        }
+    }
+
+    /// Chunking for a model that reads `preferred` tokens whole.
+    pub fn chunk_settings(&self, preferred: Option<usize>) -> Result<ChunkSettings> {
+        let mut c = ChunkSettings {
+            encoding: self.encoding,
+            ..Default::default()
+        };
+        if let Some(n) = self.chunk_tokens.or(preferred) {
+            c.max_tokens = n;
+            // Keep the default 1/8 ratio when only the size changes.
+            c.overlap_tokens = n / 8;
+        }
+        if let Some(o) = self.chunk_overlap {
+            c.overlap_tokens = o;
+        }
+        c.validate()
+            .context("ORBIT_CHUNK_TOKENS / ORBIT_CHUNK_OVERLAP")?;
+        Ok(c)
+    }
+}

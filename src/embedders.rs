@@ -1,0 +1,46 @@
+//! Builds the configured embedder and vector store.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use orbit_pipeline::embed::{
+    EmbedLimits, Embedder, HashingEmbedder, LocalEmbedder, OpenAiEmbedder, OpenAiSettings,
+    WithLimits,
+};
+use orbit_pipeline::store::{SqliteStore, VectorStore};
+
+use crate::config::{EmbedderKind, Settings};
+
+pub fn embedder(s: &Settings) -> Result<Arc<dyn Embedder>> {
+    let base: Arc<dyn Embedder> = match s.resolved_embedder() {
+        EmbedderKind::OpenAi => {
+            let cfg =
+                OpenAiSettings::new(&s.openai_base_url, s.openai_api_key.clone(), &s.embed_model);
+            let client = reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(10))
+                .build()
+                .context("building HTTP client")?;
+            Arc::new(OpenAiEmbedder::new(cfg, client)?)
+        }
+        EmbedderKind::Hashing => Arc::new(HashingEmbedder::new(s.hashing_dim)),
+        EmbedderKind::Local | EmbedderKind::Auto => Arc::new(
+            LocalEmbedder::load(&s.model_dir)
+                .with_context(|| format!("loading local model from {}", s.model_dir.display()))?,
+        ),
+    };
+    let l = base.limits();
+    let limits = EmbedLimits {
+        max_inputs: s.embed_batch_inputs.unwrap_or(l.max_inputs).max(1),
+        max_batch_tokens: s.embed_batch_tokens.unwrap_or(l.max_batch_tokens).max(1),
+        max_in_flight: s.embed_in_flight.unwrap_or(l.max_in_flight).max(1),
+    };
+    Ok(Arc::new(WithLimits::new(base, limits)))
+}
+
+pub async fn store(s: &Settings) -> Result<Arc<dyn VectorStore>> {
+    Ok(Arc::new(
+        SqliteStore::open(&s.data_dir)
+            .await
+            .with_context(|| format!("opening vector store in {}", s.data_dir.display()))?,
+    ))
+}
