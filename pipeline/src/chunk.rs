@@ -2,8 +2,9 @@
 //! an exact token overlap; and packing of short chat messages of one conversation into one chunk.
 //!
 //! A document is pre-tokenized once with tiktoken's own regex and each piece ("unit") counted
-//! once with BPE. Because tiktoken encodes pieces independently, the count of any run of whole
-//! units is the sum of their counts: chunk sizes are exact without re-tokenizing candidates.
+//! once with BPE. Because tiktoken encodes pieces independently, the count of a run of whole
+//! units is the sum of their counts (one lookahead exception, handled in `Cutter::span`): chunk
+//! sizes are exact without re-tokenizing candidates.
 //! Only a cut inside a unit (a giant word, or an overlap start between the tokens of one word)
 //! needs that unit encoded, and a chunk with such an edge is re-counted standalone.
 
@@ -233,6 +234,35 @@ impl Cutter<'_> {
         best
     }
 
+    /// The first token boundary at or after token `t` that falls on a char boundary.
+    fn pos_at_or_after(&self, t: usize) -> Pos {
+        let i = self.units.partition_point(|u| u.cum < t);
+        if i >= self.units.len() {
+            let last = self.units.last().expect("non-empty units");
+            return Pos {
+                byte: last.end,
+                tok: last.cum,
+            };
+        }
+        let start = self.unit_start(i);
+        if start.tok >= t {
+            return start;
+        }
+        let bytes = &self.text.as_bytes()[start.byte..self.units[i].end];
+        let (mut b, mut k) = (start.byte, start.tok);
+        for id in self.tok.bpe.encode_via_backtracking(bytes) {
+            b += self.tok.bpe.token_len(id);
+            k += 1;
+            if k >= t && self.text.is_char_boundary(b) {
+                return Pos { byte: b, tok: k };
+            }
+        }
+        Pos {
+            byte: self.units[i].end,
+            tok: self.units[i].cum,
+        }
+    }
+
     fn is_unit_boundary(&self, p: Pos) -> bool {
         p.byte == 0 || self.units.binary_search_by(|u| u.end.cmp(&p.byte)).is_ok()
     }
@@ -264,9 +294,16 @@ impl Cutter<'_> {
             if e.byte >= self.text.len() {
                 break;
             }
-            let mut next = self.pos_at_or_before(e.tok - self.overlap);
-            if next.tok <= s.tok || next.byte <= s.byte {
-                next = e; // no room for overlap without going backwards
+            // Exact overlap when the token position is on a char boundary; else the nearest
+            // boundary before it (a little more overlap), or, when that would not move past this
+            // chunk's start, the nearest one after it (a little less).
+            let target = e.tok - self.overlap;
+            let mut next = self.pos_at_or_before(target);
+            if next.tok <= s.tok {
+                next = self.pos_at_or_after(target);
+            }
+            if next.tok <= s.tok || next.tok > e.tok {
+                next = e;
             }
             s = next;
         }
@@ -274,7 +311,14 @@ impl Cutter<'_> {
     }
 
     fn span(&self, s: Pos, e: Pos) -> Span {
-        let exact_edges = self.is_unit_boundary(s) && self.is_unit_boundary(e);
+        // Sums of unit counts are exact except at a cut inside a unit, and at an end in
+        // horizontal whitespace: there tiktoken's `\s+(?!\S)` splits "  x" as " ", " x", while
+        // a chunk ending in "  " is one `\s+$` piece. Starts are safe: the regex has no lookbehind.
+        let ends_in_space = self.text[..e.byte]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_whitespace() && c != '\n' && c != '\r');
+        let exact_edges = self.is_unit_boundary(s) && self.is_unit_boundary(e) && !ends_in_space;
         let token_count = if exact_edges {
             e.tok - s.tok
         } else {
@@ -617,5 +661,200 @@ mod tests {
             assert!(Encoding::Cl100kBase.count(&text[s.byte_start..s.byte_end]) <= 64);
         }
         assert_eq!(sp.last().unwrap().byte_end, text.len());
+    }
+
+    /// Checks every invariant the chunker promises for one text; shared by the property test
+    /// and the fixture-corpus test.
+    pub(crate) fn check_spans(
+        text: &str,
+        spans: &[Span],
+        max: usize,
+        overlap: usize,
+        enc: Encoding,
+    ) {
+        let tok = enc.tokenizer();
+        let ids = tok.encode(text);
+        let mut offsets = Vec::with_capacity(ids.len() + 1);
+        let mut b = 0;
+        offsets.push(0);
+        for id in &ids {
+            b += tok.bpe.token_len(*id);
+            offsets.push(b);
+        }
+        assert!(!spans.is_empty());
+        assert_eq!(spans[0].byte_start, 0);
+        assert_eq!(spans.last().unwrap().byte_end, text.len());
+        assert_eq!(spans.last().unwrap().token_end, ids.len());
+        for s in spans {
+            assert!(s.byte_end > s.byte_start, "empty span {s:?}");
+            assert!(text.is_char_boundary(s.byte_start) && text.is_char_boundary(s.byte_end));
+            let chunk = &text[s.byte_start..s.byte_end];
+            let standalone = enc.count(chunk);
+            assert_eq!(s.token_count, standalone, "span {s:?}");
+            assert!(
+                standalone <= max,
+                "chunk of {standalone} tokens over {max}: {chunk:?}"
+            );
+            assert_eq!(
+                offsets[s.token_start], s.byte_start,
+                "token/byte start disagree {s:?}"
+            );
+            assert_eq!(
+                offsets[s.token_end], s.byte_end,
+                "token/byte end disagree {s:?}"
+            );
+        }
+        for w in spans.windows(2) {
+            let (a, n) = (w[0], w[1]);
+            assert!(n.byte_start > a.byte_start, "no progress {a:?} {n:?}");
+            assert!(n.byte_start <= a.byte_end, "gap between {a:?} and {n:?}");
+            let got = a.token_end - n.token_start;
+            let target = a.token_end - overlap;
+            let on_char = |t: usize| text.is_char_boundary(offsets[t]);
+            if got != overlap {
+                // Only where the exact token position is inside a character: then the nearest
+                // char boundary before it, or after it when before would not pass a's start.
+                assert!(
+                    !on_char(target),
+                    "overlap {got} != {overlap} though token {target} is on a char boundary"
+                );
+                if got > overlap {
+                    assert!(
+                        (n.token_start + 1..target).all(|t| !on_char(t)),
+                        "a nearer boundary existed: {a:?} {n:?}"
+                    );
+                } else {
+                    assert!(
+                        (a.token_start + 1..target).all(|t| !on_char(t)),
+                        "could have overlapped more: {a:?} {n:?}"
+                    );
+                    assert!(
+                        (target + 1..n.token_start).all(|t| !on_char(t)),
+                        "a nearer boundary existed: {a:?} {n:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    use proptest::prelude::*;
+
+    fn piece() -> impl Strategy<Value = String> {
+        prop_oneof![
+            6 => "[a-z]{1,9}".prop_map(|w| w + " "),
+            2 => Just(". ".to_string()),
+            1 => Just("\n".to_string()),
+            1 => Just("\n\n".to_string()),
+            1 => "[\\p{Han}]{1,6}",
+            1 => prop::sample::select(vec!["😀", "👨\u{200D}👩\u{200D}👧", "🇫🇷", "é", "ß", "Привет ", "مرحبا ", "  ", "1234567 ", "?! "]).prop_map(String::from),
+            1 => "[a-zA-Z0-9]{20,120}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+        #[test]
+        fn chunking_invariants(parts in prop::collection::vec(piece(), 1..400), max in 16usize..160, ov_frac in 0usize..50, o200k in any::<bool>()) {
+            let text: String = parts.concat();
+            let overlap = (max * ov_frac / 100).min(max / 2 - 1);
+            let enc = if o200k { Encoding::O200kBase } else { Encoding::Cl100kBase };
+            let c = Chunker::new(ChunkSettings { max_tokens: max, overlap_tokens: overlap, encoding: enc, ..Default::default() }).unwrap();
+            let spans = c.spans(&text);
+            check_spans(&text, &spans, max, overlap, enc);
+        }
+    }
+
+    /// Every chunk of the fixture corpus is a byte slice of its cleaned document, on char
+    /// boundaries, never decoded from tokens; overlaps are as configured.
+    #[test]
+    fn fixture_corpus_chunks_are_exact_slices() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/sample.jsonl");
+        let cleaner = crate::Cleaner::new();
+        let mut docs = Vec::new();
+        for line in std::fs::read_to_string(path).unwrap().lines() {
+            let raw: crate::RawDocument = serde_json::from_str(line).unwrap();
+            if let Some(mut d) = cleaner.clean(raw) {
+                // Split everything, chat included, so long messages are exercised too.
+                d.conversation_id = None;
+                docs.push(d);
+            }
+        }
+        for (max, overlap) in [(512, 64), (200, 25), (64, 8)] {
+            let c = chunker(max, overlap);
+            let mut multi = 0;
+            for d in &docs {
+                let spans = c.spans(&d.text);
+                check_spans(&d.text, &spans, max, overlap, Encoding::Cl100kBase);
+                multi += usize::from(spans.len() > 1);
+                let Split::Chunks(chunks) = c.split(d.clone()) else {
+                    panic!("not packable")
+                };
+                for (ch, sp) in chunks.iter().zip(&spans) {
+                    assert_eq!(&d.text[ch.byte_start..ch.byte_end], ch.text);
+                    assert_eq!(ch.byte_start, sp.byte_start);
+                }
+            }
+            assert!(
+                multi > 10,
+                "fixture has too few multi-chunk documents at {max}: {multi}"
+            );
+        }
+    }
+
+    #[test]
+    fn packer_groups_a_conversation_within_the_window() {
+        let settings = ChunkSettings {
+            max_tokens: 64,
+            overlap_tokens: 8,
+            pack_window_secs: 600,
+            ..Default::default()
+        };
+        let mut p = Packer::new(settings.clone());
+        let t0 = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let mk = |id: &str, conv: &str, mins: i64, text: &str| CleanDocument {
+            user_id: 1,
+            kind: crate::DocKind::Message,
+            source_id: id.into(),
+            text: text.into(),
+            created_at: t0 + chrono::Duration::minutes(mins),
+            conversation_id: Some(conv.into()),
+            title: None,
+            author: Some("bob".into()),
+            meta: None,
+            content_hash: 0,
+        };
+        let mut out = Vec::new();
+        for (id, conv, m) in [
+            ("a", "c1", 0),
+            ("b", "c2", 1),
+            ("c", "c1", 2),
+            ("d", "c1", 60),
+        ] {
+            let d = mk(id, conv, m, "hello there friend");
+            let n = settings.encoding.count(&d.text);
+            p.push(d, n, &mut out);
+        }
+        // "d" is an hour later: it closes the c1 pack of a and c.
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].source_ids, vec!["a", "c"]);
+        assert_eq!(out[0].text, "hello there friend\nhello there friend");
+        assert_eq!(out[0].token_count, settings.encoding.count(&out[0].text));
+        p.finish(&mut out);
+        let ids: Vec<Vec<String>> = out.iter().map(|c| c.source_ids.clone()).collect();
+        assert_eq!(ids, vec![vec!["a", "c"], vec!["b"], vec!["d"]]);
+        // A pack never exceeds the chunk limit.
+        let mut p = Packer::new(settings.clone());
+        let mut out = Vec::new();
+        for i in 0..40 {
+            let d = mk(&format!("m{i}"), "c1", i, "one two three four five six");
+            let n = settings.encoding.count(&d.text);
+            p.push(d, n, &mut out);
+        }
+        p.finish(&mut out);
+        assert!(out.len() > 1);
+        assert!(out.iter().all(|c| c.token_count <= 64));
+        assert_eq!(out.iter().map(|c| c.source_ids.len()).sum::<usize>(), 40);
     }
 }

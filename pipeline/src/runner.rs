@@ -398,7 +398,6 @@ fn cpu_stage(
     let mut tail = Vec::new();
     packer.finish(&mut tail);
     send(tail, &mut clock)?;
-    drop(send);
 
     let wall = t0.elapsed();
     // The clean share of busy time goes to "clean"; the rest of the thread's work is "chunk".

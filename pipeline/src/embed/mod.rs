@@ -119,30 +119,6 @@ pub(crate) fn l2_normalize(v: &mut [f32]) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batcher_respects_count_and_tokens() {
-        let mut b = RequestBatcher::new(EmbedLimits {
-            max_inputs: 3,
-            max_batch_tokens: 100,
-            max_in_flight: 1,
-        });
-        assert!(b.push(1, 40).is_none());
-        assert!(b.push(2, 40).is_none());
-        assert_eq!(b.push(3, 40), Some(vec![1, 2]));
-        assert!(b.push(4, 10).is_none());
-        assert!(b.push(5, 10).is_none());
-        assert_eq!(b.push(6, 10), Some(vec![3, 4, 5]));
-        // An item over the budget alone still goes, alone.
-        assert_eq!(b.push(7, 500), Some(vec![6]));
-        assert_eq!(b.take(), Some(vec![7]));
-        assert_eq!(b.take(), None);
-    }
-}
-
 /// An embedder with request limits set by configuration instead of its own defaults.
 pub struct WithLimits {
     inner: std::sync::Arc<dyn Embedder>,
@@ -171,5 +147,29 @@ impl Embedder for WithLimits {
     }
     async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, EmbedError> {
         self.inner.embed(texts).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batcher_respects_count_and_tokens() {
+        let mut b = RequestBatcher::new(EmbedLimits {
+            max_inputs: 3,
+            max_batch_tokens: 100,
+            max_in_flight: 1,
+        });
+        assert!(b.push(1, 40).is_none());
+        assert!(b.push(2, 40).is_none());
+        assert_eq!(b.push(3, 40), Some(vec![1, 2]));
+        assert!(b.push(4, 10).is_none());
+        assert!(b.push(5, 10).is_none());
+        assert_eq!(b.push(6, 10), Some(vec![3, 4, 5]));
+        // An item over the budget alone still goes, alone.
+        assert_eq!(b.push(7, 500), Some(vec![6]));
+        assert_eq!(b.take(), Some(vec![7]));
+        assert_eq!(b.take(), None);
     }
 }
