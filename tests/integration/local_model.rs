@@ -1,0 +1,107 @@
+//! The local embedder: the real all-MiniLM-L6-v2 against reference vectors, and retrieval quality.
+
+use std::sync::Arc;
+
+use orbit_pipeline::embed::{Embedder, LocalEmbedder};
+use orbit_pipeline::store::VectorStore;
+use orbit_pipeline::{BuildScope, ChunkSettings};
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{fixture, model_dir, Env};
+
+fn load() -> LocalEmbedder {
+    LocalEmbedder::load(&model_dir())
+        .unwrap_or_else(|e| panic!("{e} (the suite runs with `make test`)"))
+}
+
+fn cosine(a: &[f32], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * y).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|y| y.powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+#[tokio::test]
+async fn embeddings_match_the_reference_implementation() {
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("reference_embeddings.json")).unwrap(),
+    )
+    .unwrap();
+    let items = reference["items"].as_array().unwrap();
+    let texts: Vec<String> = items
+        .iter()
+        .map(|i| i["text"].as_str().unwrap().to_string())
+        .collect();
+    let e = load();
+    // Embedded together, so padding in a batch is exercised against unpadded references.
+    let got = e.embed(texts.clone()).await.unwrap();
+    assert_eq!(got.len(), items.len());
+    for (v, item) in got.iter().zip(items) {
+        let want: Vec<f64> = item["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(v.len(), 384);
+        let c = cosine(v, &want);
+        assert!(c > 0.99, "cosine {c} for {:?}", item["text"]);
+    }
+    // Different texts give different vectors.
+    assert!(
+        cosine(
+            &got[0],
+            &got[1].iter().map(|x| *x as f64).collect::<Vec<_>>()
+        ) < 0.9
+    );
+}
+
+#[tokio::test]
+async fn recall_at_5_on_the_fixture_questions() {
+    let env = Env::new().await;
+    let e: Arc<dyn Embedder> = Arc::new(load());
+    let n = e.preferred_chunk_tokens().unwrap();
+    let chunk = ChunkSettings {
+        max_tokens: n,
+        overlap_tokens: n / 8,
+        ..Default::default()
+    };
+    for user in [1, 2] {
+        env.pipeline(&fixture("sample.jsonl"), e.clone(), chunk.clone())
+            .run(BuildScope::User(user), CancellationToken::new(), None)
+            .await
+            .unwrap();
+    }
+    let questions = std::fs::read_to_string(fixture("questions.jsonl")).unwrap();
+    let (mut found, mut total) = (0, 0);
+    let mut misses = Vec::new();
+    for line in questions.lines() {
+        let q: serde_json::Value = serde_json::from_str(line).unwrap();
+        let user = q["user_id"].as_i64().unwrap();
+        let answers: Vec<&str> = q["answer_source_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let v = e
+            .embed(vec![q["question"].as_str().unwrap().to_string()])
+            .await
+            .unwrap()
+            .remove(0);
+        let hits = env.store.search(user, &v, 5).await.unwrap();
+        total += 1;
+        if hits
+            .iter()
+            .any(|h| h.source_ids.iter().any(|s| answers.contains(&s.as_str())))
+        {
+            found += 1;
+        } else {
+            misses.push(q["question"].clone());
+        }
+    }
+    let recall = found as f64 / total as f64;
+    eprintln!("recall@5 = {recall:.3} ({found}/{total}); misses: {misses:?}");
+    assert!(total >= 10);
+    assert!(recall >= 0.8, "recall@5 {recall:.3}, misses: {misses:?}");
+}
