@@ -1,1 +1,263 @@
-fn main() {}
+//! Criterion benchmarks of the CPU stages: clean, token counting, chunk (with the text-splitter
+//! crate as the baseline in the same run), single-message throughput, and the whole pipeline
+//! with the deterministic embedder and a discarding store.
+//!
+//! Input: ORBIT_BENCH_CORPUS (a generated mixed corpus, `make corpus-100m`), first
+//! ORBIT_BENCH_MB megabytes (default 8); falls back to fixtures/sample.jsonl.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use orbit_pipeline::chunk::{ChunkSettings, Chunker, Packer, Split};
+use orbit_pipeline::clean::{clean_text, Cleaner};
+use orbit_pipeline::embed::HashingEmbedder;
+use orbit_pipeline::source::JsonlSource;
+use orbit_pipeline::store::NullStore;
+use orbit_pipeline::tokenize::Encoding;
+use orbit_pipeline::{BuildScope, Pipeline, PipelineSettings, RawDocument};
+
+fn corpus_path() -> std::path::PathBuf {
+    std::env::var("ORBIT_BENCH_CORPUS")
+        .map(Into::into)
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/sample.jsonl").into())
+}
+
+fn load_docs(max_bytes: usize) -> Vec<RawDocument> {
+    let text = std::fs::read_to_string(corpus_path()).expect("bench corpus");
+    let mut docs = Vec::new();
+    let mut bytes = 0;
+    for line in text.lines() {
+        if bytes >= max_bytes {
+            break;
+        }
+        if let Ok(d) = serde_json::from_str::<RawDocument>(line) {
+            bytes += d.text.len();
+            docs.push(d);
+        }
+    }
+    docs
+}
+
+fn mb() -> usize {
+    std::env::var("ORBIT_BENCH_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8)
+        << 20
+}
+
+fn text_bytes(docs: &[RawDocument]) -> u64 {
+    docs.iter().map(|d| d.text.len() as u64).sum()
+}
+
+fn bench_clean(c: &mut Criterion) {
+    let docs = load_docs(mb());
+    let mut g = c.benchmark_group("clean");
+    g.throughput(Throughput::Bytes(text_bytes(&docs)));
+    g.sample_size(10);
+    g.bench_function("clean_text", |b| {
+        b.iter(|| {
+            docs.iter()
+                .map(|d| clean_text(&d.text).len())
+                .sum::<usize>()
+        })
+    });
+    g.finish();
+}
+
+fn bench_count(c: &mut Criterion) {
+    let docs = load_docs(mb());
+    let texts: Vec<String> = docs.iter().map(|d| clean_text(&d.text)).collect();
+    let bytes: u64 = texts.iter().map(|t| t.len() as u64).sum();
+    let mut g = c.benchmark_group("token_count");
+    g.throughput(Throughput::Bytes(bytes));
+    g.sample_size(10);
+    for enc in [Encoding::Cl100kBase, Encoding::O200kBase] {
+        g.bench_function(BenchmarkId::new("bpe-openai", enc.as_str()), |b| {
+            b.iter(|| texts.iter().map(|t| enc.count(t)).sum::<usize>())
+        });
+    }
+    let cl = tiktoken_rs::cl100k_base().unwrap();
+    let o2 = tiktoken_rs::o200k_base().unwrap();
+    g.bench_function(BenchmarkId::new("tiktoken-rs", "cl100k_base"), |b| {
+        b.iter(|| {
+            texts
+                .iter()
+                .map(|t| cl.encode_ordinary(t).len())
+                .sum::<usize>()
+        })
+    });
+    g.bench_function(BenchmarkId::new("tiktoken-rs", "o200k_base"), |b| {
+        b.iter(|| {
+            texts
+                .iter()
+                .map(|t| o2.encode_ordinary(t).len())
+                .sum::<usize>()
+        })
+    });
+    g.finish();
+}
+
+/// Our clean+chunk against text-splitter's chunking alone, same size and overlap, one thread.
+fn bench_chunk(c: &mut Criterion) {
+    let docs = load_docs(mb());
+    let settings = ChunkSettings::default();
+    let chunker = Chunker::new(settings.clone()).unwrap();
+    let cleaner = Cleaner::new();
+    let mut g = c.benchmark_group("chunk");
+    g.throughput(Throughput::Bytes(text_bytes(&docs)));
+    g.sample_size(10);
+    g.bench_function("orbit/clean+chunk+pack", |b| {
+        b.iter(|| {
+            let mut packer = Packer::new(settings.clone());
+            let mut out = Vec::new();
+            for d in &docs {
+                if let Some(cd) = cleaner.clean(d.clone()) {
+                    match chunker.split(cd) {
+                        Split::Chunks(cs) => out.extend(cs),
+                        Split::Packable(cd, n) => packer.push(cd, n, &mut out),
+                    }
+                }
+            }
+            packer.finish(&mut out);
+            out.len()
+        })
+    });
+    let cleaned: Vec<String> = docs.iter().map(|d| clean_text(&d.text)).collect();
+    g.bench_function("orbit/spans", |b| {
+        b.iter(|| {
+            cleaned
+                .iter()
+                .map(|t| chunker.spans(t).len())
+                .sum::<usize>()
+        })
+    });
+    g.finish();
+
+    // The baseline is slow: a smaller slice of the same corpus, throughput in the same unit.
+    let small: Vec<&String> = {
+        let mut n = 0;
+        cleaned
+            .iter()
+            .take_while(|t| {
+                n += t.len();
+                n < (1 << 20)
+            })
+            .collect()
+    };
+    let small_bytes: u64 = small.iter().map(|t| t.len() as u64).sum();
+    let mut g = c.benchmark_group("chunk_baseline");
+    g.throughput(Throughput::Bytes(small_bytes));
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(20));
+    let cfg = text_splitter::ChunkConfig::new(512)
+        .with_overlap(64)
+        .unwrap()
+        .with_sizer(tiktoken_rs::cl100k_base().unwrap());
+    let splitter = text_splitter::TextSplitter::new(cfg);
+    g.bench_function("text-splitter/tiktoken", |b| {
+        b.iter(|| {
+            small
+                .iter()
+                .map(|t| splitter.chunks(t).count())
+                .sum::<usize>()
+        })
+    });
+    g.bench_function("orbit/spans-same-slice", |b| {
+        b.iter(|| small.iter().map(|t| chunker.spans(t).len()).sum::<usize>())
+    });
+    g.finish();
+}
+
+/// Single-message documents, the bulk of chat: clean + count + pack per message.
+fn bench_messages(c: &mut Criterion) {
+    let docs: Vec<RawDocument> = load_docs(mb())
+        .into_iter()
+        .filter(|d| d.kind.is_chat() && d.conversation_id.is_some())
+        .collect();
+    let settings = ChunkSettings::default();
+    let chunker = Chunker::new(settings.clone()).unwrap();
+    let cleaner = Cleaner::new();
+    let mut g = c.benchmark_group("messages");
+    g.throughput(Throughput::Elements(docs.len() as u64));
+    g.sample_size(10);
+    g.bench_function("clean+count+pack", |b| {
+        b.iter(|| {
+            let mut packer = Packer::new(settings.clone());
+            let mut out = Vec::new();
+            for d in &docs {
+                if let Some(cd) = cleaner.clean(d.clone()) {
+                    match chunker.split(cd) {
+                        Split::Chunks(cs) => out.extend(cs),
+                        Split::Packable(cd, n) => packer.push(cd, n, &mut out),
+                    }
+                }
+            }
+            packer.finish(&mut out);
+            out.len()
+        })
+    });
+    g.finish();
+}
+
+/// The whole pipeline (JSONL parse → clean → chunk → deterministic embed → discard), 1 and 2
+/// CPU threads.
+fn bench_pipeline(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let path = corpus_path();
+    let size = std::fs::metadata(&path).unwrap().len().min(mb() as u64);
+    // A slice of the corpus as its own file, so every run reads the same bytes.
+    let dir = tempfile::tempdir().unwrap();
+    let slice = dir.path().join("slice.jsonl");
+    {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut end = 0;
+        for l in text.split_inclusive('\n') {
+            if end as u64 >= size {
+                break;
+            }
+            end += l.len();
+        }
+        std::fs::write(&slice, &text[..end]).unwrap();
+    }
+    let bytes = std::fs::metadata(&slice).unwrap().len();
+    let mut g = c.benchmark_group("pipeline");
+    g.throughput(Throughput::Bytes(bytes));
+    g.sample_size(10);
+    for threads in [1, 2] {
+        g.bench_function(
+            BenchmarkId::new("hashing-embed/null-store", format!("{threads}t")),
+            |b| {
+                b.iter(|| {
+                    let p = Pipeline {
+                        source: Arc::new(JsonlSource::new(&[&slice]).unwrap()),
+                        embedder: Arc::new(HashingEmbedder::new(384)),
+                        store: Arc::new(NullStore::default()),
+                        settings: PipelineSettings {
+                            chunk: ChunkSettings::default(),
+                            cpu_threads: threads,
+                        },
+                    };
+                    rt.block_on(p.run(BuildScope::AllUsers, Default::default(), None))
+                        .unwrap()
+                        .chunks
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_clean,
+    bench_count,
+    bench_chunk,
+    bench_messages,
+    bench_pipeline
+);
+criterion_main!(benches);

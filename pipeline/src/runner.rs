@@ -243,8 +243,9 @@ impl Pipeline {
         let mut stream = self.source.documents(&scope);
         async move {
             let t0 = Instant::now();
-            let mut clock = Clock::default();
             let (mut docs, mut bytes) = (0u64, 0u64);
+            let mut busy = Duration::ZERO;
+            let mut wait_down = Duration::ZERO;
             loop {
                 let batch = tokio::select! {
                     _ = stop.cancelled() => return Err(PipelineError::Cancelled),
@@ -254,6 +255,7 @@ impl Pipeline {
                 let batch = batch?;
                 docs += batch.docs.len() as u64;
                 bytes += batch.bytes;
+                busy += batch.busy;
                 if let Some(p) = &progress {
                     p(batch.bytes);
                 }
@@ -261,11 +263,19 @@ impl Pipeline {
                 if tx.send(batch).await.is_err() {
                     return Err(PipelineError::Cancelled);
                 }
-                clock.wait_down += t.elapsed();
+                wait_down += t.elapsed();
             }
-            let mut r = clock.stage("extract", t0.elapsed());
-            r.items_out = docs;
-            r.bytes_out = bytes;
+            // The reader works ahead on its own thread: its busy time is what it measured, and
+            // the rest of this stage's life was spent blocked on the cleaner.
+            let wall = t0.elapsed();
+            let r = StageReport {
+                name: "extract",
+                items_out: docs,
+                bytes_out: bytes,
+                busy_ms: ms(busy),
+                wait_downstream_ms: ms(wall.saturating_sub(busy).max(wait_down)),
+                ..Default::default()
+            };
             Ok(r)
         }
     }

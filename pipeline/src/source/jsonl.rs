@@ -149,6 +149,7 @@ fn read_file(path: &Path, scope: &BuildScope, tx: &Tx) -> bool {
     let mut batch_bytes = 0usize;
     let mut line = Vec::with_capacity(4096);
     let mut line_no = 0u64;
+    let mut started = std::time::Instant::now();
     loop {
         line.clear();
         line_no += 1;
@@ -189,13 +190,16 @@ fn read_file(path: &Path, scope: &BuildScope, tx: &Tx) -> bool {
             }),
         }
         if batch.docs.len() >= SOURCE_BATCH_DOCS || batch_bytes >= SOURCE_BATCH_BYTES {
+            batch.busy = started.elapsed();
             if tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err() {
                 return false;
             }
             batch_bytes = 0;
+            started = std::time::Instant::now();
         }
     }
     if !batch.docs.is_empty() || !batch.rejected.is_empty() || batch.bytes > 0 {
+        batch.busy = started.elapsed();
         return tx.blocking_send(Ok(batch)).is_ok();
     }
     true

@@ -54,6 +54,9 @@ pub struct SourceBatch {
     /// Bytes of input read for these documents (for throughput).
     pub bytes: u64,
     pub rejected: Vec<Rejection>,
+    /// Time the source spent producing this batch (reading, decompressing, parsing), measured
+    /// where the work happens, which may be another thread.
+    pub busy: std::time::Duration,
 }
 
 pub type SourceStream = Pin<Box<dyn Stream<Item = Result<SourceBatch, SourceError>> + Send>>;

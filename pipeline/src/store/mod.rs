@@ -1,11 +1,13 @@
 //! Store: the `VectorStore` trait and the embedded SQLite implementation with exact search.
 
+mod null;
 mod sqlite;
 
 use async_trait::async_trait;
 use serde::Serialize;
 use uuid::Uuid;
 
+pub use null::NullStore;
 pub use sqlite::SqliteStore;
 
 use crate::runner::BuildScope;

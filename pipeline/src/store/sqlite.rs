@@ -8,7 +8,7 @@ use std::str::FromStr;
 use async_trait::async_trait;
 use ndarray::{Array1, ArrayView2};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use uuid::Uuid;
 
 use super::{BuildGeneration, SearchHit, StoreError, VectorStore};
@@ -39,6 +39,10 @@ const SCHEMA: &[&str] = &[
     )",
     "CREATE INDEX IF NOT EXISTS points_user ON points (user_id, build_gen)",
 ];
+
+/// Rows per INSERT: each statement is one hop to sqlx's SQLite thread, so rows per hop is what
+/// sets store throughput. 18 binds a row keeps 64 rows far under SQLite's 32766-variable limit.
+const UPSERT_ROWS_PER_STATEMENT: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -143,42 +147,44 @@ impl VectorStore for SqliteStore {
         points: &[EmbeddedChunk],
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        for p in points {
-            let c = &p.chunk;
-            let id = crate::hash::point_id(c.user_id, &c.source_ids, c.chunk_index);
-            sqlx::query(
-                "INSERT INTO points (id, user_id, build_gen, kind, source_ids, conversation_id, title, author,
-                    chunk_index, byte_start, byte_end, token_start, token_end, token_count, created_at,
-                    content_hash, text, vector)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                 ON CONFLICT (id) DO UPDATE SET build_gen = excluded.build_gen, kind = excluded.kind,
-                    source_ids = excluded.source_ids, conversation_id = excluded.conversation_id,
-                    title = excluded.title, author = excluded.author, byte_start = excluded.byte_start,
-                    byte_end = excluded.byte_end, token_start = excluded.token_start,
-                    token_end = excluded.token_end, token_count = excluded.token_count,
-                    created_at = excluded.created_at, content_hash = excluded.content_hash,
-                    text = excluded.text, vector = excluded.vector",
-            )
-            .bind(id.as_bytes().as_slice())
-            .bind(c.user_id)
-            .bind(gen)
-            .bind(c.kind.as_str())
-            .bind(serde_json::to_string(&c.source_ids).unwrap_or_default())
-            .bind(c.conversation_id.as_deref())
-            .bind(c.title.as_deref())
-            .bind(c.author.as_deref())
-            .bind(c.chunk_index as i64)
-            .bind(c.byte_start as i64)
-            .bind(c.byte_end as i64)
-            .bind(c.token_start as i64)
-            .bind(c.token_end as i64)
-            .bind(c.token_count as i64)
-            .bind(c.created_at.to_rfc3339())
-            .bind(&c.content_hash)
-            .bind(&c.text)
-            .bind(vec_to_blob(&p.vector))
-            .execute(&mut *tx)
-            .await?;
+        for rows in points.chunks(UPSERT_ROWS_PER_STATEMENT) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO points (id, user_id, build_gen, kind, source_ids, conversation_id, title, author, \
+                 chunk_index, byte_start, byte_end, token_start, token_end, token_count, created_at, \
+                 content_hash, text, vector) ",
+            );
+            qb.push_values(rows, |mut b, p| {
+                let c = &p.chunk;
+                let id = crate::hash::point_id(c.user_id, &c.source_ids, c.chunk_index);
+                b.push_bind(id.as_bytes().to_vec())
+                    .push_bind(c.user_id)
+                    .push_bind(gen)
+                    .push_bind(c.kind.as_str())
+                    .push_bind(serde_json::to_string(&c.source_ids).unwrap_or_default())
+                    .push_bind(c.conversation_id.clone())
+                    .push_bind(c.title.clone())
+                    .push_bind(c.author.clone())
+                    .push_bind(c.chunk_index as i64)
+                    .push_bind(c.byte_start as i64)
+                    .push_bind(c.byte_end as i64)
+                    .push_bind(c.token_start as i64)
+                    .push_bind(c.token_end as i64)
+                    .push_bind(c.token_count as i64)
+                    .push_bind(c.created_at.to_rfc3339())
+                    .push_bind(c.content_hash.clone())
+                    .push_bind(c.text.clone())
+                    .push_bind(vec_to_blob(&p.vector));
+            });
+            qb.push(
+                " ON CONFLICT (id) DO UPDATE SET build_gen = excluded.build_gen, kind = excluded.kind, \
+                 source_ids = excluded.source_ids, conversation_id = excluded.conversation_id, \
+                 title = excluded.title, author = excluded.author, byte_start = excluded.byte_start, \
+                 byte_end = excluded.byte_end, token_start = excluded.token_start, \
+                 token_end = excluded.token_end, token_count = excluded.token_count, \
+                 created_at = excluded.created_at, content_hash = excluded.content_hash, \
+                 text = excluded.text, vector = excluded.vector",
+            );
+            qb.build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
