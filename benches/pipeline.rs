@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use orbit_pipeline::chunk::{ChunkSettings, Chunker, Packer, Split};
 use orbit_pipeline::clean::{clean_text, Cleaner};
 use orbit_pipeline::embed::HashingEmbedder;
@@ -99,75 +99,48 @@ fn bench_count(c: &mut Criterion) {
     g.finish();
 }
 
-/// Our clean+chunk against text-splitter's chunking alone, same size and overlap, one thread.
-fn bench_chunk(c: &mut Criterion) {
-    let docs = load_docs(mb());
-    let settings = ChunkSettings::default();
-    let chunker = Chunker::new(settings.clone()).unwrap();
-    let cleaner = Cleaner::new();
-    let mut g = c.benchmark_group("chunk");
-    g.throughput(Throughput::Bytes(text_bytes(&docs)));
-    g.sample_size(10);
-    g.bench_function("orbit/clean+chunk+pack", |b| {
-        b.iter(|| {
-            let mut packer = Packer::new(settings.clone());
-            let mut out = Vec::new();
-            for d in &docs {
-                if let Some(cd) = cleaner.clean(d.clone()) {
-                    match chunker.split(cd) {
-                        Split::Chunks(cs) => out.extend(cs),
-                        Split::Packable(cd, n) => packer.push(cd, n, &mut out),
-                    }
-                }
+fn clean_chunk_pack(docs: Vec<RawDocument>, cleaner: &Cleaner, chunker: &Chunker) -> usize {
+    let mut packer = Packer::new(chunker.settings().clone());
+    let mut out = Vec::new();
+    for d in docs {
+        if let Some(cd) = cleaner.clean(d) {
+            match chunker.split(cd) {
+                Split::Chunks(cs) => out.extend(cs),
+                Split::Packable(cd, n) => packer.push(cd, n, &mut out),
             }
-            packer.finish(&mut out);
-            out.len()
-        })
-    });
-    let cleaned: Vec<String> = docs.iter().map(|d| clean_text(&d.text)).collect();
-    g.bench_function("orbit/spans", |b| {
-        b.iter(|| {
-            cleaned
-                .iter()
-                .map(|t| chunker.spans(t).len())
-                .sum::<usize>()
-        })
-    });
-    g.finish();
+        }
+    }
+    packer.finish(&mut out);
+    out.len()
+}
 
-    // The baseline is slow: a smaller slice of the same corpus, throughput in the same unit.
-    let small: Vec<&String> = {
-        let mut n = 0;
-        cleaned
-            .iter()
-            .take_while(|t| {
-                n += t.len();
-                n < (1 << 20)
-            })
-            .collect()
-    };
-    let small_bytes: u64 = small.iter().map(|t| t.len() as u64).sum();
-    let mut g = c.benchmark_group("chunk_baseline");
-    g.throughput(Throughput::Bytes(small_bytes));
-    g.sample_size(10);
-    g.measurement_time(Duration::from_secs(20));
+/// Our clean+chunk against text-splitter's chunking alone (tiktoken cl100k sizing, 512/64), one
+/// thread, same documents: the mixed corpus, and its long documents (over 2 KB) alone.
+fn bench_chunk(c: &mut Criterion) {
+    let all = load_docs(mb());
+    let long: Vec<RawDocument> = all.iter().filter(|d| d.text.len() > 2048).cloned().collect();
+    let chunker = Chunker::new(ChunkSettings::default()).unwrap();
+    let cleaner = Cleaner::new();
     let cfg = text_splitter::ChunkConfig::new(512)
         .with_overlap(64)
         .unwrap()
         .with_sizer(tiktoken_rs::cl100k_base().unwrap());
     let splitter = text_splitter::TextSplitter::new(cfg);
-    g.bench_function("text-splitter/tiktoken", |b| {
-        b.iter(|| {
-            small
-                .iter()
-                .map(|t| splitter.chunks(t).count())
-                .sum::<usize>()
-        })
-    });
-    g.bench_function("orbit/spans-same-slice", |b| {
-        b.iter(|| small.iter().map(|t| chunker.spans(t).len()).sum::<usize>())
-    });
-    g.finish();
+    for (name, docs) in [("mixed", all), ("long", long)] {
+        let mut g = c.benchmark_group(format!("chunk_{name}"));
+        g.throughput(Throughput::Bytes(text_bytes(&docs)));
+        g.sample_size(10);
+        g.bench_function("orbit/clean+chunk+pack", |b| {
+            b.iter_batched(|| docs.clone(), |d| clean_chunk_pack(d, &cleaner, &chunker), BatchSize::LargeInput)
+        });
+        let cleaned: Vec<String> = docs.iter().map(|d| clean_text(&d.text)).collect();
+        g.bench_function("orbit/chunk-only", |b| b.iter(|| cleaned.iter().map(|t| chunker.spans(t).len()).sum::<usize>()));
+        g.measurement_time(Duration::from_secs(30));
+        g.bench_function("baseline/text-splitter", |b| {
+            b.iter(|| cleaned.iter().map(|t| splitter.chunks(t).count()).sum::<usize>())
+        });
+        g.finish();
+    }
 }
 
 /// Single-message documents, the bulk of chat: clean + count + pack per message.
@@ -176,27 +149,13 @@ fn bench_messages(c: &mut Criterion) {
         .into_iter()
         .filter(|d| d.kind.is_chat() && d.conversation_id.is_some())
         .collect();
-    let settings = ChunkSettings::default();
-    let chunker = Chunker::new(settings.clone()).unwrap();
+    let chunker = Chunker::new(ChunkSettings::default()).unwrap();
     let cleaner = Cleaner::new();
     let mut g = c.benchmark_group("messages");
     g.throughput(Throughput::Elements(docs.len() as u64));
     g.sample_size(10);
     g.bench_function("clean+count+pack", |b| {
-        b.iter(|| {
-            let mut packer = Packer::new(settings.clone());
-            let mut out = Vec::new();
-            for d in &docs {
-                if let Some(cd) = cleaner.clean(d.clone()) {
-                    match chunker.split(cd) {
-                        Split::Chunks(cs) => out.extend(cs),
-                        Split::Packable(cd, n) => packer.push(cd, n, &mut out),
-                    }
-                }
-            }
-            packer.finish(&mut out);
-            out.len()
-        })
+        b.iter_batched(|| docs.clone(), |d| clean_chunk_pack(d, &cleaner, &chunker), BatchSize::LargeInput)
     });
     g.finish();
 }

@@ -5,12 +5,13 @@ use std::path::Path;
 
 use orbit_pipeline::tokenize::Encoding;
 
-use crate::helpers::{fixture, python, repo, sample_lines};
+use crate::helpers::{fixture, python, repo, sample_lines, tiktoken_cache_dir};
 
 fn tiktoken_counts(path: &Path) -> Vec<serde_json::Value> {
     let out = std::process::Command::new(python())
         .arg(repo().join("scripts/tiktoken_counts.py"))
         .arg(path)
+        .env("TIKTOKEN_CACHE_DIR", tiktoken_cache_dir())
         .output()
         .expect("running tiktoken_counts.py");
     assert!(
