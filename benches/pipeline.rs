@@ -118,7 +118,11 @@ fn clean_chunk_pack(docs: Vec<RawDocument>, cleaner: &Cleaner, chunker: &Chunker
 /// thread, same documents: the mixed corpus, and its long documents (over 2 KB) alone.
 fn bench_chunk(c: &mut Criterion) {
     let all = load_docs(mb());
-    let long: Vec<RawDocument> = all.iter().filter(|d| d.text.len() > 2048).cloned().collect();
+    let long: Vec<RawDocument> = all
+        .iter()
+        .filter(|d| d.text.len() > 2048)
+        .cloned()
+        .collect();
     let chunker = Chunker::new(ChunkSettings::default()).unwrap();
     let cleaner = Cleaner::new();
     let cfg = text_splitter::ChunkConfig::new(512)
@@ -131,13 +135,29 @@ fn bench_chunk(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(text_bytes(&docs)));
         g.sample_size(10);
         g.bench_function("orbit/clean+chunk+pack", |b| {
-            b.iter_batched(|| docs.clone(), |d| clean_chunk_pack(d, &cleaner, &chunker), BatchSize::LargeInput)
+            b.iter_batched(
+                || docs.clone(),
+                |d| clean_chunk_pack(d, &cleaner, &chunker),
+                BatchSize::LargeInput,
+            )
         });
         let cleaned: Vec<String> = docs.iter().map(|d| clean_text(&d.text)).collect();
-        g.bench_function("orbit/chunk-only", |b| b.iter(|| cleaned.iter().map(|t| chunker.spans(t).len()).sum::<usize>()));
+        g.bench_function("orbit/chunk-only", |b| {
+            b.iter(|| {
+                cleaned
+                    .iter()
+                    .map(|t| chunker.spans(t).len())
+                    .sum::<usize>()
+            })
+        });
         g.measurement_time(Duration::from_secs(30));
         g.bench_function("baseline/text-splitter", |b| {
-            b.iter(|| cleaned.iter().map(|t| splitter.chunks(t).count()).sum::<usize>())
+            b.iter(|| {
+                cleaned
+                    .iter()
+                    .map(|t| splitter.chunks(t).count())
+                    .sum::<usize>()
+            })
         });
         g.finish();
     }
@@ -155,7 +175,11 @@ fn bench_messages(c: &mut Criterion) {
     g.throughput(Throughput::Elements(docs.len() as u64));
     g.sample_size(10);
     g.bench_function("clean+count+pack", |b| {
-        b.iter_batched(|| docs.clone(), |d| clean_chunk_pack(d, &cleaner, &chunker), BatchSize::LargeInput)
+        b.iter_batched(
+            || docs.clone(),
+            |d| clean_chunk_pack(d, &cleaner, &chunker),
+            BatchSize::LargeInput,
+        )
     });
     g.finish();
 }

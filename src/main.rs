@@ -9,7 +9,10 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("ORBIT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(args.loglevel.as_str()));
+        // sqlx warns of "slow statements" such as a whole-store DELETE after a bulk build: noise for a CLI.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(format!("{},sqlx=error", args.loglevel))
+        });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

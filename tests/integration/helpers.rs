@@ -45,9 +45,12 @@ pub const HASH_DIM: usize = 384;
 
 /// Where `make tiktoken-cache` puts tiktoken's rank files, so Python tiktoken works offline.
 pub fn tiktoken_cache_dir() -> PathBuf {
-    std::env::var("TIKTOKEN_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/orbit-worker/tiktoken")
-    })
+    std::env::var("TIKTOKEN_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/orbit-worker/tiktoken")
+        })
 }
 
 pub fn hashing() -> Arc<dyn Embedder> {

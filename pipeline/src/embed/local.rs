@@ -16,9 +16,9 @@ use super::{EmbedError, EmbedLimits, Embedder};
 pub const LOCAL_MODEL_FILES: &[&str] = &["config.json", "tokenizer.json", "model.safetensors"];
 /// The model's trained sequence length (sentence-transformers' max_seq_length).
 const MAX_SEQ_TOKENS: usize = 256;
-/// Texts per forward pass. Inputs are sorted by length first, so a sub-batch pads little;
-/// larger batches gave no further gain on 2 cores (docs/local-embedder.md).
-const SUB_BATCH: usize = 16;
+/// Texts per forward pass by default. Inputs are sorted by length first, so a sub-batch pads
+/// little; see docs/local-embedder.md for the measurements behind the number.
+pub const DEFAULT_SUB_BATCH: usize = 16;
 
 struct Inner {
     model: BertModel,
@@ -30,6 +30,7 @@ struct Inner {
 pub struct LocalEmbedder {
     inner: Arc<Inner>,
     model_id: String,
+    sub_batch: usize,
 }
 
 impl std::fmt::Debug for LocalEmbedder {
@@ -82,7 +83,14 @@ impl LocalEmbedder {
                 device,
             }),
             model_id: "sentence-transformers/all-MiniLM-L6-v2".into(),
+            sub_batch: DEFAULT_SUB_BATCH,
         })
+    }
+
+    /// Texts per forward pass (at least 1).
+    pub fn with_sub_batch(mut self, n: usize) -> Self {
+        self.sub_batch = n.max(1);
+        self
     }
 
     /// Embeds on the calling thread. Call from a blocking context.
@@ -91,7 +99,7 @@ impl LocalEmbedder {
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| texts[i].len());
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
-        for group in order.chunks(SUB_BATCH) {
+        for group in order.chunks(self.sub_batch) {
             let batch: Vec<&str> = group.iter().map(|&i| texts[i].as_str()).collect();
             let enc = inner
                 .tokenizer
