@@ -106,7 +106,7 @@ fn clean_chunk_pack(docs: Vec<RawDocument>, cleaner: &Cleaner, chunker: &Chunker
         if let Some(cd) = cleaner.clean(d) {
             match chunker.split(cd) {
                 Split::Chunks(cs) => out.extend(cs),
-                Split::Packable(cd, n) => packer.push(cd, n, &mut out),
+                Split::Packable(item) => packer.push(item, &mut out),
             }
         }
     }
@@ -235,12 +235,76 @@ fn bench_pipeline(c: &mut Criterion) {
     g.finish();
 }
 
+/// The local model on chunk-sized texts (the fixture corpus chunked at the model's 200 tokens),
+/// at several sub-batch sizes. Skipped when the model is not installed (`make model`).
+fn bench_local_embed(c: &mut Criterion) {
+    let dir = std::env::var("ORBIT_MODEL_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/orbit-worker/models/all-MiniLM-L6-v2")
+        });
+    let Ok(model) = orbit_pipeline::embed::LocalEmbedder::load(&dir) else {
+        eprintln!(
+            "local_embed: model not installed in {}, skipped",
+            dir.display()
+        );
+        return;
+    };
+    let chunker = Chunker::new(ChunkSettings {
+        max_tokens: 200,
+        overlap_tokens: 25,
+        ..Default::default()
+    })
+    .unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fixtures/sample.jsonl"
+    ))
+    .unwrap();
+    let docs: Vec<RawDocument> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let mut packer = Packer::new(chunker.settings().clone());
+    let mut chunks = Vec::new();
+    for d in docs {
+        if let Some(cd) = Cleaner::new().clean(d) {
+            match chunker.split(cd) {
+                Split::Chunks(cs) => chunks.extend(cs),
+                Split::Packable(item) => packer.push(item, &mut chunks),
+            }
+        }
+    }
+    packer.finish(&mut chunks);
+    // 64 chunks spread over the corpus, so lengths are mixed as in a real request.
+    let step = (chunks.len() / 64).max(1);
+    let texts: Vec<String> = chunks
+        .into_iter()
+        .step_by(step)
+        .take(64)
+        .map(|c| c.text)
+        .collect();
+    let mut g = c.benchmark_group("local_embed");
+    g.throughput(Throughput::Elements(texts.len() as u64));
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(20));
+    for sub in [1, 8, 16, 64] {
+        let m = model.clone().with_sub_batch(sub);
+        g.bench_function(BenchmarkId::new("minilm-l6/sub-batch", sub), |b| {
+            b.iter(|| m.embed_blocking(&texts).unwrap().len())
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     bench_clean,
     bench_count,
     bench_chunk,
     bench_messages,
-    bench_pipeline
+    bench_pipeline,
+    bench_local_embed
 );
 criterion_main!(benches);

@@ -79,9 +79,24 @@ pub struct Span {
 #[derive(Debug)]
 pub enum Split {
     /// A short chat message: the runner's `Packer` decides its chunk.
-    Packable(CleanDocument, usize),
+    Packable(PackItem),
     /// The document's own chunks.
     Chunks(Vec<Chunk>),
+}
+
+/// A short chat message with what packing needs to know of its tokens.
+#[derive(Debug)]
+pub struct PackItem {
+    pub doc: CleanDocument,
+    /// Exact tiktoken count of the text alone.
+    pub tokens: usize,
+    /// Tokens `PACK_SEPARATOR` adds when this text is followed by another message: 0 or 1, as
+    /// tiktoken may fold the newline into a trailing punctuation piece.
+    pub sep_tokens: usize,
+    /// False where the sum of parts may not be exact (leading or trailing whitespace, or an
+    /// o200k text starting with `/`, which that encoding folds into a preceding `!\n`): the
+    /// pack is then recounted whole.
+    pub sum_exact: bool,
 }
 
 /// One tiktoken pre-token: its end byte and the running token count after it.
@@ -115,16 +130,29 @@ impl Chunker {
 
     pub fn split(&self, doc: CleanDocument) -> Split {
         let s = &self.settings;
-        // A token is at least one byte, so a text no longer than the limit in bytes fits,
-        // and a packable candidate needs only its count.
         if doc.kind.is_chat() && doc.conversation_id.is_some() {
             let tok = s.encoding.tokenizer();
-            let limit = s.pack_item_max_tokens;
-            if let Some(n) = count_upto(tok, &doc.text, limit) {
-                return Split::Packable(doc, n);
+            if let Some((tokens, last)) = count_upto(tok, &doc.text, s.pack_item_max_tokens) {
+                let mut with_sep = String::with_capacity(last.len() + PACK_SEPARATOR.len());
+                with_sep.push_str(last);
+                with_sep.push_str(PACK_SEPARATOR);
+                let sep_tokens = tok.count(with_sep.as_str()) - tok.bpe.count(last.as_bytes());
+                let t = &doc.text;
+                let sum_exact = !t.starts_with(char::is_whitespace)
+                    && !t.ends_with(char::is_whitespace)
+                    && !(s.encoding == Encoding::O200kBase && t.starts_with('/'));
+                return Split::Packable(PackItem {
+                    doc,
+                    tokens,
+                    sep_tokens,
+                    sum_exact,
+                });
             }
         }
         let spans = self.spans(&doc.text);
+        if let [only] = spans.as_slice() {
+            return Split::Chunks(vec![whole_chunk(doc, only.token_count)]);
+        }
         Split::Chunks(
             spans
                 .into_iter()
@@ -166,16 +194,23 @@ impl Chunker {
     }
 }
 
-/// Count up to `limit` tokens; `None` as soon as the text is known to be longer.
-fn count_upto(tok: &bpe_openai::Tokenizer, text: &str, limit: usize) -> Option<usize> {
+/// Count up to `limit` tokens, with the last pre-token piece; `None` as soon as the text is
+/// known to be longer.
+fn count_upto<'t>(
+    tok: &'t bpe_openai::Tokenizer,
+    text: &'t str,
+    limit: usize,
+) -> Option<(usize, &'t str)> {
     let mut n = 0;
+    let mut last = "";
     for piece in tok.split(text) {
         n += tok.bpe.count(piece.as_bytes());
         if n > limit {
             return None;
         }
+        last = piece;
     }
-    Some(n)
+    Some((n, last))
 }
 
 struct Cutter<'a> {
@@ -442,19 +477,25 @@ fn doc_chunk(doc: &CleanDocument, index: u32, sp: Span) -> Chunk {
     }
 }
 
-/// The whole document as its only chunk (a short message that stands alone).
-pub fn whole_chunk(doc: &CleanDocument, tokens: usize) -> Chunk {
-    doc_chunk(
-        doc,
-        0,
-        Span {
-            byte_start: 0,
-            byte_end: doc.text.len(),
-            token_start: 0,
-            token_end: tokens,
-            token_count: tokens,
-        },
-    )
+/// The whole document as its only chunk: moves the text and reuses the cleaner's hash.
+pub fn whole_chunk(doc: CleanDocument, tokens: usize) -> Chunk {
+    Chunk {
+        user_id: doc.user_id,
+        kind: doc.kind,
+        source_ids: vec![doc.source_id],
+        conversation_id: doc.conversation_id,
+        title: doc.title,
+        author: doc.author,
+        chunk_index: 0,
+        byte_start: 0,
+        byte_end: doc.text.len(),
+        token_start: 0,
+        token_end: tokens,
+        token_count: tokens,
+        created_at: doc.created_at,
+        content_hash: hex128(doc.content_hash),
+        text: doc.text,
+    }
 }
 
 // ---------------------------------------------------------------- packing
@@ -468,8 +509,11 @@ type PackKey = (i64, crate::types::DocKind, String);
 #[derive(Debug)]
 struct Pack {
     docs: Vec<CleanDocument>,
-    /// Upper bound of the joined text's tokens: parts plus one per separator.
+    /// Tokens of the joined text so far (exact when `sum_exact`).
     tokens: usize,
+    /// Separator tokens the last message adds if another joins.
+    sep_tokens: usize,
+    sum_exact: bool,
     first: DateTime<Utc>,
     last: DateTime<Utc>,
     touched: u64,
@@ -494,8 +538,14 @@ impl Packer {
     }
 
     /// Adds a packable message; chunks of packs it closes are pushed to `out`.
-    pub fn push(&mut self, doc: CleanDocument, tokens: usize, out: &mut Vec<Chunk>) {
+    pub fn push(&mut self, item: PackItem, out: &mut Vec<Chunk>) {
         self.clock += 1;
+        let PackItem {
+            doc,
+            tokens,
+            sep_tokens,
+            sum_exact,
+        } = item;
         let key = (
             doc.user_id,
             doc.kind,
@@ -505,8 +555,11 @@ impl Packer {
         let max = self.settings.max_tokens;
         if let Some(p) = self.open.get_mut(&key) {
             let near = (doc.created_at - p.last).abs() <= window;
+            // The separator costs at most one token, so `+ 1` keeps even a recounted pack in budget.
             if near && p.tokens + 1 + tokens <= max {
-                p.tokens += 1 + tokens;
+                p.tokens += p.sep_tokens + tokens;
+                p.sep_tokens = sep_tokens;
+                p.sum_exact &= sum_exact;
                 p.last = p.last.max(doc.created_at);
                 p.first = p.first.min(doc.created_at);
                 p.touched = self.clock;
@@ -522,6 +575,8 @@ impl Packer {
             Pack {
                 docs: vec![doc],
                 tokens,
+                sep_tokens,
+                sum_exact,
                 first: created,
                 last: created,
                 touched: self.clock,
@@ -562,7 +617,7 @@ impl Packer {
     fn pack_chunk(&self, mut p: Pack) -> Chunk {
         if p.docs.len() == 1 {
             let d = p.docs.pop().expect("one doc");
-            return whole_chunk(&d, p.tokens);
+            return whole_chunk(d, p.tokens);
         }
         let text = p
             .docs
@@ -570,7 +625,11 @@ impl Packer {
             .map(|d| d.text.as_str())
             .collect::<Vec<_>>()
             .join(PACK_SEPARATOR);
-        let tokens = self.settings.encoding.count(&text);
+        let tokens = if p.sum_exact {
+            p.tokens
+        } else {
+            self.settings.encoding.count(&text)
+        };
         let first = &p.docs[0];
         let authors: Vec<&str> = p.docs.iter().filter_map(|d| d.author.as_deref()).collect();
         let mut uniq: Vec<&str> = Vec::new();
@@ -809,6 +868,11 @@ mod tests {
             pack_window_secs: 600,
             ..Default::default()
         };
+        let chunker = Chunker::new(settings.clone()).unwrap();
+        let item = |d: CleanDocument| match chunker.split(d) {
+            Split::Packable(i) => i,
+            Split::Chunks(_) => panic!("short chat message not packable"),
+        };
         let mut p = Packer::new(settings.clone());
         let t0 = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
             .unwrap()
@@ -832,9 +896,7 @@ mod tests {
             ("c", "c1", 2),
             ("d", "c1", 60),
         ] {
-            let d = mk(id, conv, m, "hello there friend");
-            let n = settings.encoding.count(&d.text);
-            p.push(d, n, &mut out);
+            p.push(item(mk(id, conv, m, "hello there friend")), &mut out);
         }
         // "d" is an hour later: it closes the c1 pack of a and c.
         assert_eq!(out.len(), 1);
@@ -848,13 +910,65 @@ mod tests {
         let mut p = Packer::new(settings.clone());
         let mut out = Vec::new();
         for i in 0..40 {
-            let d = mk(&format!("m{i}"), "c1", i, "one two three four five six");
-            let n = settings.encoding.count(&d.text);
-            p.push(d, n, &mut out);
+            p.push(
+                item(mk(
+                    &format!("m{i}"),
+                    "c1",
+                    i,
+                    "one two three four five six!",
+                )),
+                &mut out,
+            );
         }
         p.finish(&mut out);
         assert!(out.len() > 1);
         assert!(out.iter().all(|c| c.token_count <= 64));
+        assert!(out
+            .iter()
+            .all(|c| c.token_count == settings.encoding.count(&c.text)));
         assert_eq!(out.iter().map(|c| c.source_ids.len()).sum::<usize>(), 40);
+    }
+
+    /// Pack token counts are summed from the parts, never recounted: check them against a
+    /// recount on every pack of the fixture corpus, for both encodings.
+    #[test]
+    fn fixture_pack_counts_are_exact() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/sample.jsonl");
+        let text = std::fs::read_to_string(path).unwrap();
+        for enc in [Encoding::Cl100kBase, Encoding::O200kBase] {
+            let settings = ChunkSettings {
+                encoding: enc,
+                ..Default::default()
+            };
+            let chunker = Chunker::new(settings.clone()).unwrap();
+            let mut packer = Packer::new(settings);
+            let mut out = Vec::new();
+            for line in text.lines() {
+                let raw: crate::RawDocument = serde_json::from_str(line).unwrap();
+                if let Some(d) = crate::Cleaner::new().clean(raw) {
+                    match chunker.split(d) {
+                        Split::Packable(i) => packer.push(i, &mut out),
+                        Split::Chunks(c) => out.extend(c),
+                    }
+                }
+            }
+            packer.finish(&mut out);
+            let packs = out.iter().filter(|c| c.source_ids.len() > 1).count();
+            assert!(packs > 100, "{packs}");
+            for c in &out {
+                assert_eq!(
+                    c.token_count,
+                    enc.count(&c.text),
+                    "{}: {:?}",
+                    enc.as_str(),
+                    c.text
+                );
+                assert!(c.token_count <= 512);
+                assert_eq!(
+                    c.content_hash,
+                    crate::hash::hex128(crate::hash::content_hash(&c.text))
+                );
+            }
+        }
     }
 }

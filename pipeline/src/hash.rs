@@ -10,8 +10,13 @@ pub fn content_hash(text: &str) -> u128 {
     xxh3_128(text.as_bytes())
 }
 
+/// Lowercase hex of a 128-bit hash; runs once per chunk, so no formatting machinery.
 pub fn hex128(h: u128) -> String {
-    format!("{h:032x}")
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    (0..32)
+        .rev()
+        .map(|i| HEX[((h >> (i * 4)) & 0xf) as usize] as char)
+        .collect()
 }
 
 /// UUIDv5 of (user_id, source ids, chunk index): a rebuild or a redelivered task
@@ -32,6 +37,18 @@ pub fn point_id(user_id: i64, source_ids: &[String], chunk_index: u32) -> Uuid {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_matches_format() {
+        for h in [
+            0u128,
+            1,
+            u128::MAX,
+            0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
+        ] {
+            assert_eq!(hex128(h), format!("{h:032x}"));
+        }
+    }
 
     #[test]
     fn point_ids_are_stable_and_distinct() {

@@ -397,9 +397,9 @@ fn cpu_stage(
         for s in splits {
             match s {
                 Split::Chunks(c) => batch_out.extend(c),
-                Split::Packable(d, n) => {
+                Split::Packable(item) => {
                     out.packed += 1;
-                    packer.push(d, n, &mut batch_out);
+                    packer.push(item, &mut batch_out);
                 }
             }
         }
