@@ -160,6 +160,11 @@ fn bench_chunk(c: &mut Criterion) {
             })
         });
         g.finish();
+        let (hits, misses) = orbit_pipeline::tokenize::piece_cache_stats();
+        eprintln!(
+            "piece cache on this thread after chunk_{name}: {hits} hits, {misses} misses ({:.1}% hits)",
+            100.0 * hits as f64 / (hits + misses).max(1) as f64
+        );
     }
 }
 

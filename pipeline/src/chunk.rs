@@ -132,15 +132,20 @@ impl Chunker {
         let s = &self.settings;
         if doc.kind.is_chat() && doc.conversation_id.is_some() {
             let tok = s.encoding.tokenizer();
-            if let Some((tokens, last)) = count_upto(tok, &doc.text, s.pack_item_max_tokens) {
+            if let Some((tokens, last)) = count_upto(s.encoding, &doc.text, s.pack_item_max_tokens)
+            {
                 let mut with_sep = String::with_capacity(last.len() + PACK_SEPARATOR.len());
                 with_sep.push_str(last);
                 with_sep.push_str(PACK_SEPARATOR);
-                let sep_tokens = tok.count(with_sep.as_str()) - tok.bpe.count(last.as_bytes());
+                let sep_tokens = tok
+                    .split(&with_sep)
+                    .map(|p| s.encoding.count_piece(p))
+                    .sum::<usize>()
+                    - s.encoding.count_piece(last);
                 let t = &doc.text;
-                let sum_exact = !t.starts_with(char::is_whitespace)
-                    && !t.ends_with(char::is_whitespace)
-                    && !(s.encoding == Encoding::O200kBase && t.starts_with('/'));
+                let sum_exact = !(t.starts_with(char::is_whitespace)
+                    || t.ends_with(char::is_whitespace)
+                    || (s.encoding == Encoding::O200kBase && t.starts_with('/')));
                 return Split::Packable(PackItem {
                     doc,
                     tokens,
@@ -171,7 +176,7 @@ impl Chunker {
         let mut end = 0usize;
         for piece in tok.split(text) {
             end += piece.len();
-            cum += tok.bpe.count(piece.as_bytes());
+            cum += s.encoding.count_piece(piece);
             units.push(Unit { end, cum });
         }
         if cum <= s.max_tokens {
@@ -196,15 +201,11 @@ impl Chunker {
 
 /// Count up to `limit` tokens, with the last pre-token piece; `None` as soon as the text is
 /// known to be longer.
-fn count_upto<'t>(
-    tok: &'t bpe_openai::Tokenizer,
-    text: &'t str,
-    limit: usize,
-) -> Option<(usize, &'t str)> {
+fn count_upto(enc: Encoding, text: &str, limit: usize) -> Option<(usize, &str)> {
     let mut n = 0;
     let mut last = "";
-    for piece in tok.split(text) {
-        n += tok.bpe.count(piece.as_bytes());
+    for piece in enc.tokenizer().split(text) {
+        n += enc.count_piece(piece);
         if n > limit {
             return None;
         }

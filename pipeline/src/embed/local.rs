@@ -18,7 +18,7 @@ pub const LOCAL_MODEL_FILES: &[&str] = &["config.json", "tokenizer.json", "model
 const MAX_SEQ_TOKENS: usize = 256;
 /// Texts per forward pass by default. Inputs are sorted by length first, so a sub-batch pads
 /// little; see docs/local-embedder.md for the measurements behind the number.
-pub const DEFAULT_SUB_BATCH: usize = 16;
+pub const DEFAULT_SUB_BATCH: usize = 8;
 
 struct Inner {
     model: BertModel,
