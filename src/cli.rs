@@ -224,9 +224,23 @@ async fn search(settings: Settings, a: SearchArgs) -> Result<()> {
     }
     let embedder = embedders::embedder(&settings)?;
     let store = embedders::store(&settings).await?;
-    store
-        .ensure_model(embedder.model_id(), embedder.dimension())
-        .await?;
+    // Compare, never record: a search must not claim an empty store for its model.
+    match store.model().await? {
+        None => {
+            println!("no memory built yet in {}", settings.data_dir.display());
+            return Ok(());
+        }
+        Some((m, d)) if m != embedder.model_id() || d != embedder.dimension() => {
+            return Err(orbit_pipeline::store::StoreError::ModelMismatch {
+                stored_model: m,
+                stored_dim: d,
+                model: embedder.model_id().to_string(),
+                dim: embedder.dimension(),
+            }
+            .into());
+        }
+        Some(_) => {}
+    }
     let q = embedder
         .embed(vec![a.query.clone()])
         .await?

@@ -36,9 +36,9 @@ impl DocKind {
     }
 }
 
-/// One document as a source yields it (the JSONL line format).
+/// One document as a source yields it (the JSONL line format). Unknown fields are ignored, so a
+/// field added on the app side does not reject every line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawDocument {
     pub user_id: i64,
     pub kind: DocKind,

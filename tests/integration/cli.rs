@@ -61,6 +61,29 @@ fn bad_flags_and_settings_fail_cleanly() {
 }
 
 #[test]
+fn searching_an_empty_store_says_so_and_records_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let out = cmd(d.path())
+        .args(["search", "--user", "1", "anything"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no memory built yet"));
+    // A later build with another model is still accepted.
+    let out = cmd(d.path())
+        .env("ORBIT_HASHING_DIM", "96")
+        .args(["build", "--user", "1", "--source"])
+        .arg(fixture("sample.jsonl"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn build_json_then_search() {
     let d = tempfile::tempdir().unwrap();
     let out = cmd(d.path())
@@ -99,6 +122,14 @@ fn build_json_then_search() {
     assert_eq!(hits.len(), 3);
     assert_eq!(hits[0]["source_ids"][0], "fact-2-band");
     assert!(hits.iter().all(|h| h["user_id"] == 2));
+
+    // Another model on the same store is refused with the re-embed hint, not silently mixed.
+    let out = cmd(d.path())
+        .env("ORBIT_HASHING_DIM", "128")
+        .args(["search", "--user", "2", "band"])
+        .output()
+        .unwrap();
+    assert!(one_line_error(&out).contains("re-embed"));
 
     let out = cmd(d.path())
         .args(["search", "--user", "2", "band practice"])

@@ -72,6 +72,8 @@ pub type BuildGeneration = i64;
 pub trait VectorStore: Send + Sync {
     /// Records the model and dimension on first use; a different one is `ModelMismatch`.
     async fn ensure_model(&self, model: &str, dim: usize) -> Result<(), StoreError>;
+    /// The recorded (model, dimension), if any build has run.
+    async fn model(&self) -> Result<Option<(String, usize)>, StoreError>;
     /// Forgets every vector and the recorded model, for a full re-embed with another model.
     async fn reset(&self) -> Result<(), StoreError>;
     async fn begin_build(&self) -> Result<BuildGeneration, StoreError>;

@@ -19,6 +19,9 @@ impl VectorStore for NullStore {
         self.dim.store(dim, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
+    async fn model(&self) -> Result<Option<(String, usize)>, StoreError> {
+        Ok(None)
+    }
     async fn reset(&self) -> Result<(), StoreError> {
         Ok(())
     }

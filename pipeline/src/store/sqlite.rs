@@ -113,6 +113,22 @@ impl VectorStore for SqliteStore {
         Ok(())
     }
 
+    async fn model(&self) -> Result<Option<(String, usize)>, StoreError> {
+        let rows =
+            sqlx::query("SELECT key, value FROM store_meta WHERE key IN ('model', 'dimension')")
+                .fetch_all(&self.pool)
+                .await?;
+        let get = |k: &str| {
+            rows.iter()
+                .find(|r| r.get::<String, _>(0) == k)
+                .map(|r| r.get::<String, _>(1))
+        };
+        Ok(match (get("model"), get("dimension")) {
+            (Some(m), Some(d)) => Some((m, d.parse().unwrap_or(0))),
+            _ => None,
+        })
+    }
+
     async fn reset(&self) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM points").execute(&mut *tx).await?;
