@@ -51,12 +51,12 @@ pub fn clean_text(input: &str) -> String {
         input
     };
     let normalized;
-    let text: &str = match is_nfc_quick(text.chars()) {
-        IsNormalized::Yes => text,
-        _ => {
-            normalized = text.nfc().collect::<String>();
-            &normalized
-        }
+    // ASCII is always NFC; `is_ascii` is a vectorised scan, the quick check walks chars.
+    let text: &str = if text.is_ascii() || is_nfc_quick(text.chars()) == IsNormalized::Yes {
+        text
+    } else {
+        normalized = text.nfc().collect::<String>();
+        &normalized
     };
     filter_and_collapse(text)
 }
@@ -71,17 +71,39 @@ fn is_invisible(c: char) -> bool {
 }
 
 /// One pass: drops controls and invisibles, keeps ZWJ/ZWNJ only inside a word, folds runs of
-/// spaces to one space and blank lines to one paragraph break, trims every line.
+/// spaces to one space and blank lines to one paragraph break, trims every line. Runs of
+/// printable ASCII, most of any text, are copied whole; other characters go one by one.
 fn filter_and_collapse(text: &str) -> String {
+    let bytes = text.as_bytes();
     let mut out = String::with_capacity(text.len());
     let mut pending_space = false;
     let mut pending_newlines = 0u8;
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if (0x21..=0x7e).contains(&b) {
+            let start = i;
+            while i < bytes.len() && (0x21..=0x7e).contains(&bytes[i]) {
+                i += 1;
+            }
+            separate(&mut out, &mut pending_space, &mut pending_newlines);
+            out.push_str(&text[start..i]);
+            continue;
+        }
+        if b == b' ' {
+            pending_space = true;
+            i += 1;
+            continue;
+        }
+        // `i` is on a char boundary: it only ever advances past whole characters.
+        let Some(c) = text[i..].chars().next() else {
+            break;
+        };
+        i += c.len_utf8();
         match c {
             '\n' => pending_newlines = pending_newlines.saturating_add(1),
             '\r' => {
-                if chars.peek() != Some(&'\n') {
+                if bytes.get(i) != Some(&b'\n') {
                     pending_newlines = pending_newlines.saturating_add(1);
                 }
             }
@@ -90,30 +112,37 @@ fn filter_and_collapse(text: &str) -> String {
             c if c.is_control() || is_invisible(c) => {}
             '\u{200C}' | '\u{200D}' => {
                 let prev_ok = !out.is_empty() && !pending_space && pending_newlines == 0;
-                let next_ok = chars
-                    .peek()
+                let next_ok = text[i..]
+                    .chars()
+                    .next()
                     .is_some_and(|n| !n.is_whitespace() && !n.is_control());
                 if prev_ok && next_ok {
                     out.push(c);
                 }
             }
             c => {
-                if !out.is_empty() {
-                    if pending_newlines >= 2 {
-                        out.push_str("\n\n");
-                    } else if pending_newlines == 1 {
-                        out.push('\n');
-                    } else if pending_space {
-                        out.push(' ');
-                    }
-                }
-                pending_space = false;
-                pending_newlines = 0;
+                separate(&mut out, &mut pending_space, &mut pending_newlines);
                 out.push(c);
             }
         }
     }
     out
+}
+
+/// Before a visible character: the pending paragraph break, line break or space, then none.
+#[inline]
+fn separate(out: &mut String, pending_space: &mut bool, pending_newlines: &mut u8) {
+    if !out.is_empty() {
+        if *pending_newlines >= 2 {
+            out.push_str("\n\n");
+        } else if *pending_newlines == 1 {
+            out.push('\n');
+        } else if *pending_space {
+            out.push(' ');
+        }
+    }
+    *pending_space = false;
+    *pending_newlines = 0;
 }
 
 // ---------------------------------------------------------------- HTML
@@ -298,6 +327,13 @@ fn find_ascii_ci(hay: &str, needle: &str) -> Option<usize> {
 
 /// Markdown only on strong signals, so ordinary chat (`:-)`, `2*3`, `snake_case`) is untouched.
 fn looks_like_markdown(s: &str) -> bool {
+    // One scan rules out most messages: every signal below needs one of these bytes.
+    if !s
+        .bytes()
+        .any(|b| matches!(b, b'*' | b'_' | b'`' | b']' | b'~' | b'#' | b'>'))
+    {
+        return false;
+    }
     if s.contains("**")
         || s.contains("](")
         || s.contains("```")
