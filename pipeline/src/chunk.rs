@@ -131,17 +131,9 @@ impl Chunker {
     pub fn split(&self, doc: CleanDocument) -> Split {
         let s = &self.settings;
         if doc.kind.is_chat() && doc.conversation_id.is_some() {
-            let tok = s.encoding.tokenizer();
             if let Some((tokens, last)) = count_upto(s.encoding, &doc.text, s.pack_item_max_tokens)
             {
-                let mut with_sep = String::with_capacity(last.len() + PACK_SEPARATOR.len());
-                with_sep.push_str(last);
-                with_sep.push_str(PACK_SEPARATOR);
-                let sep_tokens = tok
-                    .split(&with_sep)
-                    .map(|p| s.encoding.count_piece(p))
-                    .sum::<usize>()
-                    - s.encoding.count_piece(last);
+                let sep_tokens = sep_tokens(s.encoding, last);
                 let t = &doc.text;
                 let sum_exact = !(t.starts_with(char::is_whitespace)
                     || t.ends_with(char::is_whitespace)
@@ -197,6 +189,25 @@ impl Chunker {
         }
         .run(cum)
     }
+}
+
+/// Tokens `PACK_SEPARATOR` adds after a text whose last pre-token piece is `last`. Short pieces
+/// (nearly all) are joined on the stack: this runs once per chat message.
+fn sep_tokens(enc: Encoding, last: &str) -> usize {
+    let tok = enc.tokenizer();
+    let mut buf = [0u8; 32];
+    let n = last.len() + PACK_SEPARATOR.len();
+    let heap;
+    let joined: &str = if n <= buf.len() {
+        buf[..last.len()].copy_from_slice(last.as_bytes());
+        buf[last.len()..n].copy_from_slice(PACK_SEPARATOR.as_bytes());
+        std::str::from_utf8(&buf[..n]).unwrap_or(PACK_SEPARATOR)
+    } else {
+        heap = format!("{last}{PACK_SEPARATOR}");
+        &heap
+    };
+    let with: usize = tok.split(joined).map(|p| enc.count_piece(p)).sum();
+    with.saturating_sub(enc.count_piece(last))
 }
 
 /// Count up to `limit` tokens, with the last pre-token piece; `None` as soon as the text is
@@ -505,7 +516,18 @@ pub fn whole_chunk(doc: CleanDocument, tokens: usize) -> Chunk {
 /// with millions of conversations holds a few MB of open packs, not the corpus.
 pub const MAX_OPEN_PACKS: usize = 4096;
 
-type PackKey = (i64, crate::types::DocKind, String);
+/// xxh3-128 of (user, kind, conversation): fixed size, so a message looks up its pack without
+/// cloning the conversation id, and 128 bits make a collision a non-event.
+type PackKey = u128;
+
+fn pack_key(doc: &CleanDocument) -> PackKey {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&doc.user_id.to_le_bytes());
+    h.update(doc.kind.as_str().as_bytes());
+    h.update(&[0xff]);
+    h.update(doc.conversation_id.as_deref().unwrap_or("").as_bytes());
+    h.digest128()
+}
 
 #[derive(Debug)]
 struct Pack {
@@ -525,7 +547,7 @@ struct Pack {
 #[derive(Debug)]
 pub struct Packer {
     settings: ChunkSettings,
-    open: HashMap<PackKey, Pack>,
+    open: HashMap<PackKey, Pack, std::hash::BuildHasherDefault<crate::tokenize::KeyHasher>>,
     clock: u64,
 }
 
@@ -533,7 +555,7 @@ impl Packer {
     pub fn new(settings: ChunkSettings) -> Self {
         Self {
             settings,
-            open: HashMap::new(),
+            open: HashMap::default(),
             clock: 0,
         }
     }
@@ -547,11 +569,7 @@ impl Packer {
             sep_tokens,
             sum_exact,
         } = item;
-        let key = (
-            doc.user_id,
-            doc.kind,
-            doc.conversation_id.clone().unwrap_or_default(),
-        );
+        let key = pack_key(&doc);
         let window = chrono::Duration::seconds(self.settings.pack_window_secs);
         let max = self.settings.max_tokens;
         if let Some(p) = self.open.get_mut(&key) {
@@ -597,7 +615,7 @@ impl Packer {
             .open
             .iter()
             .filter(|(_, p)| p.touched <= cut)
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| *k)
             .collect();
         let mut packs: Vec<Pack> = keys.iter().filter_map(|k| self.open.remove(k)).collect();
         packs.sort_by_key(|p| p.touched);

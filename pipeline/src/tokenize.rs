@@ -57,9 +57,9 @@ const PIECE_CACHE_MAX_BYTES: usize = 16;
 /// vocabulary of a corpus (a word-level cache, as HF tokenizers keeps one for BPE).
 const PIECE_CACHE_CAPACITY: usize = 1 << 16;
 
-/// FxHash-style mixing for the cache's fixed-size keys.
+/// FxHash-style mixing for fixed-size keys (the piece cache, the packer's open packs).
 #[derive(Default)]
-struct KeyHasher(u64);
+pub(crate) struct KeyHasher(u64);
 
 impl Hasher for KeyHasher {
     fn finish(&self) -> u64 {
