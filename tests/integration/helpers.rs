@@ -16,22 +16,21 @@ pub fn fixture(name: &str) -> PathBuf {
     repo().join("fixtures").join(name)
 }
 
+/// `$VAR` if set, else `~/.cache/orbit-worker/<sub>`: where the Makefile installs things.
+fn cache_path(var: &str, sub: &str) -> PathBuf {
+    std::env::var(var).map(PathBuf::from).unwrap_or_else(|_| {
+        PathBuf::from(std::env::var("HOME").unwrap_or_default())
+            .join(".cache/orbit-worker")
+            .join(sub)
+    })
+}
+
 pub fn model_dir() -> PathBuf {
-    std::env::var("ORBIT_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                .join(".cache/orbit-worker/models/all-MiniLM-L6-v2")
-        })
+    cache_path("ORBIT_MODEL_DIR", "models/all-MiniLM-L6-v2")
 }
 
 pub fn python() -> PathBuf {
-    let p = std::env::var("ORBIT_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                .join(".cache/orbit-worker/venv/bin/python")
-        });
+    let p = cache_path("ORBIT_TEST_PYTHON", "venv/bin/python");
     assert!(
         p.exists(),
         "test Python {} missing: run the suite with `make test`",
@@ -40,18 +39,13 @@ pub fn python() -> PathBuf {
     p
 }
 
-/// Wide enough that feature-hashing collisions do not decide rankings in tests.
-pub const HASH_DIM: usize = 384;
-
 /// Where `make tiktoken-cache` puts tiktoken's rank files, so Python tiktoken works offline.
 pub fn tiktoken_cache_dir() -> PathBuf {
-    std::env::var("TIKTOKEN_CACHE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                .join(".cache/orbit-worker/tiktoken")
-        })
+    cache_path("TIKTOKEN_CACHE_DIR", "tiktoken")
 }
+
+/// Wide enough that feature-hashing collisions do not decide rankings in tests.
+pub const HASH_DIM: usize = 384;
 
 pub fn hashing() -> Arc<dyn Embedder> {
     Arc::new(HashingEmbedder::new(HASH_DIM))
