@@ -4,5 +4,6 @@
 mod cli;
 mod helpers;
 mod local_model;
+mod openai;
 mod pipeline;
 mod tokens;

@@ -1,0 +1,339 @@
+//! The OpenAI-compatible embedder against a local double of `/v1/embeddings`: the real response
+//! shape (indices out of order), 429 with `retry-after` and `x-ratelimit-reset-*`, 5xx, auth and
+//! quota errors, malformed bodies and a stalled server.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use orbit_pipeline::embed::{
+    EmbedError, EmbedLimits, Embedder, HashingEmbedder, OpenAiEmbedder, OpenAiSettings,
+};
+use orbit_pipeline::secret::Secret;
+use orbit_pipeline::store::VectorStore;
+use orbit_pipeline::{BuildScope, ChunkSettings};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{fixture, Env};
+
+const DIM: usize = 16;
+
+/// What the double answers to the next request.
+#[derive(Clone)]
+enum Reply {
+    /// A real-shaped success, data in reverse index order.
+    Embeddings,
+    Status(u16, Vec<(&'static str, &'static str)>, &'static str),
+    /// Accept, read the request, never answer.
+    Stall,
+}
+
+struct Seen {
+    at: Instant,
+    path: String,
+    auth: Option<String>,
+    body: serde_json::Value,
+}
+
+struct Double {
+    base_url: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    /// (requests being answered now, the most at once).
+    concurrency: Arc<Mutex<(usize, usize)>>,
+}
+
+/// Latency of a successful answer: enough for requests to overlap, as they do against the API.
+const LATENCY: Duration = Duration::from_millis(20);
+
+/// Serves `script` in order, then successes.
+async fn double(script: Vec<Reply>) -> Double {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let script = Arc::new(Mutex::new(std::collections::VecDeque::from(script)));
+    let seen2 = seen.clone();
+    let concurrency: Arc<Mutex<(usize, usize)>> = Arc::default();
+    let conc2 = concurrency.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = seen2.clone();
+            let script = script.clone();
+            let conc = conc2.clone();
+            tokio::spawn(async move {
+                loop {
+                    let Some((path, auth, body)) = read_request(&mut sock).await else {
+                        return;
+                    };
+                    let reply = script
+                        .lock()
+                        .unwrap()
+                        .pop_front()
+                        .unwrap_or(Reply::Embeddings);
+                    let inputs: Vec<String> = body["input"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|v| v.as_str().unwrap_or("").to_string())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    seen.lock().unwrap().push(Seen {
+                        at: Instant::now(),
+                        path,
+                        auth,
+                        body,
+                    });
+                    let (status, headers, body) = match reply {
+                        Reply::Stall => {
+                            tokio::time::sleep(Duration::from_secs(30)).await;
+                            return;
+                        }
+                        Reply::Status(s, h, b) => (s, h, b.to_string()),
+                        Reply::Embeddings => {
+                            {
+                                let mut c = conc.lock().unwrap();
+                                c.0 += 1;
+                                c.1 = c.1.max(c.0);
+                            }
+                            tokio::time::sleep(LATENCY).await;
+                            conc.lock().unwrap().0 -= 1;
+                            let e = HashingEmbedder::new(DIM);
+                            let mut data: Vec<serde_json::Value> = inputs
+                                .iter()
+                                .enumerate()
+                                .map(|(i, t)| serde_json::json!({"object": "embedding", "index": i, "embedding": e.embed_one(t)}))
+                                .collect();
+                            data.reverse();
+                            let body = serde_json::json!({
+                                "object": "list", "data": data, "model": "text-embedding-3-small",
+                                "usage": {"prompt_tokens": 5, "total_tokens": 5}
+                            });
+                            (
+                                200,
+                                vec![("x-ratelimit-remaining-requests", "4999")],
+                                body.to_string(),
+                            )
+                        }
+                    };
+                    let mut resp = format!("HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n", body.len());
+                    for (k, v) in headers {
+                        resp.push_str(&format!("{k}: {v}\r\n"));
+                    }
+                    resp.push_str("\r\n");
+                    resp.push_str(&body);
+                    if sock.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Double {
+        base_url: format!("http://{addr}/v1"),
+        seen,
+        concurrency,
+    }
+}
+
+async fn read_request(
+    sock: &mut tokio::net::TcpStream,
+) -> Option<(String, Option<String>, serde_json::Value)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = sock.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let path = head.split_whitespace().nth(1)?.to_string();
+    let header = |name: &str| {
+        head.lines()
+            .find(|l| l.to_ascii_lowercase().starts_with(&format!("{name}:")))
+            .map(|l| l[name.len() + 1..].trim().to_string())
+    };
+    let len: usize = header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = sock.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or_default();
+    Some((path, header("authorization"), body))
+}
+
+fn embedder(d: &Double, timeout: Duration, attempts: u32) -> OpenAiEmbedder {
+    let mut s = OpenAiSettings::new(
+        &d.base_url,
+        Secret::new("sk-test-123"),
+        "text-embedding-3-small",
+    );
+    s.dimension = DIM;
+    s.timeout = timeout;
+    s.max_attempts = attempts;
+    s.limits = EmbedLimits {
+        max_inputs: 8,
+        max_batch_tokens: 4000,
+        max_in_flight: 3,
+    };
+    OpenAiEmbedder::new(s, reqwest::Client::new()).unwrap()
+}
+
+fn texts() -> Vec<String> {
+    ["alpha", "beta gamma", "delta"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn vectors_come_back_in_input_order_with_auth_and_model() {
+    let d = double(vec![]).await;
+    let e = embedder(&d, Duration::from_secs(5), 3);
+    let v = e.embed(texts()).await.unwrap();
+    let h = HashingEmbedder::new(DIM);
+    for (t, got) in texts().iter().zip(&v) {
+        assert_eq!(got, &h.embed_one(t), "vector for {t} out of place");
+    }
+    let seen = d.seen.lock().unwrap();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/v1/embeddings");
+    assert_eq!(seen[0].auth.as_deref(), Some("Bearer sk-test-123"));
+    assert_eq!(seen[0].body["model"], "text-embedding-3-small");
+    assert_eq!(seen[0].body["encoding_format"], "float");
+}
+
+#[tokio::test]
+async fn rate_limits_are_honoured_then_succeed() {
+    let d = double(vec![
+        Reply::Status(429, vec![("retry-after", "0.3"), ("x-ratelimit-remaining-requests", "0")], r#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#),
+        Reply::Status(429, vec![("x-ratelimit-reset-tokens", "250ms")], r#"{"error":{"message":"Rate limit reached","type":"tokens"}}"#),
+        Reply::Status(503, vec![], r#"{"error":{"message":"overloaded","type":"server_error"}}"#),
+    ])
+    .await;
+    let e = embedder(&d, Duration::from_secs(5), 5);
+    assert_eq!(e.embed(texts()).await.unwrap().len(), 3);
+    let seen = d.seen.lock().unwrap();
+    assert_eq!(seen.len(), 4);
+    // The waits the server asked for were kept (behaviour, not a speed check).
+    assert!(
+        seen[1].at - seen[0].at >= Duration::from_millis(300),
+        "retry-after not honoured"
+    );
+    assert!(
+        seen[2].at - seen[1].at >= Duration::from_millis(250),
+        "x-ratelimit-reset not honoured"
+    );
+}
+
+#[tokio::test]
+async fn persistent_5xx_fails_retryable_after_the_attempts() {
+    let d = double(vec![Reply::Status(500, vec![], "oops"); 3]).await;
+    let e = embedder(&d, Duration::from_secs(5), 3);
+    let err = e.embed(texts()).await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    assert!(matches!(err, EmbedError::Http { status: 500, .. }), "{err}");
+    assert_eq!(d.seen.lock().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn auth_and_quota_errors_fail_at_once_as_config_errors() {
+    for (status, body) in [
+        (
+            401,
+            r#"{"error":{"message":"Incorrect API key provided","type":"invalid_request_error","code":"invalid_api_key"}}"#,
+        ),
+        (
+            429,
+            r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#,
+        ),
+    ] {
+        let d = double(vec![Reply::Status(status, vec![], body)]).await;
+        let err = embedder(&d, Duration::from_secs(5), 5)
+            .embed(texts())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, EmbedError::Config(_)), "{status}: {err}");
+        assert!(!err.is_retryable());
+        assert!(
+            !err.to_string().contains("sk-test-123"),
+            "key leaked: {err}"
+        );
+        assert_eq!(d.seen.lock().unwrap().len(), 1, "{status} was retried");
+    }
+}
+
+#[tokio::test]
+async fn malformed_bodies_are_clear_non_retryable_errors() {
+    for body in [
+        "not json",
+        r#"{"object":"list","data":[]}"#,
+        r#"{"data":[{"index":7,"embedding":[0.1]}]}"#,
+    ] {
+        let d = double(vec![Reply::Status(200, vec![], body)]).await;
+        let err = embedder(&d, Duration::from_secs(5), 5)
+            .embed(texts())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, EmbedError::Decode(_)), "{body}: {err}");
+        assert_eq!(d.seen.lock().unwrap().len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_server_times_out_and_is_retried() {
+    let d = double(vec![Reply::Stall, Reply::Stall]).await;
+    let err = embedder(&d, Duration::from_millis(300), 2)
+        .embed(texts())
+        .await
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    assert!(err.to_string().contains("timed out"), "{err}");
+    assert_eq!(d.seen.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_build_through_the_double_keeps_several_requests_in_flight_and_order() {
+    let d = double(vec![Reply::Status(429, vec![("retry-after", "0.1")], "{}")]).await;
+    let e: Arc<dyn Embedder> = Arc::new(embedder(&d, Duration::from_secs(5), 4));
+    let env = Env::new().await;
+    let r = env
+        .pipeline(&fixture("sample.jsonl"), e, ChunkSettings::default())
+        .run(BuildScope::User(2), CancellationToken::new(), None)
+        .await
+        .unwrap();
+    let requests = d.seen.lock().unwrap().len() as u64;
+    assert!(
+        requests > r.chunks / 8,
+        "{requests} requests for {} chunks",
+        r.chunks
+    );
+    // max_in_flight is 3: the pipeline uses all three, and never more.
+    assert_eq!(
+        d.concurrency.lock().unwrap().1,
+        3,
+        "peak concurrent requests"
+    );
+    // Each stored vector is the one for its own text: order survived batching and retries.
+    let h = HashingEmbedder::new(DIM);
+    let fact = "Band practice is now on Wednesdays at the rehearsal room near Ostkreuz, bring your own cables.";
+    let hits = env.store.search(2, &h.embed_one(fact), 1).await.unwrap();
+    assert_eq!(hits[0].source_ids, vec!["fact-2-band"], "{hits:?}");
+    assert!(
+        hits[0].score > 0.999,
+        "stored vector is not this text's: {hits:?}"
+    );
+}
