@@ -100,6 +100,15 @@ fn bench_count(c: &mut Criterion) {
 }
 
 fn clean_chunk_pack(docs: Vec<RawDocument>, cleaner: &Cleaner, chunker: &Chunker) -> usize {
+    chunks_of(docs, cleaner, chunker).len()
+}
+
+/// The CPU stages in order on one thread: clean, split, pack.
+fn chunks_of(
+    docs: Vec<RawDocument>,
+    cleaner: &Cleaner,
+    chunker: &Chunker,
+) -> Vec<orbit_pipeline::Chunk> {
     let mut packer = Packer::new(chunker.settings().clone());
     let mut out = Vec::new();
     for d in docs {
@@ -111,7 +120,7 @@ fn clean_chunk_pack(docs: Vec<RawDocument>, cleaner: &Cleaner, chunker: &Chunker
         }
     }
     packer.finish(&mut out);
-    out.len()
+    out
 }
 
 /// Our clean+chunk against text-splitter's chunking alone (tiktoken cl100k sizing, 512/64), one
@@ -271,17 +280,7 @@ fn bench_local_embed(c: &mut Criterion) {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    let mut packer = Packer::new(chunker.settings().clone());
-    let mut chunks = Vec::new();
-    for d in docs {
-        if let Some(cd) = Cleaner::new().clean(d) {
-            match chunker.split(cd) {
-                Split::Chunks(cs) => chunks.extend(cs),
-                Split::Packable(item) => packer.push(item, &mut chunks),
-            }
-        }
-    }
-    packer.finish(&mut chunks);
+    let chunks = chunks_of(docs, &Cleaner::new(), &chunker);
     // 64 chunks spread over the corpus, so lengths are mixed as in a real request.
     let step = (chunks.len() / 64).max(1);
     let texts: Vec<String> = chunks

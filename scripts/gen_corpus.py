@@ -7,7 +7,7 @@ control characters. With --facts it also plants the answer-bearing messages that
 fixtures/questions.jsonl asks about. Same seed, same bytes.
 
     gen_corpus.py --seed 7 --users 6 --bytes 2000000 --facts --out fixtures/sample.jsonl
-    gen_corpus.py --seed 1 --users 500 --bytes 1000000000 --out /tmp/c.jsonl.gz
+    gen_corpus.py --seed 1 --users 500 --bytes 1000000000 --out corpus.jsonl.gz
 """
 import argparse, datetime, gzip, json, random, sys
 
