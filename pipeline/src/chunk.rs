@@ -638,36 +638,45 @@ impl Packer {
             let d = p.docs.pop().expect("one doc");
             return whole_chunk(d, p.tokens);
         }
-        let text = p
+        // One allocation for the joined text, and the documents' own strings moved, not cloned:
+        // this runs once per pack, over most of a chat corpus.
+        let len = p
             .docs
             .iter()
-            .map(|d| d.text.as_str())
-            .collect::<Vec<_>>()
-            .join(PACK_SEPARATOR);
+            .map(|d| d.text.len() + PACK_SEPARATOR.len())
+            .sum::<usize>();
+        let mut text = String::with_capacity(len);
+        for (i, d) in p.docs.iter().enumerate() {
+            if i > 0 {
+                text.push_str(PACK_SEPARATOR);
+            }
+            text.push_str(&d.text);
+        }
         let tokens = if p.sum_exact {
             p.tokens
         } else {
             self.settings.encoding.count(&text)
         };
-        let first = &p.docs[0];
-        let authors: Vec<&str> = p.docs.iter().filter_map(|d| d.author.as_deref()).collect();
         let mut uniq: Vec<&str> = Vec::new();
-        for a in authors {
+        for a in p.docs.iter().filter_map(|d| d.author.as_deref()) {
             if !uniq.contains(&a) {
                 uniq.push(a);
             }
         }
+        let author = (!uniq.is_empty()).then(|| uniq.join(", "));
+        let source_ids: Vec<String> = p
+            .docs
+            .iter_mut()
+            .map(|d| std::mem::take(&mut d.source_id))
+            .collect();
+        let first = &mut p.docs[0];
         Chunk {
             user_id: first.user_id,
             kind: first.kind,
-            source_ids: p.docs.iter().map(|d| d.source_id.clone()).collect(),
-            conversation_id: first.conversation_id.clone(),
-            title: first.title.clone(),
-            author: if uniq.is_empty() {
-                None
-            } else {
-                Some(uniq.join(", "))
-            },
+            source_ids,
+            conversation_id: first.conversation_id.take(),
+            title: first.title.take(),
+            author,
             chunk_index: 0,
             byte_start: 0,
             byte_end: text.len(),
@@ -921,6 +930,7 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].source_ids, vec!["a", "c"]);
         assert_eq!(out[0].text, "hello there friend\nhello there friend");
+        assert_eq!(out[0].author.as_deref(), Some("bob"), "one author, once");
         assert_eq!(out[0].token_count, settings.encoding.count(&out[0].text));
         p.finish(&mut out);
         let ids: Vec<Vec<String>> = out.iter().map(|c| c.source_ids.clone()).collect();
