@@ -245,69 +245,77 @@ impl Cutter<'_> {
         }
     }
 
+    /// Token boundaries after each token of unit `i` that fall on a char boundary, in order; the
+    /// last is the unit's end. Only a cut inside a unit needs this, so the unit is encoded here.
+    fn char_boundaries_in(&self, i: usize) -> Vec<Pos> {
+        let start = self.unit_start(i);
+        let bytes = &self.text.as_bytes()[start.byte..self.units[i].end];
+        let (mut b, mut k) = (start.byte, start.tok);
+        let mut out = Vec::new();
+        for id in self.tok.bpe.encode_via_backtracking(bytes) {
+            b += self.tok.bpe.token_len(id);
+            k += 1;
+            if self.text.is_char_boundary(b) {
+                out.push(Pos { byte: b, tok: k });
+            }
+        }
+        out
+    }
+
+    /// The unit holding token position `t` (the first whose end is at or past it), or the
+    /// text's end when `t` is past it.
+    fn unit_at(&self, t: usize) -> Result<usize, Pos> {
+        let i = self.units.partition_point(|u| u.cum < t);
+        match self.units.get(i) {
+            Some(_) => Ok(i),
+            None => {
+                let last = self.units.last().expect("non-empty units");
+                Err(Pos {
+                    byte: last.end,
+                    tok: last.cum,
+                })
+            }
+        }
+    }
+
     /// The last token boundary at or before token `t` that falls on a char boundary.
     fn pos_at_or_before(&self, t: usize) -> Pos {
-        // Unit i is the first whose cum >= t.
-        let i = self.units.partition_point(|u| u.cum < t);
-        if i >= self.units.len() {
-            let last = self.units.last().expect("non-empty units");
-            return Pos {
-                byte: last.end,
-                tok: last.cum,
-            };
-        }
-        let start = self.unit_start(i);
+        let i = match self.unit_at(t) {
+            Ok(i) => i,
+            Err(end) => return end,
+        };
         if self.units[i].cum == t {
             return Pos {
                 byte: self.units[i].end,
                 tok: t,
             };
         }
-        // Inside unit i: walk its tokens.
-        let bytes = &self.text.as_bytes()[start.byte..self.units[i].end];
-        let ids = self.tok.bpe.encode_via_backtracking(bytes);
-        let mut best = start;
-        let (mut b, mut k) = (start.byte, start.tok);
-        for id in ids {
-            if k >= t {
-                break;
-            }
-            b += self.tok.bpe.token_len(id);
-            k += 1;
-            if k <= t && self.text.is_char_boundary(b) {
-                best = Pos { byte: b, tok: k };
-            }
-        }
-        best
+        let start = self.unit_start(i);
+        self.char_boundaries_in(i)
+            .into_iter()
+            .take_while(|p| p.tok <= t)
+            .last()
+            .unwrap_or(start)
     }
 
     /// The first token boundary at or after token `t` that falls on a char boundary.
     fn pos_at_or_after(&self, t: usize) -> Pos {
-        let i = self.units.partition_point(|u| u.cum < t);
-        if i >= self.units.len() {
-            let last = self.units.last().expect("non-empty units");
-            return Pos {
-                byte: last.end,
-                tok: last.cum,
-            };
-        }
+        let i = match self.unit_at(t) {
+            Ok(i) => i,
+            Err(end) => return end,
+        };
         let start = self.unit_start(i);
         if start.tok >= t {
             return start;
         }
-        let bytes = &self.text.as_bytes()[start.byte..self.units[i].end];
-        let (mut b, mut k) = (start.byte, start.tok);
-        for id in self.tok.bpe.encode_via_backtracking(bytes) {
-            b += self.tok.bpe.token_len(id);
-            k += 1;
-            if k >= t && self.text.is_char_boundary(b) {
-                return Pos { byte: b, tok: k };
-            }
-        }
-        Pos {
+        let end = Pos {
             byte: self.units[i].end,
             tok: self.units[i].cum,
-        }
+        };
+        self.char_boundaries_in(i)
+            .into_iter()
+            .find(|p| p.tok >= t)
+            .unwrap_or(end)
     }
 
     fn is_unit_boundary(&self, p: Pos) -> bool {

@@ -142,19 +142,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-struct CpuOutput {
-    clean: StageReport,
-    chunk: StageReport,
-    documents_read: u64,
-    kept: u64,
-    empty: u64,
-    duplicates: u64,
-    packed: u64,
-    bytes_read: u64,
-    rejected: Vec<crate::source::Rejection>,
-    rejected_count: u64,
-}
-
 impl Pipeline {
     pub async fn run(
         &self,
@@ -203,31 +190,19 @@ impl Pipeline {
             return Err(PipelineError::Cancelled);
         }
         let src = src_r?;
-        let cpu = cpu_r?;
+        let mut report = cpu_r?;
         let emb = emb_r?;
         let (mut store_report, upserted) = store_r?;
         let deleted = self.store.finish_build(gen, &scope).await?;
         store_report.items_out = upserted;
 
-        let mut report = BuildReport {
-            scope: scope.to_string(),
-            model: self.embedder.model_id().to_string(),
-            dimension: self.embedder.dimension(),
-            documents_read: cpu.documents_read,
-            documents_kept: cpu.kept,
-            empty_dropped: cpu.empty,
-            duplicates_dropped: cpu.duplicates,
-            chunks: cpu.chunk.items_out,
-            packed_messages: cpu.packed,
-            tokens: cpu.chunk.tokens,
-            bytes_read: cpu.bytes_read,
-            vectors_upserted: upserted,
-            points_deleted: deleted,
-            rejected_count: cpu.rejected_count,
-            rejected: cpu.rejected,
-            stages: vec![src, cpu.clean, cpu.chunk, emb, store_report],
-            ..Default::default()
-        };
+        report.scope = scope.to_string();
+        report.model = self.embedder.model_id().to_string();
+        report.dimension = self.embedder.dimension();
+        report.vectors_upserted = upserted;
+        report.points_deleted = deleted;
+        report.stages.insert(0, src);
+        report.stages.extend([emb, store_report]);
         report.finish(started.elapsed());
         Ok(report)
     }
@@ -306,13 +281,15 @@ fn first_error<A, B, C, D>(
         .unwrap_or(PipelineError::Cancelled)
 }
 
+/// Clean and chunk on a rayon pool, batch by batch. Returns the report's document counts and
+/// rejections, with the `clean` and `chunk` stages as its first two stage reports.
 fn cpu_stage(
     chunker: Chunker,
     threads: usize,
     mut rx: mpsc::Receiver<SourceBatch>,
     tx: mpsc::Sender<Vec<Chunk>>,
     stop: CancellationToken,
-) -> Result<CpuOutput, PipelineError> {
+) -> Result<BuildReport, PipelineError> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("orbit-cpu-{i}"))
@@ -324,29 +301,27 @@ fn cpu_stage(
     let t0 = Instant::now();
     let mut clock = Clock::default();
     let mut clean_busy = Duration::ZERO;
-    let mut out = CpuOutput {
-        clean: StageReport::default(),
-        chunk: StageReport::default(),
-        documents_read: 0,
-        kept: 0,
-        empty: 0,
-        duplicates: 0,
-        packed: 0,
-        bytes_read: 0,
-        rejected: Vec::new(),
-        rejected_count: 0,
+    let mut r = BuildReport::default();
+    let mut clean = StageReport {
+        name: "clean",
+        ..Default::default()
     };
-    let mut report = BuildReport::default();
-    let (mut clean_bytes, mut chunk_bytes, mut chunks, mut tokens) = (0u64, 0u64, 0u64, 0u64);
+    let mut chunk = StageReport {
+        name: "chunk",
+        ..Default::default()
+    };
 
-    let mut send = |batch: Vec<Chunk>, clock: &mut Clock| -> Result<(), PipelineError> {
+    let send = |batch: Vec<Chunk>,
+                chunk: &mut StageReport,
+                clock: &mut Clock|
+     -> Result<(), PipelineError> {
         if batch.is_empty() {
             return Ok(());
         }
-        chunks += batch.len() as u64;
+        chunk.items_out += batch.len() as u64;
         for c in &batch {
-            chunk_bytes += c.text.len() as u64;
-            tokens += c.token_count as u64;
+            chunk.bytes_out += c.text.len() as u64;
+            chunk.tokens += c.token_count as u64;
         }
         let t = Instant::now();
         tx.blocking_send(batch)
@@ -365,9 +340,9 @@ fn cpu_stage(
         };
         clock.wait_up += t.elapsed();
 
-        out.documents_read += batch.docs.len() as u64;
-        out.bytes_read += batch.bytes;
-        report.add_rejections(batch.rejected);
+        r.documents_read += batch.docs.len() as u64;
+        r.bytes_read += batch.bytes;
+        r.add_rejections(batch.rejected);
 
         let tc = Instant::now();
         let cleaned: Vec<_> = pool.install(|| {
@@ -380,15 +355,15 @@ fn cpu_stage(
         let mut kept = Vec::with_capacity(cleaned.len());
         for d in cleaned {
             match d {
-                None => out.empty += 1,
-                Some(d) if !dedup.first_time(&d) => out.duplicates += 1,
+                None => r.empty_dropped += 1,
+                Some(d) if !dedup.first_time(&d) => r.duplicates_dropped += 1,
                 Some(d) => {
-                    clean_bytes += d.text.len() as u64;
+                    clean.bytes_out += d.text.len() as u64;
                     kept.push(d);
                 }
             }
         }
-        out.kept += kept.len() as u64;
+        r.documents_kept += kept.len() as u64;
         clean_busy += tc.elapsed();
 
         let splits: Vec<Split> =
@@ -398,39 +373,31 @@ fn cpu_stage(
             match s {
                 Split::Chunks(c) => batch_out.extend(c),
                 Split::Packable(item) => {
-                    out.packed += 1;
+                    r.packed_messages += 1;
                     packer.push(item, &mut batch_out);
                 }
             }
         }
-        send(batch_out, &mut clock)?;
+        send(batch_out, &mut chunk, &mut clock)?;
     }
     let mut tail = Vec::new();
     packer.finish(&mut tail);
-    send(tail, &mut clock)?;
+    send(tail, &mut chunk, &mut clock)?;
 
+    // One thread does both stages: cleaning time goes to "clean", the rest of its work to
+    // "chunk"; waiting on the reader counts for clean, waiting on the embedder for chunk.
     let wall = t0.elapsed();
-    // The clean share of busy time goes to "clean"; the rest of the thread's work is "chunk".
-    out.clean = StageReport {
-        name: "clean",
-        items_in: out.documents_read,
-        items_out: out.kept,
-        bytes_out: clean_bytes,
-        busy_ms: ms(clean_busy),
-        wait_upstream_ms: ms(clock.wait_up),
-        ..Default::default()
-    };
-    let mut chunk = clock.stage("chunk", wall.saturating_sub(clean_busy));
-    chunk.wait_upstream_ms = 0.0;
+    clean.items_in = r.documents_read;
+    clean.items_out = r.documents_kept;
+    clean.busy_ms = ms(clean_busy);
+    clean.wait_upstream_ms = ms(clock.wait_up);
+    chunk.items_in = r.documents_kept;
     chunk.busy_ms = ms(wall.saturating_sub(clean_busy + clock.wait_up + clock.wait_down));
-    chunk.items_in = out.kept;
-    chunk.items_out = chunks;
-    chunk.bytes_out = chunk_bytes;
-    chunk.tokens = tokens;
-    out.chunk = chunk;
-    out.rejected = report.rejected;
-    out.rejected_count = report.rejected_count;
-    Ok(out)
+    chunk.wait_downstream_ms = ms(clock.wait_down);
+    r.chunks = chunk.items_out;
+    r.tokens = chunk.tokens;
+    r.stages = vec![clean, chunk];
+    Ok(r)
 }
 
 type EmbedResult = Result<(Vec<Chunk>, Vec<Vec<f32>>), EmbedError>;

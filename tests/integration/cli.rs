@@ -12,6 +12,14 @@ fn cmd(data: &std::path::Path) -> Command {
     c
 }
 
+fn succeeded(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn one_line_error(out: &std::process::Output) -> String {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr).to_string();
@@ -67,7 +75,7 @@ fn searching_an_empty_store_says_so_and_records_nothing() {
         .args(["search", "--user", "1", "anything"])
         .output()
         .unwrap();
-    assert!(out.status.success());
+    succeeded(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("no memory built yet"));
     // A later build with another model is still accepted.
     let out = cmd(d.path())
@@ -76,11 +84,7 @@ fn searching_an_empty_store_says_so_and_records_nothing() {
         .arg(fixture("sample.jsonl"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
 }
 
 #[test]
@@ -91,11 +95,7 @@ fn build_json_then_search() {
         .arg(fixture("sample.jsonl"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(report["chunks"].as_u64().unwrap() > 100);
     assert_eq!(report["vectors_upserted"], report["chunks"]);
@@ -113,11 +113,7 @@ fn build_json_then_search() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let hits: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(hits.len(), 3);
     assert_eq!(hits[0]["source_ids"][0], "fact-2-band");
