@@ -10,7 +10,6 @@ TIKTOKEN_DIR ?= $(CACHE)/tiktoken
 CORPUS_DIR ?= $(CACHE)/corpus
 BIN := $(CARGO_TARGET_DIR)/release/orbit-worker
 MODEL_SHA256 := 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
-PY_REQS := tiktoken==0.12.0 numpy safetensors tokenizers
 DEMO_DATA := $(CURDIR)/data/demo
 
 export ORBIT_MODEL_DIR ?= $(MODEL_DIR)
@@ -37,10 +36,12 @@ $(MODEL_DIR)/.ok:
 	rm -rf $(CACHE)/unzip
 	touch $@
 
+# The Python side of the tests: tiktoken and numpy for the reference checks, the real Celery
+# client and worker for wire compatibility. Reinstalled when the requirements file changes.
 venv: $(VENV)/.ok
-$(VENV)/.ok:
-	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet $(PY_REQS)
+$(VENV)/.ok: scripts/requirements.txt
+	test -x $(VENV)/bin/pip || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -r scripts/requirements.txt
 	touch $@
 
 # Python tiktoken downloads its rank files; the same files ship in the tiktoken-rs crate.

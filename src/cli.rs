@@ -10,11 +10,13 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use orbit_pipeline::runner::ProgressFn;
 use orbit_pipeline::source::{JsonlSource, Source};
-use orbit_pipeline::{BuildReport, BuildScope, Pipeline, PipelineSettings};
+use orbit_pipeline::{BuildReport, BuildScope};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Settings;
+use crate::config::{CelerySettings, Settings};
 use crate::embedders;
+use crate::services::Services;
+use crate::worker::{self, WorkerOptions};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -23,15 +25,42 @@ use crate::embedders;
     about = "OrbitingFox memory pipeline and Celery worker"
 )]
 pub struct Cli {
-    /// Log level (error, warn, info, debug, trace); ORBIT_LOG overrides with a full filter.
-    #[arg(long, global = true, default_value = "warn")]
-    pub loglevel: String,
+    /// Log level (error, warn, info, debug, trace; Celery's upper-case names too). Default: info
+    /// for the worker, warn otherwise. ORBIT_LOG overrides with a full filter.
+    #[arg(short = 'l', long, global = true)]
+    pub loglevel: Option<String>,
+    /// Log lines as text, or as one JSON object per line for machines.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Cli {
+    pub fn log_level(&self) -> String {
+        let default = match self.command {
+            Command::Worker(_) => "info",
+            _ => "warn",
+        };
+        self.loglevel
+            .as_deref()
+            .unwrap_or(default)
+            .to_ascii_lowercase()
+            .replace("warning", "warn")
+            .replace("critical", "error")
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Consume Celery tasks from Redis, as `celery worker` does.
+    Worker(WorkerArgs),
     /// Build one user's memory, or every user's.
     Build(BuildArgs),
     /// Print a user's nearest chunks for a query.
@@ -61,6 +90,36 @@ pub struct BuildArgs {
     pub json: bool,
 }
 
+/// Flags mirror `celery worker`. The broker is REDIS_URL (CELERY_BROKER_URL overrides it); results
+/// go to CELERY_RESULT_BACKEND, by default the broker's Redis.
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// Tasks run at once.
+    #[arg(short = 'c', long, default_value_t = 2)]
+    pub concurrency: usize,
+    /// Queues to consume, comma separated.
+    #[arg(short = 'Q', long, value_delimiter = ',', default_value = "celery")]
+    pub queues: Vec<String>,
+    /// Node name; %h is this machine's host name.
+    #[arg(short = 'n', long, default_value = "celery@%h")]
+    pub hostname: String,
+    /// Messages held per concurrency slot (running or about to run).
+    #[arg(long, default_value_t = 4)]
+    pub prefetch_multiplier: usize,
+    /// Seconds before an unacked message of a dead worker is put back on its queue.
+    #[arg(long, default_value_t = 3600.0)]
+    pub visibility_timeout: f64,
+    /// Send task events (accepted now; the events themselves come with the monitoring work).
+    #[arg(short = 'E', long)]
+    pub events: bool,
+    /// Seconds a warm shutdown waits for running tasks before giving them back to the queue.
+    #[arg(long, default_value_t = 300.0)]
+    pub shutdown_grace: f64,
+    /// Also register the `orbit.debug.*` diagnostic tasks (sleep, fail, flaky).
+    #[arg(long, env = "ORBIT_DEBUG_TASKS")]
+    pub debug_tasks: bool,
+}
+
 #[derive(Args, Debug)]
 pub struct SearchArgs {
     #[arg(long)]
@@ -76,9 +135,68 @@ pub struct SearchArgs {
 pub async fn run(cli: Cli) -> Result<()> {
     let settings = Settings::from_env()?;
     match cli.command {
+        Command::Worker(a) => worker(settings, a).await,
         Command::Build(a) => build(settings, a).await,
         Command::Search(a) => search(settings, a).await,
     }
+}
+
+async fn worker(settings: Settings, a: WorkerArgs) -> Result<()> {
+    let celery = CelerySettings::from_env()?;
+    for (name, v) in [
+        ("--visibility-timeout", a.visibility_timeout),
+        ("--shutdown-grace", a.shutdown_grace),
+    ] {
+        if !(v.is_finite() && v >= 0.0) {
+            bail!("{name} must be a number of seconds, got {v}");
+        }
+    }
+    if a.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    let queues: Vec<String> = a
+        .queues
+        .iter()
+        .map(|q| q.trim().to_string())
+        .filter(|q| !q.is_empty())
+        .collect();
+    if queues.is_empty() {
+        bail!("no queue to consume: pass -Q NAME");
+    }
+    let opts = WorkerOptions {
+        broker_url: celery.broker_url.expose().to_string(),
+        backend_url: celery.backend_url.expose().to_string(),
+        result_expires: celery.result_expires,
+        concurrency: a.concurrency,
+        queues,
+        hostname: worker::expand_hostname(&a.hostname),
+        prefetch_multiplier: a.prefetch_multiplier,
+        visibility_timeout: Duration::from_secs_f64(a.visibility_timeout),
+        events: a.events,
+        shutdown_grace: Duration::from_secs_f64(a.shutdown_grace),
+        debug_tasks: a.debug_tasks,
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signals(shutdown.clone()));
+    worker::run(opts, Arc::new(Services::new(settings)), shutdown).await
+}
+
+/// The first SIGTERM or SIGINT starts a warm shutdown; a second one is a cold shutdown: exit at
+/// once, leaving held messages in `unacked` for a restore.
+async fn signals(warm: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    warm.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::error!("worker: Cold shutdown: held messages stay in unacked for a restore");
+    std::process::exit(1);
 }
 
 async fn build(mut settings: Settings, a: BuildArgs) -> Result<()> {
@@ -89,25 +207,14 @@ async fn build(mut settings: Settings, a: BuildArgs) -> Result<()> {
         bail!("no source: pass --source PATH or set ORBIT_SOURCE");
     }
     let source = Arc::new(JsonlSource::new(&settings.source_paths)?);
-    let embedder = embedders::embedder(&settings)?;
-    let store = embedders::store(&settings).await?;
+    let total = source.size_hint_bytes();
+    let pipeline = Services::new(settings).pipeline(source).await?;
     if a.reembed {
-        store.reset().await?;
+        pipeline.store.reset().await?;
     }
-    let chunk = settings.chunk_settings(embedder.preferred_chunk_tokens())?;
     let scope = match a.user {
         Some(u) => BuildScope::User(u),
         None => BuildScope::AllUsers,
-    };
-    let total = source.size_hint_bytes();
-    let pipeline = Pipeline {
-        source,
-        embedder,
-        store,
-        settings: PipelineSettings {
-            chunk,
-            cpu_threads: settings.cpu_threads,
-        },
     };
     let cancel = CancellationToken::new();
     let ctrl_c = cancel.clone();

@@ -144,3 +144,39 @@ impl Settings {
         Ok(c)
     }
 }
+
+/// Where the worker meets Django: the broker, the result backend and result expiry, named as the
+/// Celery settings Django already has in its environment.
+#[derive(Debug, Clone)]
+pub struct CelerySettings {
+    /// URLs may carry a password.
+    pub broker_url: Secret,
+    pub backend_url: Secret,
+    pub result_expires: std::time::Duration,
+}
+
+impl CelerySettings {
+    pub fn from_env() -> Result<Self> {
+        let broker = var("CELERY_BROKER_URL")
+            .or_else(|| var("REDIS_URL"))
+            .unwrap_or_else(|| "redis://127.0.0.1:6379/0".into());
+        let backend = var("CELERY_RESULT_BACKEND").unwrap_or_else(|| broker.clone());
+        for (name, url) in [("broker", &broker), ("result backend", &backend)] {
+            if !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("unix://"))
+            {
+                bail!("the {name} must be a redis:// URL (only Redis is supported)");
+            }
+        }
+        let expires: f64 = parse("CELERY_RESULT_EXPIRES")?.unwrap_or(3600.0);
+        if !(expires.is_finite() && expires >= 1.0) {
+            bail!("CELERY_RESULT_EXPIRES must be at least 1 second");
+        }
+        Ok(CelerySettings {
+            broker_url: Secret::new(broker),
+            backend_url: Secret::new(backend),
+            result_expires: std::time::Duration::from_secs_f64(expires),
+        })
+    }
+}

@@ -1,6 +1,9 @@
 //! The integration suite: the pipeline end to end on real files and SQLite, Python tiktoken
-//! parity, the local model against its reference, and the CLI as a user runs it.
+//! parity, the local model against its reference, the CLI as a user runs it, and the Celery
+//! worker against real Redis and the real Python Celery client and worker.
 
+mod celery;
+mod celery_harness;
 mod cli;
 mod helpers;
 mod local_model;

@@ -1,0 +1,553 @@
+//! Redis I/O of the Celery protocol: fetch and register, results, acks, re-publish and restore.
+//!
+//! Keys and transactions follow kombu's Redis transport (`../shared/docs/celery-wire.md`), so a
+//! Python worker and this one can share a queue and restore each other's unacked messages.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Script};
+use tokio::sync::Mutex;
+
+use super::message::{queue_key, restored_envelope};
+
+pub const UNACKED: &str = "unacked";
+pub const UNACKED_INDEX: &str = "unacked_index";
+pub const UNACKED_MUTEX: &str = "unacked_mutex";
+/// kombu's lock lifetime for a restore sweep (`unacked_mutex_expire`).
+const UNACKED_MUTEX_MS: u64 = 300_000;
+/// Where messages that can never run go, with the reason.
+pub const DEAD_LETTER: &str = "orbit.dead";
+/// Restores per round trip of a sweep: bounds one sweep's hold on the mutex between reads.
+const RESTORE_PAGE: isize = 100;
+/// Beyond the BRPOP timeout, how long a reply may take before the connection counts as dead.
+const REPLY_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("bad redis URL {url}: {reason}")]
+    Url { url: String, reason: String },
+}
+
+/// `redis://:secret@host/0` → `redis://:***@host/0`, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s + 3 => {
+            let cred = &url[s + 3..at];
+            let user = cred.split(':').next().unwrap_or("");
+            if cred.contains(':') {
+                format!("{}{}:***{}", &url[..s + 3], user, &url[at..])
+            } else {
+                format!("{}***{}", &url[..s + 3], &url[at..])
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// One logical Redis connection that remakes itself after a failure. Cloning the inner
+/// multiplexed connection is cheap, so concurrent callers share one socket.
+pub struct RedisConn {
+    client: redis::Client,
+    config: AsyncConnectionConfig,
+    conn: Mutex<Option<MultiplexedConnection>>,
+}
+
+impl RedisConn {
+    /// `reply_timeout` bounds every reply; a blocking connection needs more than its BRPOP timeout.
+    pub fn open(url: &str, reply_timeout: Duration) -> Result<Self, BrokerError> {
+        let client = redis::Client::open(url).map_err(|e| BrokerError::Url {
+            url: redact_url(url),
+            reason: e.to_string(),
+        })?;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(3)))
+            .set_response_timeout(Some(reply_timeout));
+        Ok(RedisConn {
+            client,
+            config,
+            conn: Mutex::new(None),
+        })
+    }
+
+    pub async fn conn(&self) -> Result<MultiplexedConnection, BrokerError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Records the outcome of a call; a broken connection is dropped so the next call remakes it.
+    pub async fn note<T>(&self, r: Result<T, redis::RedisError>) -> Result<T, BrokerError> {
+        match r {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout()
+                    || e.is_unrecoverable_error()
+                {
+                    *self.conn.lock().await = None;
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), BrokerError> {
+        let mut c = self.conn().await?;
+        let r: Result<String, _> = redis::cmd("PING").query_async(&mut c).await;
+        self.note(r).await.map(|_| ())
+    }
+}
+
+/// A queue element as taken: the list it came from, its bytes, and whether it was registered
+/// in `unacked` (it was unless no delivery tag could be read from it).
+#[derive(Debug)]
+pub struct Fetched {
+    pub list: String,
+    pub raw: String,
+    pub registered: bool,
+}
+
+/// (list, raw message, "1" when registered) per message taken.
+type FetchReply = Vec<(Vec<u8>, Vec<u8>, String)>;
+
+/// Pops up to ARGV[2] messages in priority order and registers each in `unacked`/`unacked_index`
+/// in the same atomic step, so no message is ever off the queue and unregistered. The `unacked`
+/// value keeps the envelope's bytes verbatim: `[envelope, exchange, routing_key]`.
+const FETCH_LUA: &str = r#"
+local now = ARGV[1]
+local max = tonumber(ARGV[2])
+local out = {}
+for i = 3, #KEYS do
+  while #out < max do
+    local raw = redis.call('RPOP', KEYS[i])
+    if not raw then break end
+    local ok, env = pcall(cjson.decode, raw)
+    local tag, ex, rk = nil, '', KEYS[i]
+    if ok and type(env) == 'table' and type(env.properties) == 'table' then
+      tag = env.properties.delivery_tag
+      local di = env.properties.delivery_info
+      if type(di) == 'table' then
+        if type(di.exchange) == 'string' then ex = di.exchange end
+        if type(di.routing_key) == 'string' then rk = di.routing_key end
+      end
+    end
+    if type(tag) == 'string' then
+      redis.call('ZADD', KEYS[1], now, tag)
+      redis.call('HSET', KEYS[2], tag, '[' .. raw .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']')
+      out[#out + 1] = {KEYS[i], raw, '1'}
+    else
+      out[#out + 1] = {KEYS[i], raw, '0'}
+    end
+  end
+  if #out >= max then break end
+end
+return out
+"#;
+
+/// Writes each result unless a SUCCESS is already stored (a redelivered task must not turn a
+/// success into anything else), and publishes it: `AsyncResult.get()` waits on the channel.
+const STORE_LUA: &str = r#"
+local written = 0
+for i = 1, #KEYS do
+  local cur = redis.call('GET', KEYS[i])
+  local keep = false
+  if cur then
+    local ok, m = pcall(cjson.decode, cur)
+    keep = ok and type(m) == 'table' and m.status == 'SUCCESS'
+  end
+  if not keep then
+    redis.call('SETEX', KEYS[i], ARGV[1], ARGV[i + 1])
+    redis.call('PUBLISH', KEYS[i], ARGV[i + 1])
+    written = written + 1
+  end
+end
+return written
+"#;
+
+/// Puts one unacked message back if it is still the entry that was read (compare and swap, so
+/// a concurrent ack or restore wins cleanly and nothing is pushed twice).
+const RESTORE_LUA: &str = r#"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if cur == false then return 0 end
+if cur ~= ARGV[2] then return -1 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('RPUSH', KEYS[3], ARGV[3])
+return 1
+"#;
+
+const UNLOCK_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+/// What to settle in one broker transaction after results are stored.
+#[derive(Debug, Default)]
+pub struct Settlement {
+    /// Delivery tags to remove from `unacked`.
+    pub acks: Vec<String>,
+    /// (list, envelope) to push: retries re-published.
+    pub publish: Vec<(String, String)>,
+    /// Dead-letter records for `orbit.dead`.
+    pub dead: Vec<String>,
+}
+
+impl Settlement {
+    pub fn is_empty(&self) -> bool {
+        self.acks.is_empty() && self.publish.is_empty() && self.dead.is_empty()
+    }
+}
+
+/// The broker side: the queue lists and the `unacked` bookkeeping.
+pub struct Broker {
+    pub ops: RedisConn,
+    blocking: RedisConn,
+    fetch: Script,
+    restore: Script,
+    unlock: Script,
+}
+
+impl Broker {
+    pub fn open(url: &str, brpop_timeout: Duration) -> Result<Self, BrokerError> {
+        Ok(Broker {
+            ops: RedisConn::open(url, Duration::from_secs(10))?,
+            blocking: RedisConn::open(url, brpop_timeout + REPLY_GRACE)?,
+            fetch: Script::new(FETCH_LUA),
+            restore: Script::new(RESTORE_LUA),
+            unlock: Script::new(UNLOCK_LUA),
+        })
+    }
+
+    /// Takes up to `max` waiting messages without blocking, registered as they are taken.
+    pub async fn fetch(&self, keys: &[String], max: usize) -> Result<Vec<Fetched>, BrokerError> {
+        let mut c = self.ops.conn().await?;
+        let mut inv = self.fetch.prepare_invoke();
+        inv.key(UNACKED_INDEX).key(UNACKED);
+        for k in keys {
+            inv.key(k);
+        }
+        inv.arg(format!("{:.6}", unix_now())).arg(max);
+        let r: Result<FetchReply, _> = inv.invoke_async(&mut c).await;
+        Ok(self
+            .ops
+            .note(r)
+            .await?
+            .into_iter()
+            .map(|(list, raw, reg)| Fetched {
+                list: String::from_utf8_lossy(&list).into_owned(),
+                raw: String::from_utf8_lossy(&raw).into_owned(),
+                registered: reg == "1",
+            })
+            .collect())
+    }
+
+    /// Waits up to `timeout` for one message (`BRPOP … 1`, as kombu does). The caller registers it.
+    pub async fn brpop(
+        &self,
+        keys: &[String],
+        timeout: Duration,
+    ) -> Result<Option<(String, String)>, BrokerError> {
+        let mut c = self.blocking.conn().await?;
+        let r: Result<Option<(Vec<u8>, Vec<u8>)>, _> = redis::cmd("BRPOP")
+            .arg(keys)
+            .arg(timeout.as_secs_f64())
+            .query_async(&mut c)
+            .await;
+        Ok(self.blocking.note(r).await?.map(|(k, v)| {
+            (
+                String::from_utf8_lossy(&k).into_owned(),
+                String::from_utf8_lossy(&v).into_owned(),
+            )
+        }))
+    }
+
+    /// kombu's registration: `MULTI; ZADD unacked_index; HSET unacked; EXEC`.
+    pub async fn register(
+        &self,
+        tag: &str,
+        raw: &str,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<(), BrokerError> {
+        let value = format!(
+            "[{raw}, {}, {}]",
+            serde_json::Value::from(exchange),
+            serde_json::Value::from(routing_key)
+        );
+        let mut c = self.ops.conn().await?;
+        let r: Result<(), _> = redis::pipe()
+            .atomic()
+            .zadd(UNACKED_INDEX, tag, unix_now())
+            .ignore()
+            .hset(UNACKED, tag, value)
+            .ignore()
+            .query_async(&mut c)
+            .await;
+        self.ops.note(r).await
+    }
+
+    /// Acks, re-publishes and dead-letters in one transaction: a retry's new message and the ack
+    /// of the old one land together or not at all.
+    pub async fn settle(&self, s: &Settlement) -> Result<(), BrokerError> {
+        if s.is_empty() {
+            return Ok(());
+        }
+        let mut p = redis::pipe();
+        p.atomic();
+        for (list, env) in &s.publish {
+            p.lpush(list, env).ignore();
+        }
+        for d in &s.dead {
+            p.lpush(DEAD_LETTER, d).ignore();
+        }
+        if !s.acks.is_empty() {
+            p.zrem(UNACKED_INDEX, &s.acks).ignore();
+            p.hdel(UNACKED, &s.acks).ignore();
+        }
+        let mut c = self.ops.conn().await?;
+        let r: Result<(), _> = p.query_async(&mut c).await;
+        self.ops.note(r).await
+    }
+
+    /// A live worker keeps its held messages fresh, so no sweep takes them while they run or
+    /// wait for their ETA (Python workers do not, and duplicate tasks longer than the timeout).
+    pub async fn refresh(&self, tags: &[String]) -> Result<(), BrokerError> {
+        if tags.is_empty() {
+            return Ok(());
+        }
+        let now = unix_now();
+        let mut cmd = redis::cmd("ZADD");
+        cmd.arg(UNACKED_INDEX).arg("XX");
+        for t in tags {
+            cmd.arg(now).arg(t);
+        }
+        let mut c = self.ops.conn().await?;
+        let r: Result<i64, _> = cmd.query_async(&mut c).await;
+        self.ops.note(r).await.map(|_| ())
+    }
+
+    /// Puts one message back on its queue, marked redelivered, with its delivery tag kept.
+    /// Returns whether it was restored (false: already acked or restored by someone else).
+    pub async fn restore_tag(&self, tag: &str) -> Result<bool, BrokerError> {
+        let mut c = self.ops.conn().await?;
+        for _ in 0..3 {
+            let cur: Result<Option<String>, _> = redis::cmd("HGET")
+                .arg(UNACKED)
+                .arg(tag)
+                .query_async(&mut c)
+                .await;
+            let Some(cur) = self.ops.note(cur).await? else {
+                // An index entry without its message: drop it, as kombu does.
+                let r: Result<i64, _> = redis::cmd("ZREM")
+                    .arg(UNACKED_INDEX)
+                    .arg(tag)
+                    .query_async(&mut c)
+                    .await;
+                self.ops.note(r).await?;
+                return Ok(false);
+            };
+            let (env, list) = match restored_envelope(&cur) {
+                Ok((env, rk, pri)) if !rk.is_empty() => (env, queue_key(&rk, pri)),
+                Ok(_) | Err(_) => {
+                    // Nothing to put back where it belongs: keep it, with the reason.
+                    tracing::error!(
+                        delivery_tag = tag,
+                        "unacked entry cannot be restored; moved to {DEAD_LETTER}"
+                    );
+                    let dead = dead_letter_record("unrestorable unacked entry", "", &cur);
+                    self.settle(&Settlement {
+                        acks: vec![tag.to_string()],
+                        dead: vec![dead],
+                        ..Default::default()
+                    })
+                    .await?;
+                    return Ok(false);
+                }
+            };
+            let r: Result<i64, _> = self
+                .restore
+                .key(UNACKED)
+                .key(UNACKED_INDEX)
+                .key(&list)
+                .arg(tag)
+                .arg(&cur)
+                .arg(&env)
+                .invoke_async(&mut c)
+                .await;
+            match self.ops.note(r).await? {
+                1 => return Ok(true),
+                0 => return Ok(false),
+                _ => continue, // changed under us: read again
+            }
+        }
+        Ok(false)
+    }
+
+    /// kombu's `restore_visible`: under `unacked_mutex`, every message taken longer ago than the
+    /// visibility timeout goes back, newest first so the oldest is consumed first.
+    /// Returns None when another worker holds the mutex.
+    pub async fn restore_stale(
+        &self,
+        visibility: Duration,
+        skip: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<Option<usize>, BrokerError> {
+        let token = uuid::Uuid::new_v4().to_string();
+        let mut c = self.ops.conn().await?;
+        let got: Result<Option<String>, _> = redis::cmd("SET")
+            .arg(UNACKED_MUTEX)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(UNACKED_MUTEX_MS)
+            .query_async(&mut c)
+            .await;
+        if self.ops.note(got).await?.is_none() {
+            return Ok(None);
+        }
+        let result = self.restore_stale_locked(visibility, skip).await;
+        let r: Result<i64, _> = self
+            .unlock
+            .key(UNACKED_MUTEX)
+            .arg(&token)
+            .invoke_async(&mut c)
+            .await;
+        // A failed unlock only delays the next sweep until the lock expires.
+        let _ = self.ops.note(r).await;
+        result.map(Some)
+    }
+
+    async fn restore_stale_locked(
+        &self,
+        visibility: Duration,
+        skip: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<usize, BrokerError> {
+        let ceil = unix_now() - visibility.as_secs_f64();
+        let mut restored = 0;
+        let mut offset = 0;
+        loop {
+            let mut c = self.ops.conn().await?;
+            let r: Result<Vec<String>, _> = redis::cmd("ZRANGE")
+                .arg(UNACKED_INDEX)
+                .arg(ceil)
+                .arg(0)
+                .arg("BYSCORE")
+                .arg("REV")
+                .arg("LIMIT")
+                .arg(offset)
+                .arg(RESTORE_PAGE)
+                .query_async(&mut c)
+                .await;
+            let tags = self.ops.note(r).await?;
+            if tags.is_empty() {
+                return Ok(restored);
+            }
+            let page = tags.len() as isize;
+            for tag in &tags {
+                // Our own held messages are refreshed, but a refresh may lag a short timeout.
+                if skip(tag) {
+                    offset += 1;
+                    continue;
+                }
+                if self.restore_tag(tag).await? {
+                    restored += 1;
+                }
+            }
+            if page < RESTORE_PAGE {
+                return Ok(restored);
+            }
+        }
+    }
+}
+
+/// The record kept in `orbit.dead`: why, from which list, when, and the message as received.
+pub fn dead_letter_record(reason: &str, list: &str, raw: &str) -> String {
+    serde_json::json!({
+        "reason": reason,
+        "queue": list,
+        "at": super::message::iso(chrono::Utc::now()),
+        "raw": raw,
+    })
+    .to_string()
+}
+
+/// The result backend: `celery-task-meta-<id>` keys and channels.
+pub struct Backend {
+    pub conn: RedisConn,
+    store: Script,
+    pub expires: Duration,
+}
+
+pub fn meta_key(task_id: &str) -> String {
+    format!("celery-task-meta-{task_id}")
+}
+
+impl Backend {
+    pub fn open(url: &str, expires: Duration) -> Result<Self, BrokerError> {
+        Ok(Backend {
+            conn: RedisConn::open(url, Duration::from_secs(10))?,
+            store: Script::new(STORE_LUA),
+            expires,
+        })
+    }
+
+    /// Stores and publishes a batch of (task id, meta JSON); returns how many were written
+    /// (the rest already held a SUCCESS).
+    pub async fn store(&self, items: &[(String, String)]) -> Result<usize, BrokerError> {
+        if items.is_empty() {
+            return Ok(0);
+        }
+        let mut inv = self.store.prepare_invoke();
+        inv.arg(self.expires.as_secs().max(1));
+        for (id, meta) in items {
+            inv.key(meta_key(id)).arg(meta);
+        }
+        let mut c = self.conn.conn().await?;
+        let r: Result<usize, _> = inv.invoke_async(&mut c).await;
+        self.conn.note(r).await
+    }
+
+    /// The stored state of a task, if any.
+    pub async fn status(&self, task_id: &str) -> Result<Option<String>, BrokerError> {
+        let mut c = self.conn.conn().await?;
+        let r: Result<Option<String>, _> = redis::cmd("GET")
+            .arg(meta_key(task_id))
+            .query_async(&mut c)
+            .await;
+        Ok(self.conn.note(r).await?.and_then(|s| {
+            serde_json::from_str::<serde_json::Value>(&s)
+                .ok()
+                .and_then(|v| v.get("status")?.as_str().map(str::to_string))
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(redact_url("redis://:pw@h:1/0"), "redis://:***@h:1/0");
+        assert_eq!(redact_url("redis://u:pw@h/0"), "redis://u:***@h/0");
+        assert_eq!(redact_url("redis://h:6379/1"), "redis://h:6379/1");
+    }
+}

@@ -1,0 +1,390 @@
+//! One message from the queue to its settlement: decode, dispatch, wait for its ETA and a free
+//! slot, run within its time limits, and turn the outcome into a result and an action.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::settle::{persist, Action, Completion};
+use super::Shared;
+use crate::celery::message::{queue_key, retry_envelope, DecodeError, TaskMessage};
+use crate::celery::redis::dead_letter_record;
+use crate::celery::result::{encode_meta, ExceptionInfo, Outcome};
+use crate::tasks::{Call, TaskContext, TaskDef, TaskOutcome};
+
+/// Longest result text in a `succeeded in` log line, as Celery shortens its repr.
+const LOG_RESULT_CHARS: usize = 200;
+
+/// A message just taken from `list`. `registered`: already in `unacked` (the fetch script does
+/// that atomically; a BRPOP'd message is registered here).
+pub async fn accept(
+    sh: Arc<Shared>,
+    list: String,
+    raw: String,
+    registered: bool,
+    permit: OwnedSemaphorePermit,
+) {
+    let msg = match TaskMessage::decode(&raw) {
+        Ok(m) => m,
+        Err(f) => {
+            let reason = f.error.to_string();
+            tracing::error!(queue = %list, "Received and deleted undecodable message: {reason}");
+            // The caller of a task we cannot read still gets an answer instead of waiting forever.
+            let result = f.task_id.as_ref().map(|id| {
+                let (t, m) = match f.error {
+                    DecodeError::ContentType(_) => ("ContentDisallowed", "kombu.exceptions"),
+                    _ => ("DecodeError", "kombu.exceptions"),
+                };
+                let exc = ExceptionInfo::bare(t, m, vec![reason.clone().into()]);
+                (
+                    id.clone(),
+                    encode_meta(id, None, &Outcome::Failure(exc), Utc::now()),
+                )
+            });
+            let tag = if registered { f.delivery_tag } else { None };
+            sh.hold(tag.as_deref());
+            sh.complete(Completion {
+                delivery_tag: tag,
+                result,
+                action: Action::DeadLetter {
+                    record: dead_letter_record(&reason, &list, &raw),
+                    ack: registered,
+                },
+                permit: Some(permit),
+            })
+            .await;
+            return;
+        }
+    };
+    if !registered {
+        let base = base_queue(&list);
+        let rk = if msg.routing_key.is_empty() {
+            base
+        } else {
+            &msg.routing_key
+        };
+        persist("register", || {
+            sh.broker
+                .register(&msg.delivery_tag, &msg.raw, &msg.exchange, rk)
+        })
+        .await;
+    }
+    sh.hold(Some(&msg.delivery_tag));
+    let Some(def) = sh.registry.get(&msg.name) else {
+        tracing::error!(task = %msg.name, id = %msg.id, "Received unregistered task of type '{}'.", msg.name);
+        let exc = ExceptionInfo::not_registered(&msg.name);
+        let result = (!msg.ignore_result).then(|| {
+            (
+                msg.id.clone(),
+                encode_meta(
+                    &msg.id,
+                    msg.parent_id.as_deref(),
+                    &Outcome::Failure(exc),
+                    Utc::now(),
+                ),
+            )
+        });
+        sh.complete(Completion {
+            delivery_tag: Some(msg.delivery_tag),
+            result,
+            action: Action::Ack,
+            permit: Some(permit),
+        })
+        .await;
+        return;
+    };
+    let span = tracing::info_span!("task", id = %msg.id, task = def.name, retries = msg.retries);
+    tracing::info!(parent: &span, "Task {}[{}] received", def.name, msg.id);
+    let queue = base_queue(&list).to_string();
+    sh.tracker
+        .spawn(run(sh.clone(), msg, def, queue, permit).instrument(span));
+}
+
+/// `celery\x06\x163` → `celery`.
+fn base_queue(list: &str) -> &str {
+    list.split("\x06\x16").next().unwrap_or(list)
+}
+
+enum Ending {
+    Finished(TaskOutcome),
+    HardLimit,
+    Abandoned,
+}
+
+async fn run(
+    sh: Arc<Shared>,
+    msg: TaskMessage,
+    def: &'static TaskDef,
+    queue: String,
+    permit: OwnedSemaphorePermit,
+) {
+    let mut permit = Some(permit);
+    if is_expired(&msg) {
+        return revoke_expired(&sh, msg, permit).await;
+    }
+    if msg.redelivered {
+        // A redelivery of a task that already succeeded (its worker died before the ack) is done.
+        if let Ok(Some(state)) = sh.backend.status(&msg.id).await {
+            if state == "SUCCESS" {
+                tracing::info!(
+                    "Task {}[{}] already succeeded: discarding the redelivered message",
+                    def.name,
+                    msg.id
+                );
+                return sh.ack(msg.delivery_tag, None, permit).await;
+            }
+        }
+    }
+    if let Some(eta) = msg.eta {
+        let wait = (eta - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        if !wait.is_zero() {
+            // As in Celery, a message waiting for its ETA does not use a prefetch slot.
+            permit = None;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = sh.stop_fetch.cancelled() => return sh.give_back(msg.delivery_tag, permit).await,
+            }
+        }
+    }
+    let slot = tokio::select! {
+        s = sh.concurrency.clone().acquire_owned() => s,
+        _ = sh.stop_fetch.cancelled() => return sh.give_back(msg.delivery_tag, permit).await,
+    };
+    let Ok(_slot) = slot else {
+        return sh.give_back(msg.delivery_tag, permit).await;
+    };
+    if is_expired(&msg) {
+        return revoke_expired(&sh, msg, permit).await;
+    }
+
+    let limits = def.limits.with_overrides(msg.hard_limit, msg.soft_limit);
+    let cancel = CancellationToken::new();
+    let ctx = TaskContext {
+        call: Call {
+            id: msg.id.clone(),
+            name: msg.name.clone(),
+            args: msg.args.clone(),
+            kwargs: msg.kwargs.clone(),
+            retries: msg.retries,
+        },
+        cancel: cancel.clone(),
+        services: sh.services.clone(),
+    };
+    let started = Instant::now();
+    let mut handle = tokio::spawn((def.run)(ctx));
+    let soft_at = tokio::time::Instant::now() + limits.soft;
+    let hard_at = tokio::time::Instant::now() + limits.hard;
+    let mut soft_fired = false;
+    let ending = loop {
+        tokio::select! {
+            r = &mut handle => break Ending::Finished(match r {
+                Ok(o) => o,
+                Err(e) => TaskOutcome::Failure(ExceptionInfo::raised(
+                    "PanicError", "orbit_worker.errors", &panic_text(e), def.name)),
+            }),
+            _ = tokio::time::sleep_until(soft_at), if !soft_fired => {
+                soft_fired = true;
+                tracing::warn!("Soft time limit ({}s) exceeded for {}[{}]", secs(limits.soft), def.name, msg.id);
+                cancel.cancel();
+            }
+            _ = tokio::time::sleep_until(hard_at) => {
+                handle.abort();
+                break Ending::HardLimit;
+            }
+            _ = sh.abandon.cancelled() => {
+                cancel.cancel();
+                handle.abort();
+                break Ending::Abandoned;
+            }
+        }
+    };
+    let runtime = started.elapsed();
+    drop(_slot);
+
+    let outcome = match ending {
+        Ending::Abandoned => {
+            tracing::warn!(
+                "Task {}[{}] abandoned at shutdown after {:.3}s: giving it back",
+                def.name,
+                msg.id,
+                runtime.as_secs_f64()
+            );
+            return sh.give_back(msg.delivery_tag, permit).await;
+        }
+        Ending::HardLimit => {
+            tracing::error!(
+                "Hard time limit ({}s) exceeded for {}[{}]",
+                secs(limits.hard),
+                def.name,
+                msg.id
+            );
+            Outcome::Failure(ExceptionInfo::time_limit_exceeded(
+                limits.hard.as_secs_f64(),
+            ))
+        }
+        Ending::Finished(TaskOutcome::Success(v)) => {
+            tracing::info!(
+                "Task {}[{}] succeeded in {:.6}s: {}",
+                def.name,
+                msg.id,
+                runtime.as_secs_f64(),
+                short(&v)
+            );
+            Outcome::Success(v)
+        }
+        Ending::Finished(TaskOutcome::Failure(e)) => {
+            tracing::error!(
+                "Task {}[{}] raised unexpected: {}",
+                def.name,
+                msg.id,
+                e.repr()
+            );
+            Outcome::Failure(e)
+        }
+        Ending::Finished(TaskOutcome::Retry { error, after }) => {
+            if msg.retries >= def.retry.max_retries {
+                tracing::error!(
+                    max_retries = def.retry.max_retries,
+                    "Task {}[{}] raised unexpected: {}",
+                    def.name,
+                    msg.id,
+                    error.repr()
+                );
+                Outcome::Failure(error)
+            } else {
+                return retry(&sh, msg, def, &queue, error, after, permit).await;
+            }
+        }
+    };
+    let result = (!msg.ignore_result).then(|| {
+        (
+            msg.id.clone(),
+            encode_meta(&msg.id, msg.parent_id.as_deref(), &outcome, Utc::now()),
+        )
+    });
+    sh.ack(msg.delivery_tag, result, permit).await;
+}
+
+/// Celery's retry: the same task id re-published with `retries + 1` and an absolute ETA under a
+/// new delivery tag, RETRY stored, then the original acked (with the publish, atomically).
+async fn retry(
+    sh: &Shared,
+    msg: TaskMessage,
+    def: &TaskDef,
+    queue: &str,
+    error: ExceptionInfo,
+    after: Option<Duration>,
+    permit: Option<OwnedSemaphorePermit>,
+) {
+    let delay = def.retry.delay(msg.retries, after);
+    let eta = Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::zero());
+    let new_tag = uuid::Uuid::new_v4().to_string();
+    let envelope = match retry_envelope(&msg.raw, msg.retries + 1, eta, &new_tag) {
+        Ok(e) => e,
+        Err(e) => {
+            // Cannot happen for a message that decoded; fail rather than lose the error.
+            tracing::error!(
+                "Task {}[{}] cannot be retried ({e}): {}",
+                def.name,
+                msg.id,
+                error.repr()
+            );
+            let result = (
+                msg.id.clone(),
+                encode_meta(
+                    &msg.id,
+                    msg.parent_id.as_deref(),
+                    &Outcome::Failure(error),
+                    Utc::now(),
+                ),
+            );
+            return sh.ack(msg.delivery_tag, Some(result), permit).await;
+        }
+    };
+    let rk = if msg.routing_key.is_empty() {
+        queue
+    } else {
+        &msg.routing_key
+    };
+    tracing::info!(eta = %eta, "Task {}[{}] retry: Retry in {}s: {}", def.name, msg.id, secs(delay), error.repr());
+    let result = (!msg.ignore_result).then(|| {
+        (
+            msg.id.clone(),
+            encode_meta(
+                &msg.id,
+                msg.parent_id.as_deref(),
+                &Outcome::Retry(error),
+                Utc::now(),
+            ),
+        )
+    });
+    sh.complete(Completion {
+        delivery_tag: Some(msg.delivery_tag),
+        result,
+        action: Action::Retry {
+            list: queue_key(rk, msg.priority),
+            envelope,
+        },
+        permit,
+    })
+    .await;
+}
+
+fn is_expired(msg: &TaskMessage) -> bool {
+    msg.expires.is_some_and(|t| t <= Utc::now())
+}
+
+async fn revoke_expired(sh: &Shared, msg: TaskMessage, permit: Option<OwnedSemaphorePermit>) {
+    tracing::warn!(
+        "Discarding revoked task: {}[{}] (expired)",
+        msg.name,
+        msg.id
+    );
+    let result = (!msg.ignore_result).then(|| {
+        (
+            msg.id.clone(),
+            encode_meta(
+                &msg.id,
+                msg.parent_id.as_deref(),
+                &Outcome::Revoked { expired: true },
+                Utc::now(),
+            ),
+        )
+    });
+    sh.ack(msg.delivery_tag, result, permit).await;
+}
+
+/// `1`, `0.5`: seconds as Celery prints limits and countdowns.
+fn secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{}", s as u64)
+    } else {
+        format!("{s:.3}").trim_end_matches('0').to_string()
+    }
+}
+
+fn short(v: &serde_json::Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() <= LOG_RESULT_CHARS {
+        return s;
+    }
+    let mut t: String = s.chars().take(LOG_RESULT_CHARS).collect();
+    t.push('…');
+    t
+}
+
+fn panic_text(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return "task was cancelled".into();
+    }
+    let p = e.into_panic();
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "task panicked".into())
+}

@@ -1,0 +1,305 @@
+//! The Celery-compatible worker: fetches from Redis, runs tasks with bounded concurrency, settles
+//! results and acks, restores abandoned messages, and shuts down without losing any.
+
+mod lifecycle;
+mod settle;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::celery::message::poll_keys;
+use crate::celery::redis::{redact_url, Backend, Broker};
+use crate::services::Services;
+use crate::tasks::Registry;
+use settle::{persist, Action, Backoff, Completion, SettleMsg, SETTLE_QUEUE};
+
+/// kombu's `BRPOP … 1`: how long one idle poll blocks, and so how fast a shutdown stops fetching.
+const BRPOP_TIMEOUT: Duration = Duration::from_secs(1);
+/// Messages taken per fetch round trip when the queue is busy: a burst drains in few round
+/// trips, and the prefetch limit still caps what is held.
+const FETCH_BATCH: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub broker_url: String,
+    pub backend_url: String,
+    pub result_expires: Duration,
+    pub concurrency: usize,
+    pub queues: Vec<String>,
+    pub hostname: String,
+    pub prefetch_multiplier: usize,
+    pub visibility_timeout: Duration,
+    pub events: bool,
+    /// How long a warm shutdown waits for running tasks before giving them back.
+    pub shutdown_grace: Duration,
+    pub debug_tasks: bool,
+}
+
+impl WorkerOptions {
+    /// Messages held at once (running or waiting for a slot): Celery's prefetch count.
+    pub fn prefetch(&self) -> usize {
+        (self.concurrency * self.prefetch_multiplier)
+            .max(self.concurrency)
+            .max(1)
+    }
+
+    /// How often held messages are refreshed and stale ones restored. Celery sweeps about every
+    /// 100 s; a tenth of the visibility timeout keeps a short timeout (tests) responsive.
+    fn sweep_interval(&self) -> Duration {
+        (self.visibility_timeout / 10).clamp(Duration::from_millis(500), Duration::from_secs(60))
+    }
+}
+
+/// State every part of the worker shares.
+pub struct Shared {
+    opts: WorkerOptions,
+    broker: Broker,
+    backend: Backend,
+    registry: Registry,
+    services: Arc<Services>,
+    /// Delivery tags this worker holds and has not settled.
+    held: Mutex<HashSet<String>>,
+    prefetch: Arc<Semaphore>,
+    concurrency: Arc<Semaphore>,
+    /// Warm shutdown: stop fetching, give back what has not started.
+    stop_fetch: CancellationToken,
+    /// The grace period is over: give back what still runs.
+    abandon: CancellationToken,
+    tracker: TaskTracker,
+    settle_tx: mpsc::Sender<SettleMsg>,
+}
+
+impl Shared {
+    fn hold(&self, tag: Option<&str>) {
+        if let (Some(t), Ok(mut h)) = (tag, self.held.lock()) {
+            h.insert(t.to_string());
+        }
+    }
+
+    fn release<'a>(&self, tags: impl Iterator<Item = &'a str>) {
+        if let Ok(mut h) = self.held.lock() {
+            for t in tags {
+                h.remove(t);
+            }
+        }
+    }
+
+    fn held_tags(&self) -> Vec<String> {
+        self.held
+            .lock()
+            .map(|h| h.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn is_held(&self, tag: &str) -> bool {
+        self.held.lock().map(|h| h.contains(tag)).unwrap_or(false)
+    }
+
+    async fn complete(&self, c: Completion) {
+        // The settler outlives every sender; a failed send means the process is going down.
+        let _ = self.settle_tx.send(SettleMsg::Done(c)).await;
+    }
+
+    async fn ack(
+        &self,
+        tag: String,
+        result: Option<(String, String)>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
+        self.complete(Completion {
+            delivery_tag: Some(tag),
+            result,
+            action: Action::Ack,
+            permit,
+        })
+        .await
+    }
+
+    async fn give_back(&self, tag: String, permit: Option<OwnedSemaphorePermit>) {
+        self.complete(Completion {
+            delivery_tag: Some(tag),
+            result: None,
+            action: Action::GiveBack,
+            permit,
+        })
+        .await
+    }
+}
+
+/// `celery@%h` → `celery@thishost`.
+pub fn expand_hostname(pattern: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into());
+    pattern.replace("%h", &host)
+}
+
+/// Runs until `shutdown` fires (warm) and everything held is settled or given back.
+pub async fn run(
+    opts: WorkerOptions,
+    services: Arc<Services>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let broker = Broker::open(&opts.broker_url, BRPOP_TIMEOUT)?;
+    let backend = Backend::open(&opts.backend_url, opts.result_expires)?;
+    let registry = Registry::new(opts.debug_tasks);
+    let (settle_tx, settle_rx) = mpsc::channel(SETTLE_QUEUE);
+    let sh = Arc::new(Shared {
+        prefetch: Arc::new(Semaphore::new(opts.prefetch())),
+        concurrency: Arc::new(Semaphore::new(opts.concurrency.max(1))),
+        opts,
+        broker,
+        backend,
+        registry,
+        services,
+        held: Mutex::new(HashSet::new()),
+        stop_fetch: CancellationToken::new(),
+        abandon: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+        settle_tx,
+    });
+    let o = &sh.opts;
+    tracing::info!(
+        hostname = %o.hostname,
+        broker = %redact_url(&o.broker_url),
+        results = %redact_url(&o.backend_url),
+        queues = ?o.queues,
+        concurrency = o.concurrency,
+        prefetch = o.prefetch(),
+        visibility_timeout_s = o.visibility_timeout.as_secs_f64(),
+        tasks = ?sh.registry.names(),
+        "{} starting", o.hostname
+    );
+    if o.events {
+        tracing::info!("-E: task events are not sent yet; they come with the monitoring work");
+    }
+    // Never a silent hang: each failed attempt to reach Redis logs, then we keep trying.
+    tokio::select! {
+        _ = persist("connect to broker", || sh.broker.ops.ping()) => {}
+        _ = shutdown.cancelled() => return Ok(()),
+    }
+    tokio::select! {
+        _ = persist("connect to result backend", || sh.backend.conn.ping()) => {}
+        _ = shutdown.cancelled() => return Ok(()),
+    }
+    sweep(&sh).await;
+
+    let settler = tokio::spawn(settle::settler(sh.clone(), settle_rx));
+    let maintenance = tokio::spawn(maintain(sh.clone()));
+    let fetcher = tokio::spawn(fetch_loop(sh.clone()));
+    tracing::info!("{} ready.", sh.opts.hostname);
+
+    shutdown.cancelled().await;
+    tracing::warn!("worker: Warm shutdown ({})", sh.opts.hostname);
+    sh.stop_fetch.cancel();
+    let _ = fetcher.await;
+    sh.tracker.close();
+    tokio::select! {
+        _ = sh.tracker.wait() => {}
+        _ = tokio::time::sleep(sh.opts.shutdown_grace) => {
+            tracing::warn!(grace_s = sh.opts.shutdown_grace.as_secs_f64(), "shutdown grace period over: giving back running tasks");
+            sh.abandon.cancel();
+            sh.tracker.wait().await;
+        }
+    }
+    let _ = sh.settle_tx.send(SettleMsg::Stop).await;
+    let _ = settler.await;
+    maintenance.abort();
+    tracing::info!("{} stopped: nothing held", sh.opts.hostname);
+    Ok(())
+}
+
+/// Takes messages while prefetch slots are free: a batch through the fetch script when the
+/// queue has work, else one blocking BRPOP.
+async fn fetch_loop(sh: Arc<Shared>) {
+    let keys = poll_keys(&sh.opts.queues);
+    let mut backoff = Backoff::default();
+    loop {
+        let first = tokio::select! {
+            p = sh.prefetch.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = sh.stop_fetch.cancelled() => return,
+        };
+        let mut permits = vec![first];
+        while permits.len() < FETCH_BATCH {
+            match sh.prefetch.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        let fetched = match sh.broker.fetch(&keys, permits.len()).await {
+            Ok(f) => f,
+            Err(e) => {
+                drop(permits);
+                tokio::select! {
+                    _ = backoff.wait("fetch", &e) => {}
+                    _ = sh.stop_fetch.cancelled() => return,
+                }
+                continue;
+            }
+        };
+        backoff.recovered("fetch");
+        if !fetched.is_empty() {
+            for (f, p) in fetched.into_iter().zip(permits.drain(..)) {
+                lifecycle::accept(sh.clone(), f.list, f.raw, f.registered, p).await;
+            }
+            continue;
+        }
+        permits.truncate(1);
+        // Never cancelled half-way: a BRPOP that returns has taken a message, which must be
+        // registered; it ends within its timeout anyway.
+        match sh.broker.brpop(&keys, BRPOP_TIMEOUT).await {
+            Ok(Some((list, raw))) => {
+                lifecycle::accept(sh.clone(), list, raw, false, permits.remove(0)).await;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                drop(permits);
+                tokio::select! {
+                    _ = backoff.wait("fetch", &e) => {}
+                    _ = sh.stop_fetch.cancelled() => return,
+                }
+            }
+        }
+        if sh.stop_fetch.is_cancelled() {
+            return;
+        }
+    }
+}
+
+/// Periodically keeps held messages fresh in `unacked_index` and restores stale ones.
+async fn maintain(sh: Arc<Shared>) {
+    let every = sh.opts.sweep_interval();
+    loop {
+        tokio::time::sleep(every).await;
+        let held = sh.held_tags();
+        if let Err(e) = sh.broker.refresh(&held).await {
+            tracing::error!("cannot refresh held messages: {e}");
+            continue;
+        }
+        sweep(&sh).await;
+    }
+}
+
+async fn sweep(sh: &Shared) {
+    let skip = |tag: &str| sh.is_held(tag);
+    match sh
+        .broker
+        .restore_stale(sh.opts.visibility_timeout, &skip)
+        .await
+    {
+        Ok(Some(n)) if n > 0 => {
+            tracing::warn!(count = n, "Restoring {n} unacknowledged message(s)")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!("restore sweep failed: {e}"),
+    }
+}

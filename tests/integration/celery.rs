@@ -1,0 +1,528 @@
+//! The worker against real Redis and the real Python Celery 5.7 client and worker: every promise
+//! of the Celery setup, each on a redis-server of the test's own.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::celery_harness::*;
+use crate::helpers::fixture;
+
+const Q: &[&str] = &["-Q"];
+
+fn args<'a>(queue: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v: Vec<&str> = Q.to_vec();
+    v.push(queue);
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn python_send_task_reaches_the_worker_and_get_returns_the_value() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("echo");
+    let w = WorkerProc::start(&redis, &args(&q, &[]));
+    let r = call(
+        &redis,
+        &q,
+        "orbit.echo",
+        json!([1, "two", {"x": [3]}]),
+        json!({"k": "é✓"}),
+        json!({}),
+    );
+    assert_eq!(r["state"], "SUCCESS", "{r}");
+    assert_eq!(
+        r["result"],
+        json!({"args": [1, "two", {"x": [3]}], "kwargs": {"k": "é✓"}})
+    );
+    let id = r["id"].as_str().unwrap();
+    let log = w.log();
+    assert!(
+        log.contains(&format!("Task orbit.echo[{id}] received")),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("Task orbit.echo[{id}] succeeded in ")),
+        "{log}"
+    );
+    // Acked after the result: nothing left in flight, and the record expires like Celery's.
+    wait_for("ack", Duration::from_secs(5), || {
+        (unacked_len(&redis) == 0).then_some(())
+    });
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(format!("celery-task-meta-{id}"))
+        .query(&mut redis.con())
+        .unwrap();
+    assert!((3590..=3600).contains(&ttl), "ttl {ttl}");
+}
+
+#[test]
+fn build_memory_through_the_queue_builds_a_fixture_user() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("build");
+    let source = fixture("sample.jsonl");
+    let _w = WorkerProc::start_env(
+        &redis,
+        &args(&q, &[]),
+        &[("ORBIT_SOURCE", source.to_str().unwrap())],
+    );
+    let r = call(
+        &redis,
+        &q,
+        "orbitpilot.build_memory",
+        json!([1]),
+        json!({"build_id": 5}),
+        json!({}),
+    );
+    assert_eq!(r["state"], "SUCCESS", "{r}");
+    let report = &r["result"];
+    assert_eq!(report["scope"], "user 1", "{report}");
+    assert!(report["chunks"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["chunks"], report["vectors_upserted"], "{report}");
+    // Bad arguments fail as Python would, without a retry.
+    let r = call(
+        &redis,
+        &q,
+        "orbitpilot.build_memory",
+        json!(["not a user"]),
+        json!({}),
+        json!({}),
+    );
+    assert_eq!(r["raised"]["type"], "TypeError", "{r}");
+}
+
+#[test]
+fn a_task_error_raises_that_exception_from_get() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("fail");
+    let w = WorkerProc::start(&redis, &args(&q, &[]));
+    let r = call(
+        &redis,
+        &q,
+        "orbit.debug.fail",
+        json!(["ValueError", "bad input"]),
+        json!({}),
+        json!({}),
+    );
+    assert_eq!(r["state"], "FAILURE");
+    assert_eq!(
+        r["raised"],
+        json!({"module": "builtins", "type": "ValueError", "args": ["bad input"], "str": "bad input"})
+    );
+    let r = call(
+        &redis,
+        &q,
+        "orbit.debug.fail",
+        json!(["MemoryBuildError", "store is gone"]),
+        json!({"exc_module": "orbitpilot.errors"}),
+        json!({}),
+    );
+    assert_eq!(r["raised"]["type"], "MemoryBuildError", "{r}");
+    assert_eq!(r["raised"]["args"], json!(["store is gone"]), "{r}");
+    let id = r["id"].as_str().unwrap();
+    let m = meta(&redis, id).unwrap();
+    assert!(
+        m["traceback"]
+            .as_str()
+            .unwrap()
+            .contains("MemoryBuildError: store is gone"),
+        "{m}"
+    );
+    assert!(w.log().contains(&format!(
+        "Task orbit.debug.fail[{id}] raised unexpected: MemoryBuildError('store is gone')"
+    )));
+}
+
+#[test]
+fn a_retry_with_countdown_shows_retry_then_success_after_the_eta() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("retry");
+    let w = WorkerProc::start(&redis, &args(&q, &[]));
+    let id = send(
+        &redis,
+        &q,
+        json!([{"name": "orbit.debug.flaky", "args": [1], "kwargs": {"countdown": 2}}]),
+    )[0]
+    .clone();
+    let retry = wait_meta(&redis, &id, "RETRY", Duration::from_secs(20));
+    let seen_retry = Instant::now();
+    assert_eq!(retry["children"], json!([[[id, null], null]]), "{retry}");
+    assert_eq!(retry["result"]["exc_type"], "KeyError");
+    let done = wait_meta(&redis, &id, "SUCCESS", Duration::from_secs(20));
+    assert!(
+        seen_retry.elapsed() >= Duration::from_millis(1800),
+        "ran before its ETA"
+    );
+    assert_eq!(done["result"], json!({"retries": 1}));
+    assert_eq!(
+        done["parent_id"],
+        json!(id),
+        "a retry is its own parent, as in Celery"
+    );
+    assert!(
+        w.log().contains(&format!(
+            "Task orbit.debug.flaky[{id}] retry: Retry in 2s: KeyError('flaky attempt 0')"
+        )),
+        "{}",
+        w.log()
+    );
+    // And get() in a new client process sees the final value.
+    let r = celery_client(&redis, &q, json!({"op": "get", "ids": [id], "timeout": 10}));
+    assert_eq!(r[0]["result"], json!({"retries": 1}));
+    // Past max_retries, the original error is the FAILURE.
+    let id = send(
+        &redis,
+        &q,
+        json!([{"name": "orbit.debug.flaky", "args": [10], "kwargs": {"countdown": 0.1}}]),
+    )[0]
+    .clone();
+    let failed = wait_meta(&redis, &id, "FAILURE", Duration::from_secs(20));
+    assert_eq!(
+        failed["result"]["exc_message"],
+        json!(["flaky attempt 3"]),
+        "{failed}"
+    );
+}
+
+#[test]
+fn an_expired_task_is_revoked_and_an_eta_task_waits_without_blocking_others() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("expire");
+    // Expired before any worker sees it.
+    let stale = send(
+        &redis,
+        &q,
+        json!([{"name": "orbit.echo", "args": [1], "options": {"expires": 0.5}}]),
+    )[0]
+    .clone();
+    std::thread::sleep(Duration::from_millis(800));
+    let w = WorkerProc::start(&redis, &args(&q, &["-c", "1"]));
+    let m = wait_meta(&redis, &stale, "REVOKED", Duration::from_secs(10));
+    assert_eq!(m["result"]["exc_type"], "TaskRevokedError");
+    assert_eq!(m["result"]["exc_message"], json!(["expired"]));
+    let r = celery_client(
+        &redis,
+        &q,
+        json!({"op": "get", "ids": [stale], "timeout": 5}),
+    );
+    assert_eq!(r[0]["raised"]["type"], "TaskRevokedError", "{r}");
+    // Expires while held for its ETA: checked again when the ETA comes.
+    let late = send(
+        &redis,
+        &q,
+        json!([{"name": "orbit.echo", "args": [2], "options": {"countdown": 1.5, "expires": 0.5}}]),
+    )[0]
+    .clone();
+    // An ETA task is held in unacked while the worker (concurrency 1) serves the rest.
+    let eta = send(
+        &redis,
+        &q,
+        json!([{"name": "orbit.echo", "args": [3], "options": {"countdown": 3}}]),
+    )[0]
+    .clone();
+    let now = send(&redis, &q, json!([{"name": "orbit.echo", "args": [4]}]))[0].clone();
+    wait_meta(&redis, &now, "SUCCESS", Duration::from_secs(10));
+    assert!(meta(&redis, &eta).is_none(), "the ETA task ran early");
+    assert!(
+        unacked_len(&redis) >= 1,
+        "the ETA task must stay registered in unacked"
+    );
+    wait_meta(&redis, &late, "REVOKED", Duration::from_secs(10));
+    wait_meta(&redis, &eta, "SUCCESS", Duration::from_secs(10));
+    assert!(w.log().contains("Discarding revoked task"));
+}
+
+#[test]
+fn unregistered_names_fail_and_garbage_lands_in_the_dead_letter_list() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("bad");
+    let w = WorkerProc::start(&redis, &args(&q, &[]));
+    let r = call(
+        &redis,
+        &q,
+        "does.not.exist",
+        json!([1]),
+        json!({}),
+        json!({}),
+    );
+    assert_eq!(r["state"], "FAILURE");
+    assert_eq!(r["raised"]["type"], "NotRegistered", "{r}");
+    let log = w.log();
+    assert_eq!(
+        log.matches("Received unregistered task of type 'does.not.exist'.")
+            .count(),
+        1,
+        "{log}"
+    );
+    // Garbage of every kind: not JSON, JSON without a tag, a task whose body is not base64.
+    let mut con = redis.con();
+    let bad_body = r#"{"body": "%%%", "content-type": "application/json", "content-encoding": "utf-8", "headers": {"task": "orbit.echo", "id": "bad-body-1"}, "properties": {"delivery_tag": "tag-bad-1", "body_encoding": "base64"}}"#;
+    for g in ["\u{0}\u{1}not json at all", "{\"hello\": 1}", bad_body] {
+        let _: i64 = redis::cmd("LPUSH").arg(&q).arg(g).query(&mut con).unwrap();
+    }
+    let dead = wait_for("3 dead letters", Duration::from_secs(10), || {
+        let d = list(&redis, "orbit.dead");
+        (d.len() == 3).then_some(d)
+    });
+    for d in &dead {
+        let v: Value = serde_json::from_str(d).unwrap();
+        assert!(!v["reason"].as_str().unwrap().is_empty(), "{v}");
+        assert_eq!(v["queue"], json!(q));
+    }
+    assert!(dead.iter().any(|d| d.contains("base64")), "{dead:?}");
+    // The readable id gets an answer instead of a wait; nothing stays in flight.
+    assert_eq!(
+        meta(&redis, "bad-body-1").unwrap()["result"]["exc_type"],
+        "DecodeError"
+    );
+    wait_for("acks", Duration::from_secs(5), || {
+        (unacked_len(&redis) == 0).then_some(())
+    });
+    // And the worker keeps serving.
+    let r = call(
+        &redis,
+        &q,
+        "orbit.echo",
+        json!(["still here"]),
+        json!({}),
+        json!({}),
+    );
+    assert_eq!(r["state"], "SUCCESS");
+}
+
+#[test]
+fn soft_and_hard_time_limits() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("limits");
+    let w = WorkerProc::start(&redis, &args(&q, &["-c", "1"]));
+    // Soft: the task sees its cancellation and returns normally.
+    let r = call(
+        &redis,
+        &q,
+        "orbit.debug.sleep",
+        json!([30]),
+        json!({}),
+        json!({"soft_time_limit": 0.5, "time_limit": 10}),
+    );
+    assert_eq!(r["state"], "SUCCESS", "{r}");
+    assert_eq!(r["result"]["cancelled"], true, "{r}");
+    assert!(r["result"]["slept"].as_f64().unwrap() < 5.0);
+    // Hard: a task that ignores cancellation is abandoned with TimeLimitExceeded...
+    let r = call(
+        &redis,
+        &q,
+        "orbit.debug.sleep",
+        json!([30]),
+        json!({"ignore_cancel": true}),
+        json!({"soft_time_limit": 0.5, "time_limit": 1}),
+    );
+    assert_eq!(r["state"], "FAILURE");
+    assert_eq!(r["raised"]["type"], "TimeLimitExceeded", "{r}");
+    assert_eq!(r["raised"]["args"], json!([1]));
+    assert!(w
+        .log()
+        .contains("Hard time limit (1s) exceeded for orbit.debug.sleep["));
+    // ...and the next task runs on the freed slot.
+    let r = call(
+        &redis,
+        &q,
+        "orbit.echo",
+        json!(["next"]),
+        json!({}),
+        json!({}),
+    );
+    assert_eq!(r["state"], "SUCCESS");
+}
+
+#[test]
+fn a_worker_killed_mid_task_is_restored_by_the_next_and_the_result_stored_once() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("kill");
+    let mut w = WorkerProc::start(&redis, &args(&q, &["--visibility-timeout", "2"]));
+    let id = send(
+        &redis,
+        &q,
+        json!([{"name": "orbit.debug.sleep", "args": [3]}]),
+    )[0]
+    .clone();
+    w.wait_log(
+        "the task to start",
+        &format!("orbit.debug.sleep[{id}] received"),
+    );
+    w.kill9();
+    assert_eq!(
+        unacked_len(&redis),
+        1,
+        "a killed worker leaves its message in unacked"
+    );
+    assert!(meta(&redis, &id).is_none());
+    let setex_before = redis.calls("setex");
+    let w2 = WorkerProc::start(&redis, &args(&q, &["--visibility-timeout", "2"]));
+    let m = wait_meta(&redis, &id, "SUCCESS", Duration::from_secs(30));
+    assert_eq!(m["result"]["cancelled"], false);
+    assert!(
+        w2.log().contains("Restoring 1 unacknowledged message(s)"),
+        "{}",
+        w2.log()
+    );
+    wait_for("ack", Duration::from_secs(5), || {
+        (unacked_len(&redis) == 0).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3)); // one more sweep: nothing may run it again
+    assert_eq!(
+        redis.calls("setex") - setex_before,
+        1,
+        "the result is stored once"
+    );
+    assert_eq!(w2.log().matches("succeeded in").count(), 1);
+}
+
+#[test]
+fn sigterm_gives_prefetched_messages_back_marked_redelivered() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("term");
+    let mut w = WorkerProc::start(
+        &redis,
+        &args(&q, &["-c", "1", "--prefetch-multiplier", "4"]),
+    );
+    let ids = send(
+        &redis,
+        &q,
+        json!([
+            {"name": "orbit.debug.sleep", "args": [1.5]},
+            {"name": "orbit.debug.sleep", "args": [1.5]},
+            {"name": "orbit.debug.sleep", "args": [1.5]},
+            {"name": "orbit.debug.sleep", "args": [1.5]},
+        ]),
+    );
+    wait_for("4 held", Duration::from_secs(10), || {
+        (unacked_len(&redis) == 4).then_some(())
+    });
+    w.signal("TERM");
+    assert_eq!(w.wait_exit(Duration::from_secs(30)), Some(0), "{}", w.log());
+    // The running one finished; the other three are back on the queue, redelivered, same tags.
+    assert_eq!(
+        wait_meta(&redis, &ids[0], "SUCCESS", Duration::from_secs(1))["status"],
+        "SUCCESS"
+    );
+    assert_eq!(unacked_len(&redis), 0);
+    let back = list(&redis, &q);
+    assert_eq!(back.len(), 3, "{back:?}");
+    for raw in &back {
+        let v: Value = serde_json::from_str(raw).unwrap();
+        assert_eq!(v["headers"]["redelivered"], true);
+        assert_eq!(v["properties"]["delivery_info"]["redelivered"], true);
+    }
+    // Nothing lost: a new worker finishes them.
+    let _w2 = WorkerProc::start(&redis, &args(&q, &["-c", "2"]));
+    for id in &ids[1..] {
+        wait_meta(&redis, id, "SUCCESS", Duration::from_secs(30));
+    }
+}
+
+#[test]
+fn python_and_rust_workers_share_a_queue_and_restore_each_others_work() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("mixed");
+    // Ours dies holding a task; a Python worker restores it.
+    let mut ours = WorkerProc::start(&redis, &args(&q, &["--visibility-timeout", "1"]));
+    let a = send(
+        &redis,
+        &q,
+        json!([{"name": "orbit.debug.sleep", "args": [2]}]),
+    )[0]
+    .clone();
+    ours.wait_log("our worker to take it", &format!("[{a}] received"));
+    ours.kill9();
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut py = PyWorker::start(&redis, &q, 2, 1.0);
+    let m = wait_meta(&redis, &a, "SUCCESS", Duration::from_secs(60));
+    assert_eq!(
+        m["result"]["worker"], "python",
+        "restored and run by the Python worker: {m}"
+    );
+    // The Python worker dies holding a task; ours restores it.
+    let b = send(
+        &redis,
+        &q,
+        json!([{"name": "orbit.debug.sleep", "args": [2]}]),
+    )[0]
+    .clone();
+    wait_for("python to take it", Duration::from_secs(20), || {
+        py.log().contains(&b).then_some(())
+    });
+    py.kill9();
+    assert!(unacked_len(&redis) >= 1);
+    std::thread::sleep(Duration::from_millis(1500));
+    let ours = WorkerProc::start(&redis, &args(&q, &["--visibility-timeout", "1"]));
+    let m = wait_meta(&redis, &b, "SUCCESS", Duration::from_secs(30));
+    assert!(
+        m["result"].get("worker").is_none(),
+        "restored and run by ours: {m}"
+    );
+    assert!(ours.log().contains("Restoring"), "{}", ours.log());
+    // Both serving one queue: every task completes.
+    let py = PyWorker::start(&redis, &q, 2, 3600.0);
+    let tasks: Vec<Value> = (0..40)
+        .map(|i| json!({"name": "orbit.echo", "args": [i]}))
+        .collect();
+    let r = celery_client(
+        &redis,
+        &q,
+        json!({"op": "call", "timeout": 60, "tasks": tasks}),
+    );
+    for (i, x) in r.as_array().unwrap().iter().enumerate() {
+        assert_eq!(x["result"]["args"], json!([i]), "{x}");
+    }
+    let py_ran = py.log().matches("succeeded in").count();
+    let ours_ran = ours.log().matches("Task orbit.echo[").count() / 2;
+    assert_eq!(py_ran + ours_ran, 40, "python {py_ran}, ours {ours_ran}");
+}
+
+#[test]
+fn redis_killed_and_restarted_under_a_running_worker() {
+    let mut redis = RedisServer::start(true);
+    let q = unique_queue("outage");
+    let w = WorkerProc::start(&redis, &args(&q, &["-c", "2"]));
+    let tasks: Vec<Value> = (0..20)
+        .map(|_| json!({"name": "orbit.debug.sleep", "args": [0.3]}))
+        .collect();
+    let ids = send(&redis, &q, json!(tasks));
+    wait_for("some progress", Duration::from_secs(20), || {
+        meta(&redis, &ids[1]).map(|_| ())
+    });
+    redis.kill();
+    std::thread::sleep(Duration::from_secs(3));
+    redis.restart();
+    for id in &ids {
+        wait_meta(&redis, id, "SUCCESS", Duration::from_secs(60));
+    }
+    wait_for("acks", Duration::from_secs(10), || {
+        (unacked_len(&redis) == 0).then_some(())
+    });
+    assert!(list(&redis, &q).is_empty());
+    assert!(
+        w.log().contains("cannot reach redis"),
+        "the outage must be logged: {}",
+        w.log()
+    );
+}
+
+#[test]
+fn json_log_format_carries_task_fields() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("json");
+    let w = WorkerProc::start(&redis, &args(&q, &["--log-format", "json"]));
+    let r = call(&redis, &q, "orbit.echo", json!([1]), json!({}), json!({}));
+    let id = r["id"].as_str().unwrap();
+    let line = wait_for("the success line", Duration::from_secs(5), || {
+        w.log()
+            .lines()
+            .find(|l| l.contains("succeeded in") && l.contains(id))
+            .map(str::to_string)
+    });
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["span"]["id"], json!(id), "{v}");
+    assert_eq!(v["span"]["task"], "orbit.echo", "{v}");
+    assert_eq!(v["level"], "INFO");
+}

@@ -1,0 +1,383 @@
+//! Real parts for the wire tests: a redis-server of the test's own on a free port (killable,
+//! with persistence when asked), our worker as a child process, and the real Python Celery client.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::helpers::{python, repo};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Polls `f` every 50 ms until it returns Some, or panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    persist: bool,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// `persist`: append-only file fsynced on every write, so a kill loses nothing acknowledged.
+    pub fn start(persist: bool) -> RedisServer {
+        let mut s = RedisServer {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            persist,
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let aof = if self.persist { "yes" } else { "no" };
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", aof, "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (make test installs it)");
+        self.child = Some(child);
+        let url = self.url();
+        wait_for("redis-server to answer", Duration::from_secs(10), || {
+            let c = redis::Client::open(url.as_str()).ok()?;
+            let mut con = c.get_connection().ok()?;
+            redis::cmd("PING").query::<String>(&mut con).ok()
+        });
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn con(&self) -> redis::Connection {
+        redis::Client::open(self.url().as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Calls of one command since start, from `INFO commandstats` (scripts' inner calls included).
+    pub fn calls(&self, command: &str) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut self.con())
+            .unwrap();
+        let key = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Our worker as a child process, its log in a file.
+pub struct WorkerProc {
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+pub fn worker_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_orbit-worker")
+}
+
+impl WorkerProc {
+    pub fn start(redis: &RedisServer, args: &[&str]) -> WorkerProc {
+        Self::start_env(redis, args, &[])
+    }
+
+    pub fn start_env(redis: &RedisServer, args: &[&str], env: &[(&str, &str)]) -> WorkerProc {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("worker.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(worker_bin());
+        cmd.args(["worker", "--debug-tasks", "--loglevel", "info"])
+            .args(args)
+            .env("REDIS_URL", redis.url())
+            .env_remove("CELERY_BROKER_URL")
+            .env_remove("CELERY_RESULT_BACKEND")
+            .env_remove("OPENAI_API_KEY")
+            .env("ORBIT_EMBEDDER", "hashing")
+            .env("ORBIT_DATA_DIR", dir.path().join("data"))
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let w = WorkerProc {
+            child: Some(child),
+            log,
+            _dir: dir,
+        };
+        w.wait_log("worker ready", "ready.");
+        w
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn wait_log(&self, what: &str, needle: &str) {
+        wait_for(what, Duration::from_secs(60), || {
+            self.log().contains(needle).then_some(())
+        });
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig}");
+    }
+
+    /// Waits for the exit and returns its code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let status = wait_for("worker to exit", timeout, || {
+            child.try_wait().ok().flatten()
+        });
+        self.child = None;
+        status.code()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn py_env(cmd: &mut Command, redis: &RedisServer, queue: &str) {
+    cmd.env("BROKER", redis.url())
+        .env("PYTHONPATH", repo().join("tests/py"))
+        .env("QUEUE", queue)
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+}
+
+/// Runs one request through the real Celery client (tests/py/celery_client.py).
+pub fn celery_client(redis: &RedisServer, queue: &str, request: Value) -> Value {
+    let mut cmd = Command::new(python());
+    cmd.arg(repo().join("tests/py/celery_client.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    py_env(&mut cmd, redis, queue);
+    let mut child = cmd.spawn().expect("python venv (make venv)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(request.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "celery client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// One task through send_task + get().
+pub fn call(
+    redis: &RedisServer,
+    queue: &str,
+    name: &str,
+    args: Value,
+    kwargs: Value,
+    options: Value,
+) -> Value {
+    let r = celery_client(
+        redis,
+        queue,
+        json!({"op": "call", "timeout": 60, "tasks": [{"name": name, "args": args, "kwargs": kwargs, "options": options}]}),
+    );
+    r[0].clone()
+}
+
+pub fn send(redis: &RedisServer, queue: &str, tasks: Value) -> Vec<String> {
+    let r = celery_client(redis, queue, json!({"op": "send", "tasks": tasks}));
+    serde_json::from_value(r).unwrap()
+}
+
+/// The real Python Celery worker (prefork, acks_late, results on), in its own process group so
+/// a kill takes its children too.
+pub struct PyWorker {
+    child: Option<Child>,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl PyWorker {
+    pub fn start(
+        redis: &RedisServer,
+        queue: &str,
+        concurrency: usize,
+        visibility: f64,
+    ) -> PyWorker {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("celery.log");
+        let celery = python().with_file_name("celery");
+        let mut cmd = Command::new(celery);
+        cmd.args([
+            "-A",
+            "pyapp",
+            "worker",
+            "-P",
+            "prefork",
+            "--loglevel",
+            "INFO",
+            "--without-mingle",
+            "--without-gossip",
+        ])
+        .args([
+            "-c",
+            &concurrency.to_string(),
+            "-Q",
+            queue,
+            "-n",
+            &format!("py{}@%h", free_port()),
+        ])
+        .arg("--logfile")
+        .arg(&log)
+        .env("VISIBILITY", visibility.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0);
+        py_env(&mut cmd, redis, queue);
+        let child = cmd.spawn().unwrap();
+        let w = PyWorker {
+            child: Some(child),
+            log,
+            _dir: dir,
+        };
+        wait_for("python worker ready", Duration::from_secs(60), || {
+            std::fs::read_to_string(&w.log)
+                .ok()?
+                .contains("ready.")
+                .then_some(())
+        });
+        w
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL to the whole group: the main process and its pool children.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", c.id())])
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PyWorker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn unacked_len(redis: &RedisServer) -> usize {
+    redis::cmd("HLEN")
+        .arg("unacked")
+        .query(&mut redis.con())
+        .unwrap()
+}
+
+pub fn list(redis: &RedisServer, key: &str) -> Vec<String> {
+    redis::cmd("LRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(-1)
+        .query(&mut redis.con())
+        .unwrap()
+}
+
+/// The stored result record of a task, parsed.
+pub fn meta(redis: &RedisServer, id: &str) -> Option<Value> {
+    let s: Option<String> = redis::cmd("GET")
+        .arg(format!("celery-task-meta-{id}"))
+        .query(&mut redis.con())
+        .unwrap();
+    s.map(|s| serde_json::from_str(&s).unwrap())
+}
+
+pub fn wait_meta(redis: &RedisServer, id: &str, status: &str, timeout: Duration) -> Value {
+    wait_for(&format!("{status} for {id}"), timeout, || {
+        meta(redis, id).filter(|m| m["status"] == status)
+    })
+}
+
+pub fn unique_queue(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
