@@ -195,7 +195,8 @@ async fn signals(warm: CancellationToken) {
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     warm.cancel();
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    tracing::error!("worker: Cold shutdown: held messages stay in unacked for a restore");
+    // Straight to stderr: the log writer thread is not flushed by an exit.
+    eprintln!("worker: Cold shutdown: held messages stay in unacked for a restore");
     std::process::exit(1);
 }
 

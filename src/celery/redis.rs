@@ -117,6 +117,11 @@ impl RedisConn {
     }
 }
 
+/// Bytes from Redis as text without a copy; invalid UTF-8 (garbage on a queue) made readable.
+fn utf8(b: Vec<u8>) -> String {
+    String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
 /// A queue element as taken: the list it came from, its bytes, and whether it was registered
 /// in `unacked` (it was unless no delivery tag could be read from it).
 #[derive(Debug)]
@@ -135,53 +140,114 @@ type FetchReply = Vec<(Vec<u8>, Vec<u8>, String)>;
 const FETCH_LUA: &str = r#"
 local now = ARGV[1]
 local max = tonumber(ARGV[2])
-local out = {}
+local out, zadd, hset = {}, {}, {}
 for i = 3, #KEYS do
-  while #out < max do
-    local raw = redis.call('RPOP', KEYS[i])
-    if not raw then break end
-    local ok, env = pcall(cjson.decode, raw)
-    local tag, ex, rk = nil, '', KEYS[i]
-    if ok and type(env) == 'table' and type(env.properties) == 'table' then
-      tag = env.properties.delivery_tag
-      local di = env.properties.delivery_info
-      if type(di) == 'table' then
-        if type(di.exchange) == 'string' then ex = di.exchange end
-        if type(di.routing_key) == 'string' then rk = di.routing_key end
+  local popped = redis.call('RPOP', KEYS[i], max - #out)
+  if popped then
+    for _, raw in ipairs(popped) do
+      local ok, env = pcall(cjson.decode, raw)
+      local tag, ex, rk = nil, '', KEYS[i]
+      if ok and type(env) == 'table' and type(env.properties) == 'table' then
+        tag = env.properties.delivery_tag
+        local di = env.properties.delivery_info
+        if type(di) == 'table' then
+          if type(di.exchange) == 'string' then ex = di.exchange end
+          if type(di.routing_key) == 'string' then rk = di.routing_key end
+        end
       end
-    end
-    if type(tag) == 'string' then
-      redis.call('ZADD', KEYS[1], now, tag)
-      redis.call('HSET', KEYS[2], tag, '[' .. raw .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']')
-      out[#out + 1] = {KEYS[i], raw, '1'}
-    else
-      out[#out + 1] = {KEYS[i], raw, '0'}
+      if type(tag) == 'string' then
+        zadd[#zadd + 1] = now
+        zadd[#zadd + 1] = tag
+        hset[#hset + 1] = tag
+        hset[#hset + 1] = '[' .. raw .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']'
+        out[#out + 1] = {KEYS[i], raw, '1'}
+      else
+        out[#out + 1] = {KEYS[i], raw, '0'}
+      end
     end
   end
   if #out >= max then break end
 end
+if #zadd > 0 then
+  redis.call('ZADD', KEYS[1], unpack(zadd))
+  redis.call('HSET', KEYS[2], unpack(hset))
+end
 return out
 "#;
 
-/// Writes each result unless a SUCCESS is already stored (a redelivered task must not turn a
-/// success into anything else), and publishes it: `AsyncResult.get()` waits on the channel.
-const STORE_LUA: &str = r#"
-local written = 0
-for i = 1, #KEYS do
-  local cur = redis.call('GET', KEYS[i])
+/// Settles a batch in one atomic step: each result written unless a SUCCESS is already stored
+/// (a redelivered task must not turn a success into anything else) and published
+/// (`AsyncResult.get()` waits on the channel); then retries re-published, dead letters kept, and
+/// acks. The worker calls it once when results and broker share a Redis, else once on each, results
+/// first.
+/// KEYS: unacked_index, unacked, orbit.dead, meta keys…, publish lists…
+/// ARGV: expires, #results, #publish, #dead, #acks, results…, envelopes…, dead records…, tags…
+const FINISH_LUA: &str = r#"
+local nres, npub, ndead, nack = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local a, k, written = 6, 4, 0
+for i = 0, nres - 1 do
+  local key, val = KEYS[k + i], ARGV[a + i]
+  local cur = redis.call('GET', key)
   local keep = false
   if cur then
     local ok, m = pcall(cjson.decode, cur)
     keep = ok and type(m) == 'table' and m.status == 'SUCCESS'
   end
   if not keep then
-    redis.call('SETEX', KEYS[i], ARGV[1], ARGV[i + 1])
-    redis.call('PUBLISH', KEYS[i], ARGV[i + 1])
+    redis.call('SETEX', key, ARGV[1], val)
+    redis.call('PUBLISH', key, val)
     written = written + 1
   end
 end
+a, k = a + nres, k + nres
+for i = 0, npub - 1 do redis.call('LPUSH', KEYS[k + i], ARGV[a + i]) end
+a = a + npub
+for i = 0, ndead - 1 do redis.call('LPUSH', KEYS[3], ARGV[a + i]) end
+a = a + ndead
+if nack > 0 then
+  local tags = {}
+  for i = 0, nack - 1 do tags[i + 1] = ARGV[a + i] end
+  redis.call('ZREM', KEYS[1], unpack(tags))
+  redis.call('HDEL', KEYS[2], unpack(tags))
+end
 return written
 "#;
+
+static FINISH: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| Script::new(FINISH_LUA));
+
+/// Runs the settle script on `conn`; returns how many results were written.
+pub async fn finish(
+    conn: &RedisConn,
+    results: &[(String, String)],
+    s: &Settlement,
+    expires: Duration,
+) -> Result<usize, BrokerError> {
+    if results.is_empty() && s.is_empty() {
+        return Ok(0);
+    }
+    let mut inv = FINISH.prepare_invoke();
+    inv.key(UNACKED_INDEX).key(UNACKED).key(DEAD_LETTER);
+    inv.arg(expires.as_secs().max(1))
+        .arg(results.len())
+        .arg(s.publish.len())
+        .arg(s.dead.len())
+        .arg(s.acks.len());
+    for (id, meta) in results {
+        inv.key(meta_key(id)).arg(meta);
+    }
+    for (list, env) in &s.publish {
+        inv.key(list).arg(env);
+    }
+    for d in &s.dead {
+        inv.arg(d);
+    }
+    for t in &s.acks {
+        inv.arg(t);
+    }
+    let mut c = conn.conn().await?;
+    let r: Result<usize, _> = inv.invoke_async(&mut c).await;
+    conn.note(r).await
+}
 
 /// Puts one unacked message back if it is still the entry that was read (compare and swap, so
 /// a concurrent ack or restore wins cleanly and nothing is pushed twice).
@@ -253,8 +319,8 @@ impl Broker {
             .await?
             .into_iter()
             .map(|(list, raw, reg)| Fetched {
-                list: String::from_utf8_lossy(&list).into_owned(),
-                raw: String::from_utf8_lossy(&raw).into_owned(),
+                list: utf8(list),
+                raw: utf8(raw),
                 registered: reg == "1",
             })
             .collect())
@@ -272,12 +338,11 @@ impl Broker {
             .arg(timeout.as_secs_f64())
             .query_async(&mut c)
             .await;
-        Ok(self.blocking.note(r).await?.map(|(k, v)| {
-            (
-                String::from_utf8_lossy(&k).into_owned(),
-                String::from_utf8_lossy(&v).into_owned(),
-            )
-        }))
+        Ok(self
+            .blocking
+            .note(r)
+            .await?
+            .map(|(k, v)| (utf8(k), utf8(v))))
     }
 
     /// kombu's registration: `MULTI; ZADD unacked_index; HSET unacked; EXEC`.
@@ -305,27 +370,12 @@ impl Broker {
         self.ops.note(r).await
     }
 
-    /// Acks, re-publishes and dead-letters in one transaction: a retry's new message and the ack
+    /// Acks, re-publishes and dead-letters in one atomic step: a retry's new message and the ack
     /// of the old one land together or not at all.
     pub async fn settle(&self, s: &Settlement) -> Result<(), BrokerError> {
-        if s.is_empty() {
-            return Ok(());
-        }
-        let mut p = redis::pipe();
-        p.atomic();
-        for (list, env) in &s.publish {
-            p.lpush(list, env).ignore();
-        }
-        for d in &s.dead {
-            p.lpush(DEAD_LETTER, d).ignore();
-        }
-        if !s.acks.is_empty() {
-            p.zrem(UNACKED_INDEX, &s.acks).ignore();
-            p.hdel(UNACKED, &s.acks).ignore();
-        }
-        let mut c = self.ops.conn().await?;
-        let r: Result<(), _> = p.query_async(&mut c).await;
-        self.ops.note(r).await
+        finish(&self.ops, &[], s, Duration::from_secs(1))
+            .await
+            .map(|_| ())
     }
 
     /// A live worker keeps its held messages fresh, so no sweep takes them while they run or
@@ -492,7 +542,6 @@ pub fn dead_letter_record(reason: &str, list: &str, raw: &str) -> String {
 /// The result backend: `celery-task-meta-<id>` keys and channels.
 pub struct Backend {
     pub conn: RedisConn,
-    store: Script,
     pub expires: Duration,
 }
 
@@ -504,7 +553,6 @@ impl Backend {
     pub fn open(url: &str, expires: Duration) -> Result<Self, BrokerError> {
         Ok(Backend {
             conn: RedisConn::open(url, Duration::from_secs(10))?,
-            store: Script::new(STORE_LUA),
             expires,
         })
     }
@@ -512,17 +560,16 @@ impl Backend {
     /// Stores and publishes a batch of (task id, meta JSON); returns how many were written
     /// (the rest already held a SUCCESS).
     pub async fn store(&self, items: &[(String, String)]) -> Result<usize, BrokerError> {
-        if items.is_empty() {
-            return Ok(0);
-        }
-        let mut inv = self.store.prepare_invoke();
-        inv.arg(self.expires.as_secs().max(1));
-        for (id, meta) in items {
-            inv.key(meta_key(id)).arg(meta);
-        }
-        let mut c = self.conn.conn().await?;
-        let r: Result<usize, _> = inv.invoke_async(&mut c).await;
-        self.conn.note(r).await
+        finish(&self.conn, items, &Settlement::default(), self.expires).await
+    }
+
+    /// Results and their acks in one round trip, for a backend on the broker's own Redis.
+    pub async fn store_and_settle(
+        &self,
+        items: &[(String, String)],
+        s: &Settlement,
+    ) -> Result<usize, BrokerError> {
+        finish(&self.conn, items, s, self.expires).await
     }
 
     /// The stored state of a task, if any.

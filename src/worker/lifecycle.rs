@@ -117,7 +117,7 @@ enum Ending {
 
 async fn run(
     sh: Arc<Shared>,
-    msg: TaskMessage,
+    mut msg: TaskMessage,
     def: &'static TaskDef,
     queue: String,
     permit: OwnedSemaphorePermit,
@@ -167,8 +167,8 @@ async fn run(
         call: Call {
             id: msg.id.clone(),
             name: msg.name.clone(),
-            args: msg.args.clone(),
-            kwargs: msg.kwargs.clone(),
+            args: std::mem::take(&mut msg.args),
+            kwargs: std::mem::take(&mut msg.kwargs),
             retries: msg.retries,
         },
         cancel: cancel.clone(),

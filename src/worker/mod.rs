@@ -63,6 +63,8 @@ pub struct Shared {
     backend: Backend,
     registry: Registry,
     services: Arc<Services>,
+    /// Results live on the broker's Redis: results and acks share one atomic round trip.
+    shared_redis: bool,
     /// Delivery tags this worker holds and has not settled.
     held: Mutex<HashSet<String>>,
     prefetch: Arc<Semaphore>,
@@ -154,6 +156,7 @@ pub async fn run(
     let registry = Registry::new(opts.debug_tasks);
     let (settle_tx, settle_rx) = mpsc::channel(SETTLE_QUEUE);
     let sh = Arc::new(Shared {
+        shared_redis: opts.broker_url == opts.backend_url,
         prefetch: Arc::new(Semaphore::new(opts.prefetch())),
         concurrency: Arc::new(Semaphore::new(opts.concurrency.max(1))),
         opts,

@@ -136,9 +136,6 @@ pub async fn settler(sh: Arc<Shared>, mut rx: mpsc::Receiver<SettleMsg>) {
 
 async fn settle(sh: &Shared, batch: &mut Vec<Completion>) {
     let results: Vec<(String, String)> = batch.iter_mut().filter_map(|c| c.result.take()).collect();
-    if !results.is_empty() {
-        persist("store results", || sh.backend.store(&results)).await;
-    }
     let mut s = Settlement::default();
     let mut give_back = Vec::new();
     for c in batch.iter_mut() {
@@ -158,7 +155,16 @@ async fn settle(sh: &Shared, batch: &mut Vec<Completion>) {
             Action::GiveBack => give_back.extend(tag),
         }
     }
-    persist("ack", || sh.broker.settle(&s)).await;
+    if sh.shared_redis {
+        persist("store results and ack", || {
+            sh.backend.store_and_settle(&results, &s)
+        })
+        .await;
+    } else {
+        // Results first: an ack must never land for a result that did not.
+        persist("store results", || sh.backend.store(&results)).await;
+        persist("ack", || sh.broker.settle(&s)).await;
+    }
     let mut restored = 0;
     for tag in &give_back {
         if persist("restore", || sh.broker.restore_tag(tag)).await {
