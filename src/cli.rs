@@ -13,10 +13,14 @@ use orbit_pipeline::source::{JsonlSource, Source};
 use orbit_pipeline::{BuildReport, BuildScope};
 use tokio_util::sync::CancellationToken;
 
+use crate::celery::redis::{redact_url, RedisConn};
 use crate::config::{CelerySettings, Settings};
 use crate::embedders;
 use crate::services::Services;
 use crate::worker::{self, WorkerOptions};
+
+/// How long a health probe waits for each Redis.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Parser, Debug)]
 #[command(
@@ -61,6 +65,9 @@ impl Cli {
 pub enum Command {
     /// Consume Celery tasks from Redis, as `celery worker` does.
     Worker(WorkerArgs),
+    /// Check that the broker and the result backend answer: exit 0, or 1 naming what fails
+    /// (for container health probes).
+    Health,
     /// Build one user's memory, or every user's.
     Build(BuildArgs),
     /// Print a user's nearest chunks for a query.
@@ -136,6 +143,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     let settings = Settings::from_env()?;
     match cli.command {
         Command::Worker(a) => worker(settings, a).await,
+        Command::Health => health().await,
         Command::Build(a) => build(settings, a).await,
         Command::Search(a) => search(settings, a).await,
     }
@@ -179,6 +187,29 @@ async fn worker(settings: Settings, a: WorkerArgs) -> Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
     worker::run(opts, Arc::new(Services::new(settings)), shutdown).await
+}
+
+async fn health() -> Result<()> {
+    let celery = CelerySettings::from_env()?;
+    let mut failing = Vec::new();
+    for (part, url) in [
+        ("broker", &celery.broker_url),
+        ("result backend", &celery.backend_url),
+    ] {
+        let conn = RedisConn::open(url.expose(), HEALTH_TIMEOUT)?;
+        match tokio::time::timeout(HEALTH_TIMEOUT, conn.ping()).await {
+            Ok(Ok(())) => println!("{part}: ok ({})", redact_url(url.expose())),
+            Ok(Err(e)) => failing.push(format!("{part} ({}): {e}", redact_url(url.expose()))),
+            Err(_) => failing.push(format!(
+                "{part} ({}): no answer in {HEALTH_TIMEOUT:?}",
+                redact_url(url.expose())
+            )),
+        }
+    }
+    if !failing.is_empty() {
+        bail!("unhealthy: {}", failing.join("; "));
+    }
+    Ok(())
 }
 
 /// The first SIGTERM or SIGINT starts a warm shutdown; a second one is a cold shutdown: exit at

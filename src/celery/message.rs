@@ -94,6 +94,9 @@ pub struct TaskMessage {
     pub routing_key: String,
     pub redelivered: bool,
     pub ignore_result: bool,
+    /// The embed names a chain, callbacks, errbacks or a chord: canvas work this worker does
+    /// not run yet, so it says so instead of dropping it silently.
+    pub has_canvas: bool,
     pub raw: String,
 }
 
@@ -146,7 +149,7 @@ impl TaskMessage {
             (Some(other), _) => return Err(fail(DecodeError::BodyEncoding(other.to_string()))),
             (None, _) => return Err(fail(DecodeError::Body("body is not a string".into()))),
         };
-        let (args, kwargs) = decode_body(&body_bytes).map_err(fail)?;
+        let (args, kwargs, has_canvas) = decode_body(&body_bytes).map_err(fail)?;
         let eta = parse_time("eta", headers.eta.as_deref()).map_err(fail)?;
         let expires = parse_time("expires", headers.expires.as_deref()).map_err(fail)?;
         let (hard_limit, soft_limit) = headers.timelimit.unwrap_or((None, None));
@@ -168,12 +171,15 @@ impl TaskMessage {
             routing_key: di.routing_key.unwrap_or_default(),
             redelivered: headers.redelivered.or(di.redelivered).unwrap_or(false),
             ignore_result: headers.ignore_result.unwrap_or(false),
+            has_canvas,
             raw: raw.to_string(),
         })
     }
 }
 
-fn decode_body(bytes: &[u8]) -> Result<(Vec<Value>, Map<String, Value>), DecodeError> {
+type Body = (Vec<Value>, Map<String, Value>, bool);
+
+fn decode_body(bytes: &[u8]) -> Result<Body, DecodeError> {
     let body: Value =
         serde_json::from_slice(bytes).map_err(|e| DecodeError::Body(e.to_string()))?;
     let Value::Array(mut parts) = body else {
@@ -182,6 +188,16 @@ fn decode_body(bytes: &[u8]) -> Result<(Vec<Value>, Map<String, Value>), DecodeE
     if parts.len() < 2 {
         return Err(DecodeError::Body(format!("{} elements", parts.len())));
     }
+    let has_canvas = parts
+        .get(2)
+        .and_then(Value::as_object)
+        .is_some_and(|embed| {
+            ["callbacks", "errbacks", "chain", "chord"].iter().any(|k| {
+                embed
+                    .get(*k)
+                    .is_some_and(|v| !v.is_null() && v != &Value::Array(vec![]))
+            })
+        });
     let kwargs = match parts.swap_remove(1) {
         Value::Object(m) => m,
         Value::Null => Map::new(),
@@ -192,7 +208,7 @@ fn decode_body(bytes: &[u8]) -> Result<(Vec<Value>, Map<String, Value>), DecodeE
         Value::Null => Vec::new(),
         _ => return Err(DecodeError::Body("args is not a list".into())),
     };
-    Ok((args, kwargs))
+    Ok((args, kwargs, has_canvas))
 }
 
 /// ISO-8601 as Celery writes it (`+00:00`); a naive time is read as UTC, as Celery does with
@@ -394,6 +410,9 @@ mod tests {
                 let body: Value = serde_json::from_slice(&body).unwrap();
                 assert_eq!(Value::Array(d.args.clone()), body[0], "{name}");
                 assert_eq!(Value::Object(d.kwargs.clone()), body[1], "{name}");
+                let canvas =
+                    name.contains("chain") || name.contains("link") || name.contains("chord");
+                assert_eq!(d.has_canvas, canvas, "{name}: canvas in the embed");
                 if let Some(list) = m.get("redis_list").and_then(Value::as_str) {
                     let rk = if d.routing_key.is_empty() {
                         "celery"

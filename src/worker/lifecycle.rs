@@ -99,6 +99,9 @@ pub async fn accept(
     };
     let span = tracing::info_span!("task", id = %msg.id, task = def.name, retries = msg.retries);
     tracing::info!(parent: &span, "Task {}[{}] received", def.name, msg.id);
+    if msg.has_canvas {
+        tracing::warn!(parent: &span, "Task {}[{}] carries a chain, callbacks or a chord: this worker runs the task but not the rest of the canvas", def.name, msg.id);
+    }
     let queue = base_queue(&list).to_string();
     sh.tracker
         .spawn(run(sh.clone(), msg, def, queue, permit).instrument(span));

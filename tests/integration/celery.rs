@@ -57,6 +57,42 @@ fn python_send_task_reaches_the_worker_and_get_returns_the_value() {
 }
 
 #[test]
+fn results_go_to_celery_result_backend_when_it_is_elsewhere() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("backend");
+    let backend = format!("redis://127.0.0.1:{}/3", redis.port);
+    let _w = WorkerProc::start_env(
+        &redis,
+        &args(&q, &[]),
+        &[("CELERY_RESULT_BACKEND", &backend)],
+    );
+    let task = json!({"name": "orbit.echo", "args": ["db3"]});
+    let r = celery_client_env(
+        &redis,
+        &q,
+        &[("BACKEND", &backend)],
+        json!({"op": "call", "timeout": 30, "tasks": [task]}),
+    );
+    assert_eq!(r[0]["result"]["args"], json!(["db3"]), "{r}");
+    let id = r[0]["id"].as_str().unwrap();
+    assert!(meta(&redis, id).is_none(), "nothing in the broker's db");
+    let mut con = redis::Client::open(backend.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let stored: Option<String> = redis::cmd("GET")
+        .arg(format!("celery-task-meta-{id}"))
+        .query(&mut con)
+        .unwrap();
+    assert!(stored
+        .unwrap()
+        .starts_with("{\"status\": \"SUCCESS\", \"result\": "));
+    wait_for("ack", Duration::from_secs(5), || {
+        (unacked_len(&redis) == 0).then_some(())
+    });
+}
+
+#[test]
 fn build_memory_through_the_queue_builds_a_fixture_user() {
     let redis = RedisServer::start(false);
     let q = unique_queue("build");
@@ -525,4 +561,31 @@ fn json_log_format_carries_task_fields() {
     assert_eq!(v["span"]["id"], json!(id), "{v}");
     assert_eq!(v["span"]["task"], "orbit.echo", "{v}");
     assert_eq!(v["level"], "INFO");
+}
+
+#[test]
+fn the_health_check_fails_while_redis_is_down() {
+    let mut redis = RedisServer::start(false);
+    let health = |url: &str| {
+        std::process::Command::new(worker_bin())
+            .arg("health")
+            .env("REDIS_URL", url)
+            .env_remove("CELERY_BROKER_URL")
+            .env_remove("CELERY_RESULT_BACKEND")
+            .output()
+            .unwrap()
+    };
+    let url = redis.url();
+    let ok = health(&url);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    redis.kill();
+    let down = health(&url);
+    assert!(!down.status.success());
+    let err = String::from_utf8_lossy(&down.stderr);
+    assert!(err.contains("unhealthy: broker"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
 }

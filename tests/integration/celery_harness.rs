@@ -214,6 +214,7 @@ impl Drop for WorkerProc {
 
 fn py_env(cmd: &mut Command, redis: &RedisServer, queue: &str) {
     cmd.env("BROKER", redis.url())
+        .env_remove("BACKEND")
         .env("PYTHONPATH", repo().join("tests/py"))
         .env("QUEUE", queue)
         .env("PYTHONDONTWRITEBYTECODE", "1");
@@ -221,12 +222,24 @@ fn py_env(cmd: &mut Command, redis: &RedisServer, queue: &str) {
 
 /// Runs one request through the real Celery client (tests/py/celery_client.py).
 pub fn celery_client(redis: &RedisServer, queue: &str, request: Value) -> Value {
+    celery_client_env(redis, queue, &[], request)
+}
+
+pub fn celery_client_env(
+    redis: &RedisServer,
+    queue: &str,
+    env: &[(&str, &str)],
+    request: Value,
+) -> Value {
     let mut cmd = Command::new(python());
     cmd.arg(repo().join("tests/py/celery_client.py"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     py_env(&mut cmd, redis, queue);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     let mut child = cmd.spawn().expect("python venv (make venv)");
     child
         .stdin
