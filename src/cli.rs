@@ -226,7 +226,8 @@ async fn signals(warm: CancellationToken) {
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     warm.cancel();
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    // Straight to stderr: the log writer thread is not flushed by an exit.
+    crate::logging::flush();
+    // Straight to stderr: nothing after this line is flushed.
     eprintln!("worker: Cold shutdown: held messages stay in unacked for a restore");
     std::process::exit(1);
 }

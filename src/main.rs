@@ -4,6 +4,7 @@ mod celery;
 mod cli;
 mod config;
 mod embedders;
+mod logging;
 mod services;
 mod tasks;
 mod worker;
@@ -12,9 +13,6 @@ use std::io::IsTerminal;
 
 use clap::Parser;
 
-/// Bytes of log lines gathered into one write.
-const LOG_BUFFER: usize = 64 * 1024;
-
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("ORBIT_LOG")
@@ -22,19 +20,10 @@ fn main() -> std::process::ExitCode {
         .unwrap_or_else(|_| {
             tracing_subscriber::EnvFilter::new(format!("{},sqlx=error", args.log_level()))
         });
-    // Log lines go through a writer thread that drains whatever is queued into one buffered
-    // write: a busy worker logs two lines per task, and a syscall per line cost it 40% of its CPU.
-    // Never lossy: a full queue makes the logger wait rather than drop lines.
-    let (writer, _flush_on_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::BufWriter::with_capacity(
-            LOG_BUFFER,
-            std::io::stderr(),
-        ));
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-        .with_writer(writer);
+        .with_writer(logging::writer());
     match args.log_format {
         cli::LogFormat::Text => fmt.init(),
         cli::LogFormat::Json => fmt
@@ -44,17 +33,26 @@ fn main() -> std::process::ExitCode {
             .with_span_list(false)
             .init(),
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    // The worker's runtime only moves messages: task CPU work runs on rayon and blocking threads.
+    // One runtime thread spares the wake-ups between two, which cost a third of the worker's CPU
+    // per task (docs/worker.md). TOKIO_WORKER_THREADS still overrides.
+    if matches!(args.command, cli::Command::Worker(_))
+        && std::env::var_os("TOKIO_WORKER_THREADS").is_none()
     {
+        builder.worker_threads(1);
+    }
+    let rt = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting runtime: {e}");
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(cli::run(args)) {
+    let outcome = rt.block_on(cli::run(args));
+    logging::flush();
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // One line: the chain of causes, never a backtrace.
