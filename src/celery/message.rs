@@ -250,6 +250,33 @@ pub fn poll_keys(queues: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// kombu's round robin: each poll starts at the next queue, so one busy queue never starves the
+/// others. Priority buckets still come first: every queue's bucket 0 before any bucket 3.
+pub struct PollOrder {
+    rotations: Vec<Vec<String>>,
+    next: usize,
+}
+
+impl PollOrder {
+    pub fn new(queues: &[String]) -> PollOrder {
+        let rotations = (0..queues.len().max(1))
+            .map(|i| {
+                let mut q = queues.to_vec();
+                let by = i.min(q.len().saturating_sub(1));
+                q.rotate_left(by);
+                poll_keys(&q)
+            })
+            .collect();
+        PollOrder { rotations, next: 0 }
+    }
+
+    pub fn keys(&mut self) -> &[String] {
+        let i = self.next;
+        self.next = (self.next + 1) % self.rotations.len();
+        &self.rotations[i]
+    }
+}
+
 /// The envelope of a retry, as Celery publishes it: same id, `retries + 1`, an absolute `eta`,
 /// the task as its own parent, and a fresh delivery tag.
 pub fn retry_envelope(
@@ -323,6 +350,18 @@ mod tests {
             poll_keys(&["a".into(), "b".into()])[..3],
             ["a".to_string(), "b".into(), "a\x06\x163".into()]
         );
+    }
+
+    #[test]
+    fn polls_rotate_across_queues() {
+        let mut p = PollOrder::new(&["a".into(), "b".into()]);
+        assert_eq!(p.keys()[..2], ["a".to_string(), "b".into()]);
+        assert_eq!(p.keys()[..2], ["b".to_string(), "a".into()]);
+        assert_eq!(p.keys()[..2], ["a".to_string(), "b".into()]);
+        assert_eq!(p.keys()[2], "b\x06\x163", "bucket 3 after every bucket 0");
+        let mut one = PollOrder::new(&["celery".into()]);
+        let first = one.keys().to_vec();
+        assert_eq!(first, one.keys());
     }
 
     #[test]

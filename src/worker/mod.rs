@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::celery::message::poll_keys;
+use crate::celery::message::PollOrder;
 use crate::celery::redis::{redact_url, Backend, Broker};
 use crate::services::Services;
 use crate::tasks::Registry;
@@ -224,7 +224,7 @@ pub async fn run(
 /// Takes messages while prefetch slots are free: a batch through the fetch script when the
 /// queue has work, else one blocking BRPOP.
 async fn fetch_loop(sh: Arc<Shared>) {
-    let keys = poll_keys(&sh.opts.queues);
+    let mut order = PollOrder::new(&sh.opts.queues);
     let mut backoff = Backoff::default();
     loop {
         let first = tokio::select! {
@@ -238,6 +238,7 @@ async fn fetch_loop(sh: Arc<Shared>) {
                 Err(_) => break,
             }
         }
+        let keys = order.keys().to_vec();
         let fetched = match sh.broker.fetch(&keys, permits.len()).await {
             Ok(f) => f,
             Err(e) => {

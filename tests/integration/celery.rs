@@ -54,6 +54,35 @@ fn python_send_task_reaches_the_worker_and_get_returns_the_value() {
         .query(&mut redis.con())
         .unwrap();
     assert!((3590..=3600).contains(&ttl), "ttl {ttl}");
+    // A priority message lives on its own list (`q\x06\x169`) and is served too.
+    let r = call(
+        &redis,
+        &q,
+        "orbit.echo",
+        json!(["urgent"]),
+        json!({}),
+        json!({"priority": 9}),
+    );
+    assert_eq!(r["result"]["args"], json!(["urgent"]), "{r}");
+}
+
+#[test]
+fn one_worker_serves_several_queues() {
+    let redis = RedisServer::start(false);
+    let (a, b) = (unique_queue("qa"), unique_queue("qb"));
+    let both = format!("{a},{b}");
+    let _w = WorkerProc::start(&redis, &["-Q", &both]);
+    for q in [&a, &b] {
+        let r = call(
+            &redis,
+            q,
+            "orbit.echo",
+            json!([q]),
+            json!({}),
+            json!({"queue": q}),
+        );
+        assert_eq!(r["result"]["args"], json!([q]), "{r}");
+    }
 }
 
 #[test]
@@ -167,6 +196,39 @@ fn a_task_error_raises_that_exception_from_get() {
     assert!(w.log().contains(&format!(
         "Task orbit.debug.fail[{id}] raised unexpected: MemoryBuildError('store is gone')"
     )));
+}
+
+#[test]
+fn a_stored_success_is_never_overwritten() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("keep");
+    let w = WorkerProc::start(&redis, &args(&q, &[]));
+    let id = uuid::Uuid::new_v4().to_string();
+    let r = call(
+        &redis,
+        &q,
+        "orbit.echo",
+        json!(["first"]),
+        json!({}),
+        json!({"task_id": id}),
+    );
+    assert_eq!(r["state"], "SUCCESS");
+    // The same id again, failing this time (a duplicate delivery of a task that did succeed).
+    send(
+        &redis,
+        &q,
+        json!([{"name": "orbit.debug.fail", "args": ["ValueError", "late"], "options": {"task_id": id}}]),
+    );
+    w.wait_log(
+        "the duplicate to run",
+        "raised unexpected: ValueError('late')",
+    );
+    wait_for("ack", Duration::from_secs(5), || {
+        (unacked_len(&redis) == 0).then_some(())
+    });
+    let m = meta(&redis, &id).unwrap();
+    assert_eq!(m["status"], "SUCCESS", "{m}");
+    assert_eq!(m["result"]["args"], json!(["first"]));
 }
 
 #[test]
