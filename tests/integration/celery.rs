@@ -651,3 +651,28 @@ fn the_health_check_fails_while_redis_is_down() {
     assert!(err.contains("unhealthy: broker"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+#[test]
+fn a_second_signal_is_a_cold_shutdown_that_leaves_work_in_unacked() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("cold");
+    let mut w = WorkerProc::start(&redis, &args(&q, &["-c", "1"]));
+    let id = send(
+        &redis,
+        &q,
+        json!([{"name": "orbit.debug.sleep", "args": [10]}]),
+    )[0]
+    .clone();
+    w.wait_log("the task to start", &format!("[{id}] received"));
+    w.signal("TERM");
+    w.wait_log("warm shutdown", "Warm shutdown");
+    w.signal("TERM");
+    assert_eq!(w.wait_exit(Duration::from_secs(5)), Some(1), "{}", w.log());
+    assert!(w.log().contains("Cold shutdown"), "{}", w.log());
+    assert_eq!(
+        unacked_len(&redis),
+        1,
+        "the running task stays in unacked for a restore"
+    );
+    assert!(meta(&redis, &id).is_none());
+}
