@@ -169,7 +169,7 @@ impl Chunker {
         let mut units = Vec::with_capacity(text.len() / 4 + 1);
         let mut cum = 0usize;
         let mut end = 0usize;
-        for piece in tok.split(text) {
+        for piece in s.encoding.split(text) {
             end += piece.len();
             cum += s.encoding.count_piece(piece);
             units.push(Unit { end, cum });
@@ -197,7 +197,6 @@ impl Chunker {
 /// Tokens `PACK_SEPARATOR` adds after a text whose last pre-token piece is `last`. Short pieces
 /// (nearly all) are joined on the stack: this runs once per chat message.
 fn sep_tokens(enc: Encoding, last: &str) -> usize {
-    let tok = enc.tokenizer();
     let mut buf = [0u8; 32];
     let n = last.len() + PACK_SEPARATOR.len();
     let heap;
@@ -209,7 +208,7 @@ fn sep_tokens(enc: Encoding, last: &str) -> usize {
         heap = format!("{last}{PACK_SEPARATOR}");
         &heap
     };
-    let with: usize = tok.split(joined).map(|p| enc.count_piece(p)).sum();
+    let with: usize = enc.split(joined).map(|p| enc.count_piece(p)).sum();
     with.saturating_sub(enc.count_piece(last))
 }
 
@@ -218,7 +217,7 @@ fn sep_tokens(enc: Encoding, last: &str) -> usize {
 fn count_upto(enc: Encoding, text: &str, limit: usize) -> Option<(usize, &str)> {
     let mut n = 0;
     let mut last = "";
-    for piece in enc.tokenizer().split(text) {
+    for piece in enc.split(text) {
         n += enc.count_piece(piece);
         if n > limit {
             return None;

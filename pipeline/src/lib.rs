@@ -5,6 +5,7 @@ pub mod chunk;
 pub mod clean;
 pub mod embed;
 pub mod hash;
+pub mod pretokenize;
 pub mod report;
 pub mod runner;
 pub mod secret;

@@ -24,6 +24,16 @@ impl Encoding {
         }
     }
 
+    /// tiktoken's pre-token pieces of `text`: a byte scanner for ASCII under cl100k_base (the
+    /// common case, and no regex), the encoding's own pattern otherwise.
+    pub fn split<'a>(self, text: &'a str) -> Pieces<'a, impl Iterator<Item = &'a str> + 'a> {
+        if self == Encoding::Cl100kBase && text.is_ascii() {
+            Pieces::Ascii(crate::pretokenize::AsciiSplits::new(text))
+        } else {
+            Pieces::Pattern(self.tokenizer().split(text))
+        }
+    }
+
     /// Exact tiktoken token count of `text`.
     pub fn count(self, text: &str) -> usize {
         self.tokenizer().count(text)
@@ -33,6 +43,24 @@ impl Encoding {
         match self {
             Encoding::Cl100kBase => "cl100k_base",
             Encoding::O200kBase => "o200k_base",
+        }
+    }
+}
+
+/// See [`Encoding::split`].
+pub enum Pieces<'a, P> {
+    Ascii(crate::pretokenize::AsciiSplits<'a>),
+    Pattern(P),
+}
+
+impl<'a, P: Iterator<Item = &'a str>> Iterator for Pieces<'a, P> {
+    type Item = &'a str;
+
+    #[inline]
+    fn next(&mut self) -> Option<&'a str> {
+        match self {
+            Pieces::Ascii(a) => a.next(),
+            Pieces::Pattern(p) => p.next(),
         }
     }
 }
@@ -153,9 +181,8 @@ mod tests {
             "Hello hello  world!! ünïcödé 日本語のテキスト 😀😀 1234567 aaaaaaaaaaaaaaaaaaaaaaaaa "
                 .repeat(3);
         for enc in [Encoding::Cl100kBase, Encoding::O200kBase] {
-            let tok = enc.tokenizer();
             for _ in 0..2 {
-                let sum: usize = tok.split(&text).map(|p| enc.count_piece(p)).sum();
+                let sum: usize = enc.split(&text).map(|p| enc.count_piece(p)).sum();
                 assert_eq!(sum, enc.count(&text));
             }
         }
