@@ -172,8 +172,8 @@ async fn worker(settings: Settings, a: WorkerArgs) -> Result<()> {
         bail!("no queue to consume: pass -Q NAME");
     }
     let opts = WorkerOptions {
-        broker_url: celery.broker_url.expose().to_string(),
-        backend_url: celery.backend_url.expose().to_string(),
+        broker_url: celery.broker_url,
+        backend_url: celery.backend_url,
         result_expires: celery.result_expires,
         concurrency: a.concurrency,
         queues,
@@ -196,14 +196,12 @@ async fn health() -> Result<()> {
         ("broker", &celery.broker_url),
         ("result backend", &celery.backend_url),
     ] {
+        let shown = redact_url(url.expose());
         let conn = RedisConn::open(url.expose(), HEALTH_TIMEOUT)?;
         match tokio::time::timeout(HEALTH_TIMEOUT, conn.ping()).await {
-            Ok(Ok(())) => println!("{part}: ok ({})", redact_url(url.expose())),
-            Ok(Err(e)) => failing.push(format!("{part} ({}): {e}", redact_url(url.expose()))),
-            Err(_) => failing.push(format!(
-                "{part} ({}): no answer in {HEALTH_TIMEOUT:?}",
-                redact_url(url.expose())
-            )),
+            Ok(Ok(())) => println!("{part}: ok ({shown})"),
+            Ok(Err(e)) => failing.push(format!("{part} ({shown}): {e}")),
+            Err(_) => failing.push(format!("{part} ({shown}): no answer in {HEALTH_TIMEOUT:?}")),
         }
     }
     if !failing.is_empty() {

@@ -253,9 +253,12 @@ pub async fn finish(
 /// a concurrent ack or restore wins cleanly and nothing is pushed twice).
 const RESTORE_LUA: &str = r#"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-if cur == false then return 0 end
+if cur == false then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 0
+end
 if cur ~= ARGV[2] then return -1 end
+redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('RPUSH', KEYS[3], ARGV[3])
 return 1

@@ -61,12 +61,7 @@ pub async fn accept(
         }
     };
     if !registered {
-        let base = base_queue(&list);
-        let rk = if msg.routing_key.is_empty() {
-            base
-        } else {
-            &msg.routing_key
-        };
+        let rk = routing_key(&msg, base_queue(&list));
         persist("register", || {
             sh.broker
                 .register(&msg.delivery_tag, &msg.raw, &msg.exchange, rk)
@@ -76,18 +71,10 @@ pub async fn accept(
     sh.hold(Some(&msg.delivery_tag));
     let Some(def) = sh.registry.get(&msg.name) else {
         tracing::error!(task = %msg.name, id = %msg.id, "Received unregistered task of type '{}'.", msg.name);
-        let exc = ExceptionInfo::not_registered(&msg.name);
-        let result = (!msg.ignore_result).then(|| {
-            (
-                msg.id.clone(),
-                encode_meta(
-                    &msg.id,
-                    msg.parent_id.as_deref(),
-                    &Outcome::Failure(exc),
-                    Utc::now(),
-                ),
-            )
-        });
+        let result = result_of(
+            &msg,
+            &Outcome::Failure(ExceptionInfo::not_registered(&msg.name)),
+        );
         sh.complete(Completion {
             delivery_tag: Some(msg.delivery_tag),
             result,
@@ -263,13 +250,27 @@ async fn run(
             }
         }
     };
-    let result = (!msg.ignore_result).then(|| {
+    let result = result_of(&msg, &outcome);
+    sh.ack(msg.delivery_tag, result, permit).await;
+}
+
+/// The record to store for `outcome`, unless the caller asked for no result.
+fn result_of(msg: &TaskMessage, outcome: &Outcome) -> Option<(String, String)> {
+    (!msg.ignore_result).then(|| {
         (
             msg.id.clone(),
-            encode_meta(&msg.id, msg.parent_id.as_deref(), &outcome, Utc::now()),
+            encode_meta(&msg.id, msg.parent_id.as_deref(), outcome, Utc::now()),
         )
-    });
-    sh.ack(msg.delivery_tag, result, permit).await;
+    })
+}
+
+/// Where the message was routed; a bare envelope without one came from `queue`.
+fn routing_key<'a>(msg: &'a TaskMessage, queue: &'a str) -> &'a str {
+    if msg.routing_key.is_empty() {
+        queue
+    } else {
+        &msg.routing_key
+    }
 }
 
 /// Celery's retry: the same task id re-published with `retries + 1` and an absolute ETA under a
@@ -296,42 +297,17 @@ async fn retry(
                 msg.id,
                 error.repr()
             );
-            let result = (
-                msg.id.clone(),
-                encode_meta(
-                    &msg.id,
-                    msg.parent_id.as_deref(),
-                    &Outcome::Failure(error),
-                    Utc::now(),
-                ),
-            );
-            return sh.ack(msg.delivery_tag, Some(result), permit).await;
+            let result = result_of(&msg, &Outcome::Failure(error));
+            return sh.ack(msg.delivery_tag, result, permit).await;
         }
     };
-    let rk = if msg.routing_key.is_empty() {
-        queue
-    } else {
-        &msg.routing_key
-    };
+    let list = queue_key(routing_key(&msg, queue), msg.priority);
     tracing::info!(eta = %eta, "Task {}[{}] retry: Retry in {}s: {}", def.name, msg.id, secs(delay), error.repr());
-    let result = (!msg.ignore_result).then(|| {
-        (
-            msg.id.clone(),
-            encode_meta(
-                &msg.id,
-                msg.parent_id.as_deref(),
-                &Outcome::Retry(error),
-                Utc::now(),
-            ),
-        )
-    });
+    let result = result_of(&msg, &Outcome::Retry(error));
     sh.complete(Completion {
         delivery_tag: Some(msg.delivery_tag),
         result,
-        action: Action::Retry {
-            list: queue_key(rk, msg.priority),
-            envelope,
-        },
+        action: Action::Retry { list, envelope },
         permit,
     })
     .await;
@@ -347,17 +323,7 @@ async fn revoke_expired(sh: &Shared, msg: TaskMessage, permit: Option<OwnedSemap
         msg.name,
         msg.id
     );
-    let result = (!msg.ignore_result).then(|| {
-        (
-            msg.id.clone(),
-            encode_meta(
-                &msg.id,
-                msg.parent_id.as_deref(),
-                &Outcome::Revoked { expired: true },
-                Utc::now(),
-            ),
-        )
-    });
+    let result = result_of(&msg, &Outcome::Revoked { expired: true });
     sh.ack(msg.delivery_tag, result, permit).await;
 }
 

@@ -17,6 +17,7 @@ use crate::celery::message::PollOrder;
 use crate::celery::redis::{redact_url, Backend, Broker};
 use crate::services::Services;
 use crate::tasks::Registry;
+use orbit_pipeline::secret::Secret;
 use settle::{persist, Action, Backoff, Completion, SettleMsg, SETTLE_QUEUE};
 
 /// kombu's `BRPOP … 1`: how long one idle poll blocks, and so how fast a shutdown stops fetching.
@@ -27,8 +28,9 @@ const FETCH_BATCH: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
-    pub broker_url: String,
-    pub backend_url: String,
+    /// URLs may carry a password: kept in the redacting type.
+    pub broker_url: Secret,
+    pub backend_url: Secret,
     pub result_expires: Duration,
     pub concurrency: usize,
     pub queues: Vec<String>,
@@ -151,12 +153,12 @@ pub async fn run(
     services: Arc<Services>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let broker = Broker::open(&opts.broker_url, BRPOP_TIMEOUT)?;
-    let backend = Backend::open(&opts.backend_url, opts.result_expires)?;
+    let broker = Broker::open(opts.broker_url.expose(), BRPOP_TIMEOUT)?;
+    let backend = Backend::open(opts.backend_url.expose(), opts.result_expires)?;
     let registry = Registry::new(opts.debug_tasks);
     let (settle_tx, settle_rx) = mpsc::channel(SETTLE_QUEUE);
     let sh = Arc::new(Shared {
-        shared_redis: opts.broker_url == opts.backend_url,
+        shared_redis: opts.broker_url.expose() == opts.backend_url.expose(),
         prefetch: Arc::new(Semaphore::new(opts.prefetch())),
         concurrency: Arc::new(Semaphore::new(opts.concurrency.max(1))),
         opts,
@@ -173,8 +175,8 @@ pub async fn run(
     let o = &sh.opts;
     tracing::info!(
         hostname = %o.hostname,
-        broker = %redact_url(&o.broker_url),
-        results = %redact_url(&o.backend_url),
+        broker = %redact_url(o.broker_url.expose()),
+        results = %redact_url(o.backend_url.expose()),
         queues = ?o.queues,
         concurrency = o.concurrency,
         prefetch = o.prefetch(),
@@ -238,8 +240,8 @@ async fn fetch_loop(sh: Arc<Shared>) {
                 Err(_) => break,
             }
         }
-        let keys = order.keys().to_vec();
-        let fetched = match sh.broker.fetch(&keys, permits.len()).await {
+        let keys = order.keys();
+        let fetched = match sh.broker.fetch(keys, permits.len()).await {
             Ok(f) => f,
             Err(e) => {
                 drop(permits);
@@ -260,7 +262,7 @@ async fn fetch_loop(sh: Arc<Shared>) {
         permits.truncate(1);
         // Never cancelled half-way: a BRPOP that returns has taken a message, which must be
         // registered; it ends within its timeout anyway.
-        match sh.broker.brpop(&keys, BRPOP_TIMEOUT).await {
+        match sh.broker.brpop(keys, BRPOP_TIMEOUT).await {
             Ok(Some((list, raw))) => {
                 lifecycle::accept(sh.clone(), list, raw, false, permits.remove(0)).await;
             }
