@@ -237,6 +237,7 @@ fn bench_pipeline(c: &mut Criterion) {
                         settings: PipelineSettings {
                             chunk: ChunkSettings::default(),
                             cpu_threads: threads,
+                            reuse_vectors: true,
                         },
                     };
                     rt.block_on(p.run(BuildScope::AllUsers, Default::default(), None))

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use orbit_pipeline::runner::ProgressFn;
-use orbit_pipeline::source::{JsonlSource, Source};
+use orbit_pipeline::source::JsonlSource;
 use orbit_pipeline::{BuildReport, BuildScope};
 use tokio_util::sync::CancellationToken;
 
@@ -72,6 +72,39 @@ pub enum Command {
     Build(BuildArgs),
     /// Print a user's nearest chunks for a query.
     Search(SearchArgs),
+    /// Answer a question from a user's memory, as `orbitpilot.generate_answer` does.
+    Ask(AskArgs),
+    /// The app database: apply migrations, or load a JSONL corpus into the app tables.
+    #[command(subcommand)]
+    Db(DbCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DbCommand {
+    /// Apply the shipped migrations to DATABASE_URL (already applied ones are skipped).
+    Migrate,
+    /// Load a JSONL corpus into the app tables, creating users, conversations and memberships.
+    Seed {
+        /// JSONL file or directory (repeatable).
+        #[arg(long = "from", required = true)]
+        from: Vec<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct AskArgs {
+    #[arg(long)]
+    pub user: i64,
+    #[arg(long, default_value_t = 8)]
+    pub top_k: usize,
+    /// Print the answer JSON (the Celery result's shape).
+    #[arg(long)]
+    pub json: bool,
+    /// The question.
+    pub question: String,
 }
 
 #[derive(Args, Debug)]
@@ -125,6 +158,9 @@ pub struct WorkerArgs {
     /// Also register the `orbit.debug.*` diagnostic tasks (sleep, fail, flaky).
     #[arg(long, env = "ORBIT_DEBUG_TASKS")]
     pub debug_tasks: bool,
+    /// Serve /healthz, /metrics and the status endpoints on this address (e.g. 127.0.0.1:8081).
+    #[arg(long, env = "ORBIT_HTTP_ADDR")]
+    pub http: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -146,7 +182,81 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Health => health().await,
         Command::Build(a) => build(settings, a).await,
         Command::Search(a) => search(settings, a).await,
+        Command::Ask(a) => ask(settings, a).await,
+        Command::Db(c) => db(settings, c).await,
     }
+}
+
+fn database(settings: &Settings) -> Result<crate::db::Db> {
+    let url = settings
+        .database_url
+        .as_ref()
+        .context("DATABASE_URL is not set")?;
+    Ok(crate::db::Db::connect_lazy(url)?)
+}
+
+async fn db(settings: Settings, c: DbCommand) -> Result<()> {
+    let db = database(&settings)?;
+    match c {
+        DbCommand::Migrate => {
+            let n = db.migrate().await?;
+            println!("migrations applied: {n} known, database up to date");
+        }
+        DbCommand::Seed { from, json } => {
+            db.migrate().await?;
+            let source = JsonlSource::new(&from)?;
+            let r = crate::db::seed(&db, &source).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "seeded {} documents: {} new rows, {} updated, {} new users, {} lines rejected",
+                    r.documents, r.inserted, r.updated, r.users, r.rejected_count
+                );
+                for x in r.rejected.iter().take(10) {
+                    println!("  {}: {}", x.location, x.reason);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn ask(settings: Settings, a: AskArgs) -> Result<()> {
+    let sv = Services::new(settings)?;
+    let task_id = format!("cli-{}", uuid::Uuid::new_v4());
+    let q = crate::answer::Question {
+        user_id: a.user,
+        question: &a.question,
+        top_k: a.top_k,
+        task_id: &task_id,
+    };
+    let ans = crate::answer::answer(&sv, q).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&ans)?);
+        return Ok(());
+    }
+    println!("{}", ans.answer);
+    if !ans.citations.is_empty() && ans.mode == "generative" {
+        println!();
+        for c in &ans.citations {
+            println!(
+                "[{}] {:.3} {} {}: {}",
+                c.n,
+                c.score,
+                c.kind,
+                c.source_ids.join(","),
+                c.snippet.replace('\n', " ")
+            );
+        }
+    }
+    if let Some(m) = &ans.model {
+        println!(
+            "\n({m}; {} tokens, ${:.6})",
+            ans.usage.total_tokens, ans.usage.cost_usd
+        );
+    }
+    Ok(())
 }
 
 async fn worker(settings: Settings, a: WorkerArgs) -> Result<()> {
@@ -183,10 +293,11 @@ async fn worker(settings: Settings, a: WorkerArgs) -> Result<()> {
         events: a.events,
         shutdown_grace: Duration::from_secs_f64(a.shutdown_grace),
         debug_tasks: a.debug_tasks,
+        http: a.http,
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
-    worker::run(opts, Arc::new(Services::new(settings)), shutdown).await
+    worker::run(opts, Arc::new(Services::new(settings)?), shutdown).await
 }
 
 async fn health() -> Result<()> {
@@ -231,15 +342,20 @@ async fn signals(warm: CancellationToken) {
 }
 
 async fn build(mut settings: Settings, a: BuildArgs) -> Result<()> {
-    if !a.source.is_empty() {
+    // --source names files; without it, the app's Postgres when DATABASE_URL is set.
+    let sv = if !a.source.is_empty() {
         settings.source_paths = a.source.clone();
-    }
-    if settings.source_paths.is_empty() {
-        bail!("no source: pass --source PATH or set ORBIT_SOURCE");
-    }
-    let source = Arc::new(JsonlSource::new(&settings.source_paths)?);
+        settings.database_url = None;
+        Services::new(settings)?
+    } else {
+        Services::new(settings)?
+    };
+    let source = sv
+        .source()
+        .context("no source: pass --source PATH, or set DATABASE_URL or ORBIT_SOURCE")?;
     let total = source.size_hint_bytes();
-    let pipeline = Services::new(settings).pipeline(source).await?;
+    let mut pipeline = sv.pipeline(source).await?;
+    pipeline.settings.reuse_vectors = !a.reembed;
     if a.reembed {
         pipeline.store.reset().await?;
     }
@@ -272,8 +388,8 @@ fn print_report(r: &BuildReport) {
         r.scope, r.documents_read, r.documents_kept, r.empty_dropped, r.duplicates_dropped, r.chunks, r.packed_messages, r.tokens
     );
     println!(
-        "store: {} vectors upserted, {} stale removed; model {} ({} dims)",
-        r.vectors_upserted, r.points_deleted, r.model, r.dimension
+        "store: {} vectors upserted ({} embedded, {} unchanged kept their vectors), {} stale removed; model {} ({} dims)",
+        r.vectors_upserted, r.chunks_embedded, r.chunks_reused, r.points_deleted, r.model, r.dimension
     );
     if r.rejected_count > 0 {
         println!("rejected {} inputs:", r.rejected_count);

@@ -48,6 +48,27 @@ pub struct Settings {
     pub embed_in_flight: Option<usize>,
     pub embed_batch_inputs: Option<usize>,
     pub embed_batch_tokens: Option<usize>,
+    /// The app's Postgres; when set, builds read it (the Postgres source) and write records.
+    pub database_url: Option<Secret>,
+    /// A JSON file replacing some of the Postgres source's per-kind queries.
+    pub source_queries: Option<PathBuf>,
+    /// The chat model for answers; None gives extractive answers.
+    pub chat_model: Option<String>,
+    pub chat_base_url: String,
+    pub chat_timeout: std::time::Duration,
+    /// Django's cache: its Redis, KEY_PREFIX and VERSION.
+    pub cache_url: Secret,
+    pub cache_key_prefix: String,
+    pub cache_version: i64,
+    /// How long a build lock lives without renewal (a dead worker's lock frees itself).
+    pub build_lock_ttl: std::time::Duration,
+    pub prices: crate::pricing::PriceTable,
+    /// The bearer token of the HTTP status endpoints; empty refuses every request.
+    pub http_token: Secret,
+    /// Questions longer than this (in cl100k tokens) are refused.
+    pub max_question_tokens: usize,
+    /// A user's chat tokens per calendar month; past it, answers are extractive. None: no cap.
+    pub monthly_token_limit: Option<i64>,
 }
 
 fn var(name: &str) -> Option<String> {
@@ -66,6 +87,13 @@ where
             .map(Some)
             .map_err(|e| anyhow::anyhow!("{name}={v:?}: {e}")),
     }
+}
+
+/// A duration in seconds; negative, NaN or absurd values are a start-up error, not a panic.
+fn seconds(name: &str, default: f64) -> Result<std::time::Duration> {
+    let v: f64 = parse(name)?.unwrap_or(default);
+    std::time::Duration::try_from_secs_f64(v)
+        .map_err(|_| anyhow::anyhow!("{name}={v}: not a number of seconds"))
 }
 
 /// Where `make model` puts all-MiniLM-L6-v2.
@@ -107,7 +135,34 @@ impl Settings {
             embed_in_flight: parse("ORBIT_EMBED_IN_FLIGHT")?,
             embed_batch_inputs: parse("ORBIT_EMBED_BATCH_INPUTS")?,
             embed_batch_tokens: parse("ORBIT_EMBED_BATCH_TOKENS")?,
+            database_url: var("DATABASE_URL").map(Secret::new),
+            source_queries: var("ORBIT_SOURCE_QUERIES").map(PathBuf::from),
+            chat_model: var("ORBIT_CHAT_MODEL").filter(|m| m != "none"),
+            chat_base_url: var("ORBIT_CHAT_BASE_URL")
+                .or_else(|| var("OPENAI_BASE_URL"))
+                .unwrap_or_else(|| "https://api.openai.com/v1".into()),
+            chat_timeout: seconds("ORBIT_CHAT_TIMEOUT", 60.0)?,
+            cache_url: Secret::new(
+                var("ORBIT_CACHE_URL")
+                    .or_else(|| var("REDIS_URL"))
+                    .unwrap_or_else(|| "redis://127.0.0.1:6379/0".into()),
+            ),
+            cache_key_prefix: std::env::var("ORBIT_CACHE_KEY_PREFIX").unwrap_or_default(),
+            cache_version: parse("ORBIT_CACHE_VERSION")?.unwrap_or(1),
+            build_lock_ttl: seconds("ORBIT_BUILD_LOCK_TTL", 60.0)?,
+            prices: crate::pricing::PriceTable::with_overrides(
+                var("ORBIT_PRICE_TABLE").as_deref(),
+            )?,
+            http_token: Secret::new(var("ORBIT_HTTP_TOKEN").unwrap_or_default()),
+            max_question_tokens: parse("ORBIT_MAX_QUESTION_TOKENS")?.unwrap_or(8192),
+            monthly_token_limit: parse("ORBIT_MONTHLY_TOKEN_LIMIT")?,
         };
+        if s.build_lock_ttl < std::time::Duration::from_secs(3) {
+            bail!("ORBIT_BUILD_LOCK_TTL must be at least 3 seconds");
+        }
+        if s.chat_timeout.is_zero() {
+            bail!("ORBIT_CHAT_TIMEOUT must be positive");
+        }
         if s.cpu_threads == 0 {
             bail!("ORBIT_CPU_THREADS must be at least 1");
         }

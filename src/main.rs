@@ -1,10 +1,18 @@
 //! orbit-worker: the Rust worker for OrbitingFox's Celery tasks, and the CLI around its pipeline.
 
+mod answer;
+mod cache;
 mod celery;
+mod chat;
 mod cli;
 mod config;
+mod db;
 mod embedders;
+mod http;
+mod lock;
 mod logging;
+mod metrics;
+mod pricing;
 mod services;
 mod tasks;
 mod worker;

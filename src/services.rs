@@ -1,31 +1,80 @@
-//! What tasks share inside one worker process: settings, and the embedder and vector store,
-//! built once on first use (the local model takes seconds to load).
+//! What tasks share inside one worker process: settings, the app's database and cache, the
+//! chat model, the HTTP client, metrics, and the embedder and vector store, built once on first
+//! use (the local model takes seconds to load).
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use orbit_pipeline::embed::Embedder;
-use orbit_pipeline::source::Source;
+use orbit_pipeline::source::{JsonlSource, PostgresSource, Source};
 use orbit_pipeline::store::VectorStore;
 use orbit_pipeline::{Pipeline, PipelineSettings};
 use tokio::sync::OnceCell;
 
+use crate::cache::Cache;
+use crate::celery::redis::RedisConn;
+use crate::chat::ChatClient;
 use crate::config::Settings;
+use crate::db::Db;
 use crate::embedders;
+use crate::metrics::Metrics;
+
+/// Replies from the cache's Redis: its commands are single-key and quick.
+const CACHE_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Services {
     pub settings: Settings,
+    /// None when DATABASE_URL is unset: builds read files and keep no records.
+    pub db: Option<Db>,
+    pub cache: Cache,
+    pub chat: Option<ChatClient>,
+    pub metrics: Arc<Metrics>,
+    /// Where build locks live: the cache's Redis, which every worker of the app shares.
+    pub locks: Arc<RedisConn>,
     embedder: OnceCell<Arc<dyn Embedder>>,
     store: OnceCell<Arc<dyn VectorStore>>,
 }
 
 impl Services {
-    pub fn new(settings: Settings) -> Self {
-        Services {
+    pub fn new(settings: Settings) -> Result<Self> {
+        let db = settings
+            .database_url
+            .as_ref()
+            .map(Db::connect_lazy)
+            .transpose()?;
+        let cache_conn = Arc::new(RedisConn::open(
+            settings.cache_url.expose(),
+            CACHE_REPLY_TIMEOUT,
+        )?);
+        let cache = Cache::new(
+            cache_conn.clone(),
+            settings.cache_key_prefix.clone(),
+            settings.cache_version,
+        );
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .context("building HTTP client")?;
+        let chat = settings.chat_model.as_ref().map(|m| {
+            ChatClient::new(
+                http.clone(),
+                &settings.chat_base_url,
+                settings.openai_api_key.clone(),
+                m,
+                settings.chat_timeout,
+            )
+        });
+        Ok(Services {
             settings,
+            db,
+            cache,
+            chat,
+            metrics: Arc::new(Metrics::new()),
+            locks: cache_conn,
             embedder: OnceCell::new(),
             store: OnceCell::new(),
-        }
+        })
     }
 
     pub async fn embedder(&self) -> Result<Arc<dyn Embedder>> {
@@ -38,6 +87,18 @@ impl Services {
             })
             .await
             .cloned()
+    }
+
+    /// Where a build reads: the app's Postgres when DATABASE_URL is set, else ORBIT_SOURCE files.
+    pub fn source(&self) -> Result<Arc<dyn Source>> {
+        if let Some(db) = &self.db {
+            let queries = crate::db::source_queries(self.settings.source_queries.as_deref())?;
+            return Ok(Arc::new(PostgresSource::new(db.pool().clone(), queries)));
+        }
+        if self.settings.source_paths.is_empty() {
+            anyhow::bail!("no memory source configured: set DATABASE_URL or ORBIT_SOURCE");
+        }
+        Ok(Arc::new(JsonlSource::new(&self.settings.source_paths)?))
     }
 
     /// A pipeline over `source` with the shared embedder and store and the configured chunking.
@@ -54,6 +115,7 @@ impl Services {
             settings: PipelineSettings {
                 chunk,
                 cpu_threads: self.settings.cpu_threads,
+                reuse_vectors: true,
             },
         })
     }

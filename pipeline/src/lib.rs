@@ -19,3 +19,11 @@ pub use clean::Cleaner;
 pub use report::BuildReport;
 pub use runner::{BuildScope, Pipeline, PipelineSettings};
 pub use types::{Chunk, CleanDocument, DocKind, EmbeddedChunk, RawDocument};
+
+/// The message of a caught panic, for an error that says what broke.
+pub(crate) fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}

@@ -43,6 +43,10 @@ pub struct BuildReport {
     pub tokens: u64,
     pub bytes_read: u64,
     pub vectors_upserted: u64,
+    /// Chunks whose unchanged text kept the vector already stored (incremental rebuild).
+    pub chunks_reused: u64,
+    /// Chunks sent to the embedder.
+    pub chunks_embedded: u64,
     pub points_deleted: u64,
     pub rejected_count: u64,
     pub rejected: Vec<Rejection>,

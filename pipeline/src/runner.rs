@@ -59,6 +59,9 @@ pub struct PipelineSettings {
     pub chunk: ChunkSettings,
     /// Threads of the clean/chunk pool.
     pub cpu_threads: usize,
+    /// Chunks whose (user, content hash) already has a vector in the store keep it instead of
+    /// being embedded again. Off for a full re-embed.
+    pub reuse_vectors: bool,
 }
 
 impl Default for PipelineSettings {
@@ -68,6 +71,7 @@ impl Default for PipelineSettings {
             cpu_threads: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),
+            reuse_vectors: true,
         }
     }
 }
@@ -168,7 +172,8 @@ impl Pipeline {
             let stop = stop.clone();
             tokio::task::spawn_blocking(move || cpu_stage(chunker, threads, cpu_rx, emb_tx, stop))
         };
-        let embed = embed_stage(self.embedder.clone(), emb_rx, store_tx, stop.clone());
+        let reuse = self.settings.reuse_vectors.then(|| self.store.clone());
+        let embed = embed_stage(self.embedder.clone(), reuse, emb_rx, store_tx, stop.clone());
         let store = store_stage(self.store.clone(), gen, store_rx, stop.clone());
 
         let (src_r, cpu_r, emb_r, store_r) = tokio::join!(
@@ -191,7 +196,7 @@ impl Pipeline {
         }
         let src = src_r?;
         let mut report = cpu_r?;
-        let emb = emb_r?;
+        let (emb, reused) = emb_r?;
         let (mut store_report, upserted) = store_r?;
         let deleted = self.store.finish_build(gen, &scope).await?;
         store_report.items_out = upserted;
@@ -200,6 +205,8 @@ impl Pipeline {
         report.model = self.embedder.model_id().to_string();
         report.dimension = self.embedder.dimension();
         report.vectors_upserted = upserted;
+        report.chunks_reused = reused;
+        report.chunks_embedded = report.chunks.saturating_sub(reused);
         report.points_deleted = deleted;
         report.stages.insert(0, src);
         report.stages.extend([emb, store_report]);
@@ -402,12 +409,42 @@ fn cpu_stage(
 
 type EmbedResult = Result<(Vec<Chunk>, Vec<Vec<f32>>), EmbedError>;
 
+/// Splits off the chunks whose vector the store already holds (same user, same content hash)
+/// and returns them ready for the store; the rest still need the embedder.
+async fn take_reusable(
+    store: &dyn VectorStore,
+    chunks: Vec<Chunk>,
+) -> Result<(Vec<Chunk>, Vec<EmbeddedChunk>), PipelineError> {
+    let keys: Vec<(i64, &str)> = chunks
+        .iter()
+        .map(|c| (c.user_id, c.content_hash.as_str()))
+        .collect();
+    let mut found = store.vectors_by_hash(&keys).await?;
+    if found.is_empty() {
+        return Ok((chunks, Vec::new()));
+    }
+    let (mut todo, mut done) = (Vec::with_capacity(chunks.len()), Vec::new());
+    for c in chunks {
+        // Two chunks with the same text (a repeated message) share one stored vector.
+        match found.get(&(c.user_id, c.content_hash.clone())) {
+            Some(v) => done.push(EmbeddedChunk {
+                vector: v.clone(),
+                chunk: c,
+            }),
+            None => todo.push(c),
+        }
+    }
+    found.clear();
+    Ok((todo, done))
+}
+
 async fn embed_stage(
     embedder: Arc<dyn Embedder>,
+    reuse: Option<Arc<dyn VectorStore>>,
     mut rx: mpsc::Receiver<Vec<Chunk>>,
     tx: mpsc::Sender<Vec<EmbeddedChunk>>,
     stop: CancellationToken,
-) -> Result<StageReport, PipelineError> {
+) -> Result<(StageReport, u64), PipelineError> {
     let t0 = Instant::now();
     let mut clock = Clock::default();
     let limits = embedder.limits();
@@ -416,7 +453,7 @@ async fn embed_stage(
     let mut ready: std::collections::VecDeque<Vec<Chunk>> = Default::default();
     let mut pending: FuturesOrdered<futures::future::BoxFuture<'static, EmbedResult>> =
         FuturesOrdered::new();
-    let (mut items, mut tokens, mut requests) = (0u64, 0u64, 0u64);
+    let (mut items, mut tokens, mut requests, mut reused) = (0u64, 0u64, 0u64, 0u64);
     let mut upstream_done = false;
 
     let start = |req: Vec<Chunk>| {
@@ -466,6 +503,7 @@ async fn embed_stage(
             let t = Instant::now();
             let got = rx.recv().await;
             clock.wait_up += t.elapsed();
+            let got = reuse_step(&reuse, got, &tx, &mut reused, &mut clock).await?;
             feed(
                 got,
                 &mut batcher,
@@ -480,6 +518,7 @@ async fn embed_stage(
                 biased;
                 r = pending.next() => Some(r),
                 got = rx.recv() => {
+                    let got = reuse_step(&reuse, got, &tx, &mut reused, &mut clock).await?;
                     feed(got, &mut batcher, &mut ready, &mut upstream_done, &mut items, &mut tokens);
                     None
                 }
@@ -499,7 +538,33 @@ async fn embed_stage(
     r.items_out = items;
     r.tokens = tokens;
     r.bytes_out = requests;
-    Ok(r)
+    r.items_in += reused;
+    r.items_out += reused;
+    Ok((r, reused))
+}
+
+/// Passes reusable chunks straight to the store and returns the rest for the embedder.
+async fn reuse_step(
+    store: &Option<Arc<dyn VectorStore>>,
+    got: Option<Vec<Chunk>>,
+    tx: &mpsc::Sender<Vec<EmbeddedChunk>>,
+    reused: &mut u64,
+    clock: &mut Clock,
+) -> Result<Option<Vec<Chunk>>, PipelineError> {
+    let (Some(store), Some(chunks)) = (store, got.as_ref()) else {
+        return Ok(got);
+    };
+    if chunks.is_empty() {
+        return Ok(got);
+    }
+    let (todo, done) = take_reusable(store.as_ref(), got.unwrap_or_default()).await?;
+    if !done.is_empty() {
+        *reused += done.len() as u64;
+        let t = Instant::now();
+        tx.send(done).await.map_err(|_| PipelineError::Cancelled)?;
+        clock.wait_down += t.elapsed();
+    }
+    Ok(Some(todo))
 }
 
 fn feed(

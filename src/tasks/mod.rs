@@ -4,6 +4,7 @@
 pub mod build_memory;
 pub mod debug;
 pub mod echo;
+pub mod generate_answer;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -78,8 +79,7 @@ impl RetryPolicy {
 /// One task call as the handler sees it.
 #[derive(Debug, Clone)]
 pub struct Call {
-    /// The Celery task id: the key of what a task writes for the app (issue 4's caches).
-    #[allow(dead_code)]
+    /// The Celery task id: the key of what a task writes for the app (`op_ask:{id}`).
     pub id: String,
     pub name: String,
     pub args: Vec<Value>,
@@ -87,11 +87,20 @@ pub struct Call {
     pub retries: u32,
 }
 
+/// Why the worker abandoned a running task (its future is dropped, so it cannot see it itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortReason {
+    HardTimeLimit,
+    Shutdown,
+}
+
 /// What a handler gets: its call, the soft-limit (and shutdown) token, and shared services.
 pub struct TaskContext {
     pub call: Call,
     pub cancel: CancellationToken,
     pub services: Arc<Services>,
+    /// Set just before the worker drops the task's future; read by drop guards.
+    pub aborted: Arc<std::sync::OnceLock<AbortReason>>,
 }
 
 /// How a task ends.
@@ -123,7 +132,8 @@ pub struct Registry {
 impl Registry {
     /// The production tasks, plus the `orbit.debug.*` diagnostics when asked for.
     pub fn new(debug_tasks: bool) -> Registry {
-        let mut defs: Vec<&'static TaskDef> = vec![&echo::TASK, &build_memory::TASK];
+        let mut defs: Vec<&'static TaskDef> =
+            vec![&echo::TASK, &build_memory::TASK, &generate_answer::TASK];
         if debug_tasks {
             defs.extend(debug::TASKS);
         }

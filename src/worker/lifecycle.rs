@@ -14,7 +14,7 @@ use super::Shared;
 use crate::celery::message::{queue_key, retry_envelope, DecodeError, TaskMessage};
 use crate::celery::redis::dead_letter_record;
 use crate::celery::result::{encode_meta, ExceptionInfo, Outcome};
-use crate::tasks::{Call, TaskContext, TaskDef, TaskOutcome};
+use crate::tasks::{AbortReason, Call, TaskContext, TaskDef, TaskOutcome};
 
 /// Longest result text in a `succeeded in` log line, as Celery shortens its repr.
 const LOG_RESULT_CHARS: usize = 200;
@@ -86,6 +86,7 @@ pub async fn accept(
     };
     let span = tracing::info_span!("task", id = %msg.id, task = def.name, retries = msg.retries);
     tracing::info!(parent: &span, "Task {}[{}] received", def.name, msg.id);
+    sh.services.metrics.task_received(def.name);
     if msg.has_canvas {
         tracing::warn!(parent: &span, "Task {}[{}] carries a chain, callbacks or a chord: this worker runs the task but not the rest of the canvas", def.name, msg.id);
     }
@@ -153,7 +154,9 @@ async fn run(
 
     let limits = def.limits.with_overrides(msg.hard_limit, msg.soft_limit);
     let cancel = CancellationToken::new();
+    let aborted: Arc<std::sync::OnceLock<AbortReason>> = Arc::default();
     let ctx = TaskContext {
+        aborted: aborted.clone(),
         call: Call {
             id: msg.id.clone(),
             name: msg.name.clone(),
@@ -165,6 +168,8 @@ async fn run(
         services: sh.services.clone(),
     };
     let started = Instant::now();
+    let metrics = sh.services.metrics.clone();
+    metrics.task_started(def.name);
     let mut handle = tokio::spawn((def.run)(ctx));
     let soft_at = tokio::time::Instant::now() + limits.soft;
     let hard_at = tokio::time::Instant::now() + limits.hard;
@@ -182,10 +187,12 @@ async fn run(
                 cancel.cancel();
             }
             _ = tokio::time::sleep_until(hard_at) => {
+                let _ = aborted.set(AbortReason::HardTimeLimit);
                 handle.abort();
                 break Ending::HardLimit;
             }
             _ = sh.abandon.cancelled() => {
+                let _ = aborted.set(AbortReason::Shutdown);
                 cancel.cancel();
                 handle.abort();
                 break Ending::Abandoned;
@@ -194,6 +201,16 @@ async fn run(
     };
     let runtime = started.elapsed();
     drop(_slot);
+    let state = match &ending {
+        Ending::Abandoned => "abandoned",
+        Ending::HardLimit | Ending::Finished(TaskOutcome::Failure(_)) => "failed",
+        Ending::Finished(TaskOutcome::Success(_)) => "succeeded",
+        Ending::Finished(TaskOutcome::Retry { .. }) if msg.retries >= def.retry.max_retries => {
+            "failed"
+        }
+        Ending::Finished(TaskOutcome::Retry { .. }) => "retried",
+    };
+    metrics.task_finished(def.name, state, Some(runtime.as_secs_f64()));
 
     let outcome = match ending {
         Ending::Abandoned => {
@@ -318,6 +335,9 @@ fn is_expired(msg: &TaskMessage) -> bool {
 }
 
 async fn revoke_expired(sh: &Shared, msg: TaskMessage, permit: Option<OwnedSemaphorePermit>) {
+    sh.services
+        .metrics
+        .task_finished(&msg.name, "revoked", None);
     tracing::warn!(
         "Discarding revoked task: {}[{}] (expired)",
         msg.name,

@@ -41,6 +41,8 @@ pub struct WorkerOptions {
     /// How long a warm shutdown waits for running tasks before giving them back.
     pub shutdown_grace: Duration,
     pub debug_tasks: bool,
+    /// Where to serve /healthz, /metrics and the status endpoints; None: no HTTP.
+    pub http: Option<std::net::SocketAddr>,
 }
 
 impl WorkerOptions {
@@ -198,6 +200,29 @@ pub async fn run(
     }
     sweep(&sh).await;
 
+    let http_stop = CancellationToken::new();
+    let http = match sh.opts.http {
+        None => None,
+        Some(addr) => {
+            let state = Arc::new(crate::http::HttpState {
+                services: sh.services.clone(),
+                broker: crate::celery::redis::RedisConn::open(
+                    sh.opts.broker_url.expose(),
+                    Duration::from_secs(5),
+                )?,
+                queues: sh.opts.queues.clone(),
+            });
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("--http {addr}: {e}"))?;
+            let stop = http_stop.clone();
+            Some(tokio::spawn(async move {
+                if let Err(e) = crate::http::serve(listener, state, stop).await {
+                    tracing::error!(error = %e, "HTTP server stopped");
+                }
+            }))
+        }
+    };
     let settler = tokio::spawn(settle::settler(sh.clone(), settle_rx));
     let maintenance = tokio::spawn(maintain(sh.clone()));
     let fetcher = tokio::spawn(fetch_loop(sh.clone()));
@@ -219,6 +244,10 @@ pub async fn run(
     let _ = sh.settle_tx.send(SettleMsg::Stop).await;
     let _ = settler.await;
     maintenance.abort();
+    http_stop.cancel();
+    if let Some(h) = http {
+        let _ = h.await;
+    }
     tracing::info!("{} stopped: nothing held", sh.opts.hostname);
     Ok(())
 }

@@ -82,6 +82,7 @@ impl Env {
             settings: PipelineSettings {
                 chunk,
                 cpu_threads: 2,
+                reuse_vectors: true,
             },
         }
     }

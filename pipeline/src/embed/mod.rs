@@ -10,7 +10,7 @@ use serde::Serialize;
 
 pub use hashing::HashingEmbedder;
 pub use local::{LocalEmbedder, LOCAL_MODEL_FILES};
-pub use openai::{OpenAiEmbedder, OpenAiSettings};
+pub use openai::{api_error, retry_after, without_url, OpenAiEmbedder, OpenAiSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {

@@ -126,7 +126,7 @@ impl OpenAiEmbedder {
 }
 
 /// reqwest errors print the URL; strip it in case a key was put in a query string.
-fn without_url(e: &reqwest::Error) -> String {
+pub fn without_url(e: &reqwest::Error) -> String {
     let mut s = e.to_string();
     if let Some(u) = e.url() {
         s = s.replace(u.as_str(), "<url>");
@@ -148,7 +148,8 @@ struct EmbeddingData {
     embedding: Vec<f32>,
 }
 
-fn classify(status: u16, body: &str, retry_after: Option<Duration>) -> EmbedError {
+/// An OpenAI error body's message (cut to a log line) and code (or type).
+pub fn api_error(body: &str) -> (String, String) {
     let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
     let message = v["error"]["message"]
         .as_str()
@@ -159,7 +160,14 @@ fn classify(status: u16, body: &str, retry_after: Option<Duration>) -> EmbedErro
     let code = v["error"]["code"]
         .as_str()
         .or_else(|| v["error"]["type"].as_str())
-        .unwrap_or("");
+        .unwrap_or("")
+        .to_string();
+    (message, code)
+}
+
+fn classify(status: u16, body: &str, retry_after: Option<Duration>) -> EmbedError {
+    let (message, code) = api_error(body);
+    let code = code.as_str();
     if status == 401 || status == 403 || code == "insufficient_quota" {
         return EmbedError::Config(format!("HTTP {status} {code}: {message}"));
     }
@@ -173,7 +181,7 @@ fn classify(status: u16, body: &str, retry_after: Option<Duration>) -> EmbedErro
 }
 
 /// `retry-after` (seconds or ms variant), else the larger `x-ratelimit-reset-*` (`1s`, `6m0s`, `20ms`).
-pub(crate) fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
+pub fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
     let get = |k: &str| h.get(k).and_then(|v| v.to_str().ok());
     if let Some(ms) = get("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok()) {
         return Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0));

@@ -102,13 +102,15 @@ impl Source for JsonlSource {
         let (tx, rx) = mpsc::channel(READ_AHEAD_BATCHES);
         let files = self.files.clone();
         let scope = scope.clone();
-        tokio::task::spawn_blocking(move || {
+        let reader_tx = tx.clone();
+        let reader = tokio::task::spawn_blocking(move || {
             for f in files {
-                if !read_file(&f, &scope, &tx) {
+                if !read_file(&f, &scope, &reader_tx) {
                     return; // receiver gone: the build was cancelled
                 }
             }
         });
+        super::watch_reader(tx, reader);
         Box::pin(futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         }))

@@ -1,6 +1,7 @@
 //! Extract: the `Source` trait and its implementations, yielding documents as a bounded stream.
 
 mod jsonl;
+mod postgres;
 
 use std::pin::Pin;
 
@@ -11,6 +12,7 @@ use crate::runner::BuildScope;
 use crate::types::RawDocument;
 
 pub use jsonl::JsonlSource;
+pub use postgres::{KindQuery, PostgresSource};
 
 /// Documents per batch a source hands on: large enough that channel hand-offs are noise next to
 /// cleaning the batch, small enough that a batch of long documents stays a few MB.
@@ -30,6 +32,8 @@ pub enum SourceError {
     },
     #[error("source query failed: {0}")]
     Query(String),
+    #[error("source reader crashed: {0}")]
+    Crashed(String),
 }
 
 impl SourceError {
@@ -57,6 +61,23 @@ pub struct SourceBatch {
     /// Time the source spent producing this batch (reading, decompressing, parsing), measured
     /// where the work happens, which may be another thread.
     pub busy: std::time::Duration,
+}
+
+/// Turns a crashed reader into an error the build sees: without it, a panic would close the
+/// channel and the build would end "successfully" on half its documents.
+pub(crate) fn watch_reader(
+    tx: tokio::sync::mpsc::Sender<Result<SourceBatch, SourceError>>,
+    reader: tokio::task::JoinHandle<()>,
+) {
+    tokio::spawn(async move {
+        if let Err(e) = reader.await {
+            if e.is_panic() {
+                let _ = tx
+                    .send(Err(SourceError::Crashed(crate::panic_text(e.into_panic()))))
+                    .await;
+            }
+        }
+    });
 }
 
 pub type SourceStream = Pin<Box<dyn Stream<Item = Result<SourceBatch, SourceError>> + Send>>;

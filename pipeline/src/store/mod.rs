@@ -96,6 +96,12 @@ pub trait VectorStore: Send + Sync {
         query: &[f32],
         top_k: usize,
     ) -> Result<Vec<SearchHit>, StoreError>;
+    /// Vectors already stored for these (user, content hash) pairs: a chunk whose text has not
+    /// changed keeps its vector instead of being embedded again. Missing pairs are absent.
+    async fn vectors_by_hash(
+        &self,
+        keys: &[(i64, &str)],
+    ) -> Result<std::collections::HashMap<(i64, String), Vec<f32>>, StoreError>;
     async fn count(&self, user_id: i64) -> Result<u64, StoreError>;
     async fn point_ids(&self, user_id: i64) -> Result<Vec<Uuid>, StoreError>;
 }

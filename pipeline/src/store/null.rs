@@ -57,6 +57,12 @@ impl VectorStore for NullStore {
     ) -> Result<Vec<SearchHit>, StoreError> {
         Ok(Vec::new())
     }
+    async fn vectors_by_hash(
+        &self,
+        _keys: &[(i64, &str)],
+    ) -> Result<std::collections::HashMap<(i64, String), Vec<f32>>, StoreError> {
+        Ok(Default::default())
+    }
     async fn count(&self, _user_id: i64) -> Result<u64, StoreError> {
         Ok(0)
     }

@@ -38,7 +38,11 @@ const SCHEMA: &[&str] = &[
         vector BLOB NOT NULL
     )",
     "CREATE INDEX IF NOT EXISTS points_user ON points (user_id, build_gen)",
+    "CREATE INDEX IF NOT EXISTS points_hash ON points (user_id, content_hash)",
 ];
+
+/// Hashes per lookup statement: one bind each, far under SQLite's variable limit.
+const HASHES_PER_LOOKUP: usize = 500;
 
 /// Rows per INSERT: each statement is one hop to sqlx's SQLite thread, so rows per hop is what
 /// sets store throughput. 18 binds a row keeps 64 rows far under SQLite's 32766-variable limit.
@@ -296,6 +300,38 @@ impl VectorStore for SqliteStore {
             });
         }
         Ok(hits)
+    }
+
+    async fn vectors_by_hash(
+        &self,
+        keys: &[(i64, &str)],
+    ) -> Result<std::collections::HashMap<(i64, String), Vec<f32>>, StoreError> {
+        let mut by_user: std::collections::BTreeMap<i64, Vec<&str>> = Default::default();
+        for (u, h) in keys {
+            by_user.entry(*u).or_default().push(h);
+        }
+        let mut out = std::collections::HashMap::new();
+        for (user, hashes) in by_user {
+            for part in hashes.chunks(HASHES_PER_LOOKUP) {
+                let mut qb: QueryBuilder<Sqlite> =
+                    QueryBuilder::new("SELECT content_hash, vector FROM points WHERE user_id = ");
+                qb.push_bind(user).push(" AND content_hash IN (");
+                let mut sep = qb.separated(", ");
+                for h in part {
+                    sep.push_bind(*h);
+                }
+                qb.push(")");
+                for r in qb.build().fetch_all(&self.pool).await? {
+                    let blob: &[u8] = r.get(1);
+                    let v = blob
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect();
+                    out.insert((user, r.get::<String, _>(0)), v);
+                }
+            }
+        }
+        Ok(out)
     }
 
     async fn count(&self, user_id: i64) -> Result<u64, StoreError> {
