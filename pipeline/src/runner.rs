@@ -263,6 +263,17 @@ impl Pipeline {
     }
 }
 
+/// Awaits `f` unless the build is stopped first.
+async fn until_stopped<T>(
+    stop: &CancellationToken,
+    f: impl std::future::Future<Output = T>,
+) -> Result<T, PipelineError> {
+    tokio::select! {
+        _ = stop.cancelled() => Err(PipelineError::Cancelled),
+        v = f => Ok(v),
+    }
+}
+
 /// Runs a stage; its failure stops the others.
 async fn guard<T>(
     stop: &CancellationToken,
@@ -494,14 +505,15 @@ async fn embed_stage(
                 None => break,
             }
         }
+        // Every wait also watches `stop`: a stalled request must not outlive a soft time limit.
         let done = if upstream_done {
             if pending.is_empty() {
                 break;
             }
-            Some(pending.next().await)
+            Some(until_stopped(&stop, pending.next()).await?)
         } else if pending.is_empty() {
             let t = Instant::now();
-            let got = rx.recv().await;
+            let got = until_stopped(&stop, rx.recv()).await?;
             clock.wait_up += t.elapsed();
             let got = reuse_step(&reuse, got, &tx, &mut reused, &mut clock).await?;
             feed(
@@ -516,6 +528,7 @@ async fn embed_stage(
         } else if pending.len() < in_flight {
             tokio::select! {
                 biased;
+                _ = stop.cancelled() => return Err(PipelineError::Cancelled),
                 r = pending.next() => Some(r),
                 got = rx.recv() => {
                     let got = reuse_step(&reuse, got, &tx, &mut reused, &mut clock).await?;
@@ -524,7 +537,7 @@ async fn embed_stage(
                 }
             }
         } else {
-            Some(pending.next().await)
+            Some(until_stopped(&stop, pending.next()).await?)
         };
         if let Some(Some(r)) = done {
             let batch = handle(r)?;

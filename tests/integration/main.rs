@@ -2,6 +2,8 @@
 //! parity, the local model against its reference, the CLI as a user runs it, and the Celery
 //! worker against real Redis and the real Python Celery client and worker.
 
+mod app;
+mod app_harness;
 mod celery;
 mod celery_harness;
 mod cli;

@@ -11,10 +11,11 @@ use orbit_pipeline::embed::{
 use orbit_pipeline::secret::Secret;
 use orbit_pipeline::store::VectorStore;
 use orbit_pipeline::{BuildScope, ChunkSettings};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::app_harness::read_request;
 use crate::helpers::{fixture, Env};
 
 const DIM: usize = 16;
@@ -137,42 +138,6 @@ async fn double(script: Vec<Reply>) -> Double {
         seen,
         concurrency,
     }
-}
-
-async fn read_request(
-    sock: &mut tokio::net::TcpStream,
-) -> Option<(String, Option<String>, serde_json::Value)> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = sock.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let path = head.split_whitespace().nth(1)?.to_string();
-    let header = |name: &str| {
-        head.lines()
-            .find(|l| l.to_ascii_lowercase().starts_with(&format!("{name}:")))
-            .map(|l| l[name.len() + 1..].trim().to_string())
-    };
-    let len: usize = header("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    while buf.len() < head_end + len {
-        let n = sock.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let body = serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or_default();
-    Some((path, header("authorization"), body))
 }
 
 fn embedder(d: &Double, timeout: Duration, attempts: u32) -> OpenAiEmbedder {

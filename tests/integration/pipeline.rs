@@ -200,8 +200,10 @@ async fn a_failing_embedder_fails_the_build_and_loses_nothing_stored() {
         inner: HashingEmbedder::new(HASH_DIM),
         ok_requests: 3.into(),
     });
-    let err = env
-        .pipeline(&src, failing, ChunkSettings::default())
+    // A full re-embed: with reuse on, the unchanged chunks would never reach the embedder.
+    let mut p = env.pipeline(&src, failing, ChunkSettings::default());
+    p.settings.reuse_vectors = false;
+    let err = p
         .run(BuildScope::User(1), CancellationToken::new(), None)
         .await
         .unwrap_err();

@@ -1,0 +1,741 @@
+//! The app database end to end: migrations, build records through the queue (success, failure,
+//! soft limit, retry, coalescing), incremental rebuilds, generate_answer with and without a chat
+//! model, usage rows, Django-format cache keys read by real Django, and the HTTP face. Real
+//! Postgres (a database per test), a redis-server per test, the real Celery client.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::app_harness::*;
+use crate::celery_harness::*;
+use crate::helpers::fixture;
+
+fn month() -> String {
+    chrono::Utc::now().format("%Y-%m").to_string()
+}
+
+fn worker(
+    redis: &RedisServer,
+    db: &PgDb,
+    queue: &str,
+    extra: &[&str],
+    env: &[(&str, String)],
+) -> WorkerProc {
+    let mut args = vec!["-Q", queue];
+    args.extend_from_slice(extra);
+    let mut e: Vec<(&str, &str)> = vec![("DATABASE_URL", Box::leak(db.url().into_boxed_str()))];
+    for (k, v) in env {
+        e.push((k, v.as_str()));
+    }
+    WorkerProc::start_env(redis, &args, &e)
+}
+
+fn build_row(db: &PgDb, id: &str) -> Vec<String> {
+    db.sql(&format!(
+        "SELECT status, attempt, documents, chunks, task_id, error_message, \
+         started_at IS NOT NULL, finished_at IS NOT NULL, coalesced_into_id \
+         FROM orbitpilot_memorybuild WHERE id = {id}"
+    ))
+    .split('|')
+    .map(str::to_string)
+    .collect()
+}
+
+fn new_build(db: &PgDb, user: i64) -> String {
+    db.sql(&format!(
+        "INSERT INTO orbitpilot_memorybuild (user_id) VALUES ({user}) RETURNING id"
+    ))
+}
+
+#[test]
+fn migrations_apply_on_an_empty_database_and_rerun() {
+    let db = PgDb::empty();
+    db.cli(&["db", "migrate"]);
+    let again = db.cli(&["db", "migrate"]);
+    assert!(again.contains("up to date"), "{again}");
+    let tables = db.sql(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public' AND table_name IN \
+         ('accounts_user','messaging_conversation','messaging_conversation_participants','messaging_message',\
+          'channels_channel','channels_channel_members','channels_channelpost','groups_group',\
+          'groups_group_members','groups_grouppost','blink_blinkaudio','orbitpilot_note',\
+          'orbitpilot_memorybuild','orbitpilot_aiusagelog','notifications_pushsubscription')",
+    );
+    assert_eq!(tables, "15");
+    assert_eq!(
+        db.sql("SELECT count(*) FROM _sqlx_migrations WHERE success"),
+        "1"
+    );
+    // Seeding twice updates instead of duplicating.
+    let corpus = fixture("sample.jsonl");
+    db.cli(&["db", "seed", "--from", corpus.to_str().unwrap()]);
+    let n = db.sql("SELECT (SELECT count(*) FROM messaging_message) + (SELECT count(*) FROM channels_channelpost)");
+    let out = db.cli(&["db", "seed", "--from", corpus.to_str().unwrap()]);
+    assert!(out.contains(" 0 new rows"), "{out}");
+    assert_eq!(
+        db.sql("SELECT (SELECT count(*) FROM messaging_message) + (SELECT count(*) FROM channels_channelpost)"),
+        n
+    );
+}
+
+#[test]
+fn build_through_the_queue_completes_its_record_invalidates_the_cache_and_shows_over_http() {
+    let redis = RedisServer::start(false);
+    let db = PgDb::seeded(&fixture("sample.jsonl"));
+    let q = unique_queue("build");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let w = worker(
+        &redis,
+        &db,
+        &q,
+        &["--http", &addr],
+        &[("ORBIT_HTTP_TOKEN", "tok-1".into())],
+    );
+    let id = new_build(&db, 1);
+    assert_eq!(build_row(&db, &id)[0], "planned");
+    let snapshot = "orbit_snapshot_counts:1";
+    django_cache(
+        &redis,
+        json!([{"op": "set", "key": snapshot, "value": {"messages": 1}, "timeout": 120}]),
+    );
+
+    let r = call(
+        &redis,
+        &q,
+        "orbitpilot.build_memory",
+        json!([1]),
+        json!({"build_id": id.parse::<i64>().unwrap()}),
+        json!({}),
+    );
+    assert_eq!(r["state"], "SUCCESS", "{r}");
+    assert_eq!(r["result"]["status"], "completed");
+    let row = build_row(&db, &id);
+    assert_eq!(row[0], "completed", "{row:?}");
+    assert_eq!(row[1], "1", "attempt");
+    assert_eq!(row[3], r["result"]["chunks"].to_string());
+    assert!(row[2].parse::<i64>().unwrap() > 100, "documents {row:?}");
+    assert_eq!(row[4], r["id"].as_str().unwrap(), "task id");
+    assert_eq!((row[6].as_str(), row[7].as_str()), ("t", "t"));
+    // The memory changed: Django no longer sees stale counts.
+    assert_eq!(
+        django_cache(&redis, json!([{"op": "has", "key": snapshot}])),
+        json!([false])
+    );
+
+    // Status endpoints: 401 without (or with a wrong) token, the record with it.
+    let path = "/orbitpilot/build/status/?user_id=1";
+    assert_eq!(http_get(&addr, path, None).0, 401);
+    assert_eq!(http_get(&addr, path, Some("nope")).0, 401);
+    let (code, body) = http_get(&addr, path, Some("tok-1"));
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["status"], "completed");
+    assert_eq!(v["build_id"].to_string(), id);
+    assert_eq!(v["chunks"], r["result"]["chunks"]);
+    assert!(v["counts"]["messages"].as_i64().unwrap() > 0, "{v}");
+    let blink = db.sql("SELECT id FROM blink_blinkaudio ORDER BY id LIMIT 1");
+    let bpath = format!("/blink-audio/{blink}/status/");
+    assert_eq!(http_get(&addr, &bpath, None).0, 401);
+    let (code, body) = http_get(&addr, &bpath, Some("tok-1"));
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["transcription_status"], "completed");
+    assert!(v.get("ai_analysis_status").is_some());
+    assert_eq!(
+        http_get(&addr, "/blink-audio/99999999/status/", Some("tok-1")).0,
+        404
+    );
+
+    let (code, body) = http_get(&addr, "/healthz", None);
+    assert_eq!(code, 200, "{body}");
+
+    // /metrics through a real Prometheus parser.
+    let (code, text) = http_get(&addr, "/metrics", None);
+    assert_eq!(code, 200);
+    let parsed = prometheus_parse(&text);
+    let get = |name: &str, labels: Value| -> Option<f64> {
+        parsed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| {
+                s["name"] == name
+                    && labels
+                        .as_object()
+                        .unwrap()
+                        .iter()
+                        .all(|(k, v)| &s["labels"][k] == v)
+            })
+            .and_then(|s| s["value"].as_f64())
+    };
+    assert_eq!(
+        get(
+            "orbit_tasks_total",
+            json!({"task": "orbitpilot.build_memory", "state": "succeeded"})
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        get(
+            "orbit_task_duration_seconds_count",
+            json!({"task": "orbitpilot.build_memory", "state": "succeeded"})
+        ),
+        Some(1.0)
+    );
+    assert_eq!(get("orbit_queue_depth", json!({"queue": q})), Some(0.0));
+    assert!(get("orbit_unacked_messages", json!({})).is_some());
+    assert!(
+        get(
+            "orbit_pipeline_stage_items_total",
+            json!({"stage": "chunk"})
+        )
+        .unwrap()
+            > 0.0
+    );
+    drop(w);
+}
+
+/// Samples of a Prometheus text page, parsed by `prometheus_client` (Python's reference client).
+fn prometheus_parse(text: &str) -> Value {
+    use std::io::Write;
+    let mut child = std::process::Command::new(crate::helpers::python())
+        .args(["-c", "import sys, json\nfrom prometheus_client.parser import text_string_to_metric_families\nout = []\nfor fam in text_string_to_metric_families(sys.stdin.read()):\n    for s in fam.samples:\n        out.append({'name': s.name, 'labels': s.labels, 'value': s.value})\njson.dump(out, sys.stdout)"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "not Prometheus text: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn build_records_failure_soft_limit_and_retry_through_the_queue() {
+    let redis = RedisServer::start(false);
+    let db = PgDb::seeded(&fixture("sample.jsonl"));
+    let api = ApiDouble::start();
+    let q = unique_queue("buildfail");
+    let mut env = api.embedder_env();
+    // One request at a time, so a scripted reply lands on the request it is meant for.
+    env.push(("ORBIT_EMBED_IN_FLIGHT", "1".into()));
+    let _w = worker(&redis, &db, &q, &[], &env);
+
+    // A rejected key: failed at once, with a readable message and no secret.
+    api.script_embeddings(vec![Reply::Status(401, vec![], json!({"error": {"message": "Incorrect API key provided: sk-tes**********4242.", "type": "invalid_request_error", "code": "invalid_api_key"}}).to_string())]);
+    let id = new_build(&db, 1);
+    let r = call(
+        &redis,
+        &q,
+        "orbitpilot.build_memory",
+        json!([1, id.parse::<i64>().unwrap()]),
+        json!({}),
+        json!({}),
+    );
+    assert_eq!(r["state"], "FAILURE", "{r}");
+    let row = build_row(&db, &id);
+    assert_eq!(row[0], "failed");
+    assert!(
+        row[5].contains("401") && row[5].contains("Incorrect API key"),
+        "{row:?}"
+    );
+    assert!(
+        !row[5].contains(API_KEY) && !row[5].contains("Traceback"),
+        "{row:?}"
+    );
+    assert_eq!(row[7], "t", "finished_at");
+
+    // A stalled API: the soft limit stops the build and the record says so.
+    api.script_embeddings(vec![Reply::Stall]);
+    let id = new_build(&db, 2);
+    let r = call(
+        &redis,
+        &q,
+        "orbitpilot.build_memory",
+        json!([2, id.parse::<i64>().unwrap()]),
+        json!({}),
+        json!({"soft_time_limit": 2, "time_limit": 30}),
+    );
+    assert_eq!(r["state"], "FAILURE", "{r}");
+    assert_eq!(r["raised"]["type"], "SoftTimeLimitExceeded", "{r}");
+    let row = build_row(&db, &id);
+    assert_eq!(row[0], "failed");
+    assert!(row[5].contains("soft time limit"), "{row:?}");
+
+    // Rate limited past the call layer's five attempts: the task retries and the record counts
+    // the second attempt.
+    let limited = Reply::Status(429, vec![("retry-after", "0")], json!({"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}).to_string());
+    api.script_embeddings(vec![limited; 5]);
+    let id = new_build(&db, 3);
+    let r = call(
+        &redis,
+        &q,
+        "orbitpilot.build_memory",
+        json!([3]),
+        json!({"build_id": id.parse::<i64>().unwrap()}),
+        json!({}),
+    );
+    assert_eq!(r["state"], "SUCCESS", "{r}");
+    let row = build_row(&db, &id);
+    assert_eq!(
+        (row[0].as_str(), row[1].as_str()),
+        ("completed", "2"),
+        "{row:?}"
+    );
+    assert_eq!(row[5], "", "a completed build carries no error");
+    // Every request carried the key, and only as a bearer token.
+    assert!(api
+        .auths()
+        .iter()
+        .all(|a| a.as_deref() == Some(&format!("Bearer {API_KEY}")[..])));
+}
+
+#[test]
+fn a_second_request_while_a_build_runs_is_coalesced() {
+    let redis = RedisServer::start(false);
+    let db = PgDb::seeded(&fixture("sample.jsonl"));
+    let api = ApiDouble::start();
+    let q = unique_queue("coalesce");
+    let mut env = api.embedder_env();
+    env.push(("ORBIT_EMBED_IN_FLIGHT", "1".into()));
+    let _w = worker(&redis, &db, &q, &["-c", "2"], &env);
+    // The first build's first request takes 3 s: long enough for the second to arrive.
+    api.script_embeddings(vec![Reply::Slow(Duration::from_secs(3))]);
+    let first = new_build(&db, 4);
+    let second = new_build(&db, 4);
+    let ids = send(
+        &redis,
+        &q,
+        json!([
+            {"name": "orbitpilot.build_memory", "args": [4, first.parse::<i64>().unwrap()]},
+        ]),
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let ids2 = send(
+        &redis,
+        &q,
+        json!([
+            {"name": "orbitpilot.build_memory", "args": [4, second.parse::<i64>().unwrap()]},
+        ]),
+    );
+    let r = celery_client(
+        &redis,
+        &q,
+        json!({"op": "get", "ids": [ids[0], ids2[0]], "timeout": 60}),
+    );
+    assert_eq!(r[0]["state"], "SUCCESS", "{r}");
+    assert_eq!(r[0]["result"]["status"], "completed", "{r}");
+    assert_eq!(r[1]["state"], "SUCCESS", "{r}");
+    assert_eq!(r[1]["result"]["status"], "coalesced", "{r}");
+    assert_eq!(r[1]["result"]["coalesced_into"].to_string(), first);
+    let a = build_row(&db, &first);
+    let b = build_row(&db, &second);
+    assert_eq!(a[0], "completed");
+    assert_eq!(a[8], "", "the build that ran is coalesced into nothing");
+    // The coalesced record says so, and follows the build that served it.
+    assert_eq!(b[8], first, "{b:?}");
+    assert_eq!(b[0], "completed", "{b:?}");
+    assert_eq!(b[3], a[3], "same chunk count");
+}
+
+/// All of the user's stored chunks, as the search CLI lists them.
+fn chunks_of(db: &PgDb, env: &[(&str, &str)], user: i64) -> Vec<Value> {
+    let out = db.cli_env(
+        &[
+            "search",
+            "--user",
+            &user.to_string(),
+            "--top-k",
+            "100000",
+            "--json",
+            "anything",
+        ],
+        env,
+    );
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn incremental_rebuilds_follow_edits_and_deletions_and_embed_only_what_changed() {
+    let db = PgDb::seeded(&fixture("sample.jsonl"));
+    let api = ApiDouble::start();
+    let data = tempfile::tempdir().unwrap();
+    let data = data.path().to_str().unwrap().to_string();
+    let mut env: Vec<(&str, String)> = api.embedder_env();
+    env.push(("ORBIT_DATA_DIR", data.clone()));
+    let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let build = || -> Value {
+        serde_json::from_str(&db.cli_env(&["build", "--user", "1", "--json"], &env_ref)).unwrap()
+    };
+    let first = build();
+    let total = first["chunks"].as_u64().unwrap();
+    assert_eq!(first["chunks_embedded"].as_u64(), Some(total));
+    assert_eq!(api.embedded().len() as u64, total);
+
+    // Nothing changed: nothing is embedded again.
+    let same = build();
+    assert_eq!(same["chunks_reused"].as_u64(), Some(total));
+    assert_eq!(api.embedded().len() as u64, total);
+
+    // An edited message changes its chunk.
+    let edited = db
+        .sql("SELECT id FROM messaging_message WHERE content LIKE '%sardine-harbour-42%' LIMIT 1");
+    db.sql(&format!("UPDATE messaging_message SET content = 'The wifi password for the Lisbon office is now octopus-tide-77.', edited_at = now() WHERE id = {edited}"));
+    let r = build();
+    assert!(r["chunks_embedded"].as_u64().unwrap() >= 1);
+    let sid = format!("message:{edited}");
+    let chunks = chunks_of(&db, &env_ref, 1);
+    let holder = chunks
+        .iter()
+        .find(|c| {
+            c["source_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s == &json!(sid))
+        })
+        .expect("edited message still in memory");
+    assert!(
+        holder["text"].as_str().unwrap().contains("octopus-tide-77"),
+        "{holder}"
+    );
+    assert!(!chunks
+        .iter()
+        .any(|c| c["text"].as_str().unwrap().contains("sardine-harbour-42")));
+
+    // A deleted message disappears.
+    db.sql(&format!(
+        "UPDATE messaging_message SET is_deleted = TRUE WHERE id = {edited}"
+    ));
+    build();
+    let chunks = chunks_of(&db, &env_ref, 1);
+    assert!(!chunks.iter().any(|c| c["source_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s == &json!(sid))));
+    assert!(!chunks
+        .iter()
+        .any(|c| c["text"].as_str().unwrap().contains("octopus-tide-77")));
+
+    // One new message (in a conversation of its own) re-embeds exactly its chunk.
+    let before = api.embedded().len();
+    let conv = db.sql("INSERT INTO messaging_conversation (title) VALUES ('new') RETURNING id");
+    db.sql(&format!("INSERT INTO messaging_conversation_participants (conversation_id, user_id) VALUES ({conv}, 1)"));
+    db.sql(&format!("INSERT INTO messaging_message (conversation_id, sender_id, content) VALUES ({conv}, 1, 'Parking spot for the offsite is P3-117.')"));
+    let r = build();
+    assert_eq!(r["chunks_embedded"].as_u64(), Some(1), "{r}");
+    assert_eq!(
+        r["chunks_reused"].as_u64(),
+        Some(r["chunks"].as_u64().unwrap() - 1)
+    );
+    let new: Vec<String> = api.embedded()[before..].to_vec();
+    assert_eq!(new.len(), 1, "embedder calls for one new message: {new:?}");
+    assert!(new[0].contains("P3-117"));
+}
+
+/// Two users whose memories share words; each fact in a conversation of its own.
+fn shared_words_corpus(dir: &std::path::Path) -> std::path::PathBuf {
+    let lines = [
+        json!({"user_id": 101, "kind": "message", "source_id": "a1", "conversation_id": "c-a1", "text": "The wifi password for the Lisbon office is sardine-harbour-42.", "created_at": "2026-01-05T08:00:00Z"}),
+        json!({"user_id": 101, "kind": "message", "source_id": "a2", "conversation_id": "c-a2", "text": "Dentist appointment moved to Tuesday at 9:30.", "created_at": "2026-01-06T08:00:00Z"}),
+        json!({"user_id": 101, "kind": "note", "source_id": "a3", "text": "Pickles the cat takes thyroid pills every morning.", "created_at": "2026-01-07T08:00:00Z"}),
+        json!({"user_id": 102, "kind": "message", "source_id": "b1", "conversation_id": "c-b1", "text": "The wifi password for the Porto office is mackerel-bay-7.", "created_at": "2026-01-05T08:00:00Z"}),
+        json!({"user_id": 102, "kind": "message", "source_id": "b2", "conversation_id": "c-b2", "text": "The office wifi password changes every month, ask IT for the password.", "created_at": "2026-01-06T08:00:00Z"}),
+        json!({"user_id": 103, "kind": "message", "source_id": "c1", "conversation_id": "c-c1", "text": "hello", "created_at": "2026-01-06T08:00:00Z"}),
+    ];
+    let p = dir.join("shared.jsonl");
+    std::fs::write(
+        &p,
+        lines
+            .iter()
+            .map(|l| l.to_string() + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn generate_answer_through_the_queue_cites_only_the_askers_rows_and_caches_for_django() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = PgDb::seeded(&shared_words_corpus(dir.path()));
+    let redis = RedisServer::start(false);
+    let api = ApiDouble::start();
+    let data = dir.path().join("vectors");
+    let data = data.to_str().unwrap().to_string();
+    let q = unique_queue("ask");
+    let qc = unique_queue("askchat");
+    let _plain = worker(&redis, &db, &q, &[], &[("ORBIT_DATA_DIR", data.clone())]);
+    let _chat = worker(
+        &redis,
+        &db,
+        &qc,
+        &[],
+        &[
+            ("ORBIT_DATA_DIR", data.clone()),
+            ("ORBIT_CHAT_MODEL", CHAT_MODEL.into()),
+            ("ORBIT_CHAT_BASE_URL", api.base_url.clone()),
+            ("OPENAI_API_KEY", API_KEY.into()),
+        ],
+    );
+    for u in [101, 102] {
+        let r = call(
+            &redis,
+            &q,
+            "orbitpilot.build_memory",
+            json!([u]),
+            json!({}),
+            json!({}),
+        );
+        assert_eq!(r["state"], "SUCCESS", "{r}");
+    }
+    let rows = |user: i64| -> HashSet<String> {
+        db.sql(&format!(
+            "SELECT 'message:' || m.id FROM messaging_message m JOIN messaging_conversation_participants p \
+             ON p.conversation_id = m.conversation_id WHERE p.user_id = {user} \
+             UNION SELECT 'note:' || id FROM orbitpilot_note WHERE user_id = {user}"
+        ))
+        .lines()
+        .map(str::to_string)
+        .collect()
+    };
+    let (mine, theirs) = (rows(101), rows(102));
+    let lisbon =
+        db.sql("SELECT 'message:' || id FROM messaging_message WHERE content LIKE '%sardine%'");
+
+    // Extractive: no model configured.
+    let question = "What is the wifi password for the office?";
+    let r = call(
+        &redis,
+        &q,
+        "orbitpilot.generate_answer",
+        json!([101, question]),
+        json!({}),
+        json!({}),
+    );
+    assert_eq!(r["state"], "SUCCESS", "{r}");
+    let a = &r["result"];
+    assert_eq!(a["mode"], "extractive");
+    assert!(
+        a["answer"]
+            .as_str()
+            .unwrap()
+            .starts_with("Extractive answer"),
+        "{a}"
+    );
+    assert!(a["model"].is_null());
+    let cites = a["citations"].as_array().unwrap();
+    assert_eq!(cites[0]["source_ids"], json!([lisbon]), "{a}");
+    assert_eq!(cites[0]["kind"], "message");
+    assert!(cites[0]["snippet"]
+        .as_str()
+        .unwrap()
+        .contains("sardine-harbour-42"));
+    for c in cites {
+        for s in c["source_ids"].as_array().unwrap() {
+            let s = s.as_str().unwrap();
+            assert!(
+                mine.contains(s) && !theirs.contains(s),
+                "{s} is not user 101's"
+            );
+        }
+    }
+    assert!(
+        !a.to_string().contains("mackerel"),
+        "user 102's memory leaked: {a}"
+    );
+    // The Ask page's cache key, read by Django, holds the same JSON as the Celery result.
+    let key = format!("op_ask:{}", r["id"].as_str().unwrap());
+    assert_eq!(
+        django_cache(&redis, json!([{"op": "get", "key": key}]))[0],
+        r["result"]
+    );
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(format!(":1:{key}"))
+        .query(&mut redis.con())
+        .unwrap();
+    assert!((3500..=3600).contains(&ttl), "ttl {ttl}");
+
+    // Generative: a chat model behind the double; a usage row and a dropped usage cache.
+    let usage_key = format!("usage:101:{}", month());
+    django_cache(
+        &redis,
+        json!([{"op": "set", "key": usage_key, "value": {"total_tokens": 1}, "timeout": 300}]),
+    );
+    let r = call(
+        &redis,
+        &qc,
+        "orbitpilot.generate_answer",
+        json!([101, question]),
+        json!({"top_k": 3}),
+        json!({}),
+    );
+    assert_eq!(r["state"], "SUCCESS", "{r}");
+    let a = &r["result"];
+    assert_eq!(a["mode"], "generative", "{a}");
+    assert_eq!(a["model"], format!("{CHAT_MODEL}-2024-07-18"));
+    assert_eq!(a["answer"], "From your memory: see [1].");
+    assert_eq!(a["citations"].as_array().unwrap().len(), 3);
+    assert_eq!(a["citations"][0]["n"], 1);
+    assert_eq!(a["citations"][0]["source_ids"], json!([lisbon]));
+    assert!(a["usage"]["total_tokens"].as_i64().unwrap() > 9);
+    assert!(a["usage"]["cost_usd"].as_f64().unwrap() > 0.0);
+    let sent = api.chats();
+    let prompt = sent.last().unwrap()["messages"][1]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        prompt.contains("[1] (message, 2026-01-05) The wifi password for the Lisbon office"),
+        "{prompt}"
+    );
+    assert!(
+        !prompt.contains("mackerel"),
+        "another user's memory reached the model"
+    );
+    assert_eq!(sent.last().unwrap()["model"], CHAT_MODEL);
+    let usage = db.sql("SELECT user_id, feature, model, prompt_tokens, completion_tokens, total_tokens, cost_usd > 0, task_id FROM orbitpilot_aiusagelog");
+    let cols: Vec<&str> = usage.split('|').collect();
+    assert_eq!(
+        &cols[..3],
+        &["101", "orbitpilot_answer", "gpt-4o-mini-2024-07-18"],
+        "{usage}"
+    );
+    assert_eq!(cols[5], a["usage"]["total_tokens"].to_string());
+    assert_eq!(cols[6], "t");
+    assert_eq!(cols[7], r["id"].as_str().unwrap());
+    assert_eq!(
+        django_cache(&redis, json!([{"op": "has", "key": usage_key}])),
+        json!([false])
+    );
+    assert_eq!(
+        django_cache(
+            &redis,
+            json!([{"op": "get", "key": format!("op_ask:{}", r["id"].as_str().unwrap())}])
+        )[0],
+        r["result"]
+    );
+
+    // The chat API failing: a 5xx is retried inside the call; a malformed body fails clearly.
+    api.script_chat(vec![
+        Reply::Status(503, vec![], "upstream down".into()),
+        Reply::Ok,
+    ]);
+    let r = call(
+        &redis,
+        &qc,
+        "orbitpilot.generate_answer",
+        json!([101, question]),
+        json!({}),
+        json!({}),
+    );
+    assert_eq!(r["state"], "SUCCESS", "{r}");
+    api.script_chat(vec![Reply::Body("<html>gateway</html>".into())]);
+    let r = call(
+        &redis,
+        &qc,
+        "orbitpilot.generate_answer",
+        json!([101, question]),
+        json!({}),
+        json!({}),
+    );
+    assert_eq!(r["raised"]["type"], "AnswerError", "{r}");
+    assert!(
+        r["raised"]["str"].as_str().unwrap().contains("malformed"),
+        "{r}"
+    );
+
+    // Bad input: clear failures or a clear answer, never a crash.
+    let ask = |args: Value, kwargs: Value| {
+        call(
+            &redis,
+            &q,
+            "orbitpilot.generate_answer",
+            args,
+            kwargs,
+            json!({}),
+        )
+    };
+    let r = ask(json!([999999, question]), json!({}));
+    assert_eq!(
+        (r["state"].as_str(), r["raised"]["type"].as_str()),
+        (Some("FAILURE"), Some("UserNotFound")),
+        "{r}"
+    );
+    assert!(r["raised"]["str"]
+        .as_str()
+        .unwrap()
+        .contains("user 999999 does not exist"));
+    let r = ask(json!([101, "   "]), json!({}));
+    assert_eq!(r["raised"]["type"], "ValueError", "{r}");
+    assert!(r["raised"]["str"].as_str().unwrap().contains("empty"));
+    let long = "budget ".repeat(9000);
+    let r = ask(json!([101, long]), json!({}));
+    assert_eq!(r["raised"]["type"], "ValueError", "{r}");
+    assert!(
+        r["raised"]["str"]
+            .as_str()
+            .unwrap()
+            .contains("at most 8192"),
+        "{r}"
+    );
+    let r = ask(json!([101, question]), json!({"top_k": 0}));
+    assert_eq!(r["raised"]["type"], "ValueError", "{r}");
+    let r = ask(json!([103, question]), json!({}));
+    assert_eq!(r["state"], "SUCCESS", "{r}");
+    assert!(
+        r["result"]["answer"]
+            .as_str()
+            .unwrap()
+            .contains("no memory"),
+        "{r}"
+    );
+    assert_eq!(r["result"]["citations"], json!([]));
+    let r = ask(json!(["abc"]), json!({}));
+    assert_eq!(r["raised"]["type"], "TypeError", "{r}");
+    let r = call(
+        &redis,
+        &q,
+        "orbitpilot.build_memory",
+        json!([999999]),
+        json!({}),
+        json!({}),
+    );
+    assert_eq!(r["raised"]["type"], "UserNotFound", "{r}");
+}
+
+#[test]
+fn healthz_names_the_failing_part() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("health");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let dead = format!("postgres://postgres@127.0.0.1:{}/nothing", free_port());
+    let _w = WorkerProc::start_env(
+        &redis,
+        &["-Q", &q, "--http", &addr],
+        &[("DATABASE_URL", &dead)],
+    );
+    let (code, body) = http_get(&addr, "/healthz", None);
+    assert_eq!(code, 503, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["failing"], json!(["postgres"]), "{v}");
+    // Without a configured token the status endpoints refuse everyone.
+    assert_eq!(
+        http_get(&addr, "/orbitpilot/build/status/?user_id=1", Some("")).0,
+        401
+    );
+}

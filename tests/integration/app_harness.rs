@@ -1,0 +1,377 @@
+//! Helpers for the app-database tests: a Postgres database of the test's own, an
+//! OpenAI-compatible double (embeddings and chat) on its own thread, Django's cache read through
+//! real Django, and plain HTTP requests.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use orbit_pipeline::embed::HashingEmbedder;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::celery_harness::{worker_bin, RedisServer};
+use crate::helpers::{python, repo};
+
+const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// A database of this test's own on the machine's Postgres, dropped at the end.
+pub struct PgDb {
+    pub name: String,
+}
+
+fn psql(url: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args([url, "-v", "ON_ERROR_STOP=1", "-qAtX", "-c", sql])
+        .output()
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+impl PgDb {
+    /// An empty database.
+    pub fn empty() -> PgDb {
+        let name = format!("orbit_test_{}", uuid::Uuid::new_v4().simple());
+        psql(PG_ADMIN, &format!("CREATE DATABASE {name}"));
+        PgDb { name }
+    }
+
+    /// A database with the app schema, loaded with `corpus` through `db seed`.
+    pub fn seeded(corpus: &std::path::Path) -> PgDb {
+        let db = PgDb::empty();
+        db.cli(&["db", "seed", "--from", corpus.to_str().unwrap()]);
+        db
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:5432/{}", self.name)
+    }
+
+    /// One statement; rows as lines, columns split by `|`.
+    pub fn sql(&self, sql: &str) -> String {
+        psql(&self.url(), sql)
+    }
+
+    /// Runs orbit-worker with this database and returns stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        self.cli_env(args, &[])
+    }
+
+    pub fn cli_env(&self, args: &[&str], env: &[(&str, &str)]) -> String {
+        let mut cmd = Command::new(worker_bin());
+        cmd.args(args)
+            .env("DATABASE_URL", self.url())
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("ORBIT_CHAT_MODEL")
+            .env("ORBIT_EMBEDDER", "hashing");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "orbit-worker {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([
+                PG_ADMIN,
+                "-AtX",
+                "-c",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
+            .output();
+    }
+}
+
+/// What the double answers to the next request on a path.
+#[derive(Clone)]
+pub enum Reply {
+    /// A real-shaped success.
+    Ok,
+    /// A real-shaped success after this long.
+    Slow(Duration),
+    Status(u16, Vec<(&'static str, &'static str)>, String),
+    /// Accept, read the request, never answer.
+    Stall,
+    /// A success with this body (for chat: any JSON the test wants, valid or not).
+    Body(String),
+}
+
+#[derive(Default)]
+struct DoubleState {
+    embeddings: VecDeque<Reply>,
+    chat: VecDeque<Reply>,
+    /// Every input text embedded, in arrival order.
+    embedded: Vec<String>,
+    /// Every chat request body.
+    chats: Vec<Value>,
+    auths: Vec<Option<String>>,
+}
+
+/// An OpenAI-compatible double on its own thread and runtime, so blocking test code never stalls
+/// it. Embeddings are feature-hashed (1536 dimensions, as `text-embedding-3-small`).
+pub struct ApiDouble {
+    pub base_url: String,
+    state: Arc<Mutex<DoubleState>>,
+}
+
+pub const EMBED_DIM: usize = 1536;
+pub const CHAT_MODEL: &str = "gpt-4o-mini";
+pub const API_KEY: &str = "sk-test-secret-4242";
+
+impl ApiDouble {
+    pub fn start() -> ApiDouble {
+        let state: Arc<Mutex<DoubleState>> = Arc::default();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let st = state.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                tx.send(l.local_addr().unwrap()).unwrap();
+                loop {
+                    let Ok((sock, _)) = l.accept().await else {
+                        return;
+                    };
+                    tokio::spawn(serve(sock, st.clone()));
+                }
+            });
+        });
+        let addr = rx.recv().unwrap();
+        ApiDouble {
+            base_url: format!("http://{addr}/v1"),
+            state,
+        }
+    }
+
+    pub fn script_embeddings(&self, replies: Vec<Reply>) {
+        self.state.lock().unwrap().embeddings.extend(replies);
+    }
+
+    pub fn script_chat(&self, replies: Vec<Reply>) {
+        self.state.lock().unwrap().chat.extend(replies);
+    }
+
+    pub fn embedded(&self) -> Vec<String> {
+        self.state.lock().unwrap().embedded.clone()
+    }
+
+    pub fn chats(&self) -> Vec<Value> {
+        self.state.lock().unwrap().chats.clone()
+    }
+
+    pub fn auths(&self) -> Vec<Option<String>> {
+        self.state.lock().unwrap().auths.clone()
+    }
+
+    /// Worker environment for the OpenAI embedder against this double.
+    pub fn embedder_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("ORBIT_EMBEDDER", "openai".into()),
+            ("OPENAI_API_KEY", API_KEY.into()),
+            ("OPENAI_BASE_URL", self.base_url.clone()),
+        ]
+    }
+}
+
+async fn serve(mut sock: tokio::net::TcpStream, st: Arc<Mutex<DoubleState>>) {
+    loop {
+        let Some((path, auth, body)) = read_request(&mut sock).await else {
+            return;
+        };
+        let is_chat = path.ends_with("/chat/completions");
+        let reply = {
+            let mut s = st.lock().unwrap();
+            s.auths.push(auth);
+            if is_chat {
+                s.chats.push(body.clone());
+                s.chat.pop_front()
+            } else {
+                s.embeddings.pop_front()
+            }
+        }
+        .unwrap_or(Reply::Ok);
+        let ok = || {
+            if is_chat {
+                chat_success(&body)
+            } else {
+                let inputs: Vec<String> = body["input"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|v| v.as_str().unwrap_or("").to_string())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                st.lock().unwrap().embedded.extend(inputs.iter().cloned());
+                embeddings_success(&inputs)
+            }
+        };
+        let (status, headers, text) = match reply {
+            Reply::Ok => (200, vec![], ok()),
+            Reply::Slow(d) => {
+                tokio::time::sleep(d).await;
+                (200, vec![], ok())
+            }
+            Reply::Body(b) => (200, vec![], b),
+            Reply::Status(s, h, b) => (s, h, b),
+            Reply::Stall => {
+                tokio::time::sleep(Duration::from_secs(600)).await;
+                return;
+            }
+        };
+        let mut resp = format!(
+            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-ratelimit-remaining-requests: 4999\r\n",
+            text.len()
+        );
+        for (k, v) in headers {
+            resp.push_str(&format!("{k}: {v}\r\n"));
+        }
+        resp.push_str("\r\n");
+        resp.push_str(&text);
+        if sock.write_all(resp.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn embeddings_success(inputs: &[String]) -> String {
+    let e = HashingEmbedder::new(EMBED_DIM);
+    let mut data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| json!({"object": "embedding", "index": i, "embedding": e.embed_one(t)}))
+        .collect();
+    // The API does not promise order: the client must sort by index.
+    data.reverse();
+    json!({"object": "list", "data": data, "model": "text-embedding-3-small",
+           "usage": {"prompt_tokens": 5, "total_tokens": 5}})
+    .to_string()
+}
+
+/// A chat completion citing passage [1], with the real response shape.
+fn chat_success(req: &Value) -> String {
+    let prompt: String = req["messages"]
+        .as_array()
+        .map(|m| m.iter().filter_map(|x| x["content"].as_str()).collect())
+        .unwrap_or_default();
+    json!({
+        "id": "chatcmpl-test", "object": "chat.completion", "created": 1_764_000_000,
+        "model": format!("{CHAT_MODEL}-2024-07-18"),
+        "choices": [{"index": 0, "message": {"role": "assistant",
+            "content": "From your memory: see [1].", "refusal": null},
+            "logprobs": null, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt.len() / 4, "completion_tokens": 9,
+                  "total_tokens": prompt.len() / 4 + 9},
+        "system_fingerprint": "fp_test"
+    })
+    .to_string()
+}
+
+/// One HTTP/1.1 request off the socket: (path, authorization header, JSON body).
+pub async fn read_request(
+    sock: &mut tokio::net::TcpStream,
+) -> Option<(String, Option<String>, Value)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = sock.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let path = head.split_whitespace().nth(1)?.to_string();
+    let header = |name: &str| {
+        head.lines()
+            .find(|l| l.to_ascii_lowercase().starts_with(&format!("{name}:")))
+            .map(|l| l[name.len() + 1..].trim().to_string())
+    };
+    let len: usize = header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = sock.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or_default();
+    Some((path, header("authorization"), body))
+}
+
+/// Django's own cache API over the test's Redis (tests/py/django_cache.py): what the app reads.
+pub fn django_cache(redis: &RedisServer, ops: Value) -> Value {
+    let mut child = Command::new(python())
+        .arg(repo().join("tests/py/django_cache.py"))
+        .env("CACHE_LOCATION", redis.url())
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python venv (make venv)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(ops.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "django cache: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A plain HTTP/1.1 GET: (status, body).
+pub fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let auth = token
+        .map(|t| format!("authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\n{auth}connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    (status, body)
+}
