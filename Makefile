@@ -16,7 +16,7 @@ export ORBIT_MODEL_DIR ?= $(MODEL_DIR)
 export TIKTOKEN_CACHE_DIR ?= $(TIKTOKEN_DIR)
 export ORBIT_TEST_PYTHON ?= $(VENV)/bin/python
 
-.PHONY: postgres all demo test bench bench-e2e bench-celery lint model venv tiktoken-cache corpus-100m corpus-1g tools release clean
+.PHONY: node-servers postgres all demo test bench bench-e2e bench-celery lint model venv tiktoken-cache corpus-100m corpus-1g tools release clean
 
 all: release
 
@@ -25,6 +25,19 @@ tools:
 	@command -v python3 >/dev/null || { apt-get update && apt-get install -y python3 python3-venv; }
 	@command -v redis-server >/dev/null || { apt-get update && apt-get install -y redis-server; }
 	@command -v psql >/dev/null || { apt-get update && apt-get install -y postgresql-client; }
+	@command -v espeak-ng >/dev/null && command -v sox >/dev/null || { apt-get update && apt-get install -y espeak-ng sox libsox-fmt-all; }
+	@command -v npm >/dev/null || { apt-get update && apt-get install -y nodejs npm; }
+	@pkg-config --exists openssl || { apt-get update && apt-get install -y libssl-dev pkg-config; }
+
+# The real local servers of the side-task tests (npm): a Web Push service and an SMTP server.
+NODE_DIR ?= $(CACHE)/node
+export ORBIT_TEST_NODE_DIR ?= $(NODE_DIR)
+node-servers: $(NODE_DIR)/.ok
+$(NODE_DIR)/.ok: scripts/node-package.json
+	@mkdir -p $(NODE_DIR)
+	cp scripts/node-package.json $(NODE_DIR)/package.json
+	cd $(NODE_DIR) && npm install --no-audit --no-fund --loglevel=error
+	touch $@
 
 # The tests create databases of their own on the machine's Postgres (127.0.0.1:5432, trust auth);
 # start it when it is installed but stopped.
@@ -81,7 +94,7 @@ demo: tools model release
 	@echo; echo '$$ orbit-worker ask --user 1 "What medication does Pickles the cat take?"'
 	ORBIT_DATA_DIR=$(DEMO_DATA) ORBIT_CHAT_MODEL= $(BIN) ask --user 1 "What medication does Pickles the cat take?"
 
-test: tools postgres model venv tiktoken-cache
+test: tools postgres model venv tiktoken-cache node-servers
 	cargo test --workspace --all-targets --no-fail-fast
 
 lint:

@@ -30,6 +30,10 @@ pub enum ChatError {
     /// 401/403 or `insufficient_quota`: a human must fix the key or the billing.
     #[error("chat model configuration: {0}")]
     Config(String),
+    /// Retried inside the call until its attempts ran out: the task layer must not retry it
+    /// again (one failure, one retry layer).
+    #[error("{0}")]
+    GaveUp(String),
 }
 
 impl ChatError {
@@ -37,7 +41,7 @@ impl ChatError {
         match self {
             ChatError::Http { retryable, .. } => *retryable,
             ChatError::Connect(_) => true,
-            ChatError::Decode(_) | ChatError::Config(_) => false,
+            ChatError::Decode(_) | ChatError::Config(_) | ChatError::GaveUp(_) => false,
         }
     }
     pub fn retry_after(&self) -> Option<Duration> {
@@ -122,11 +126,16 @@ impl ChatClient {
             attempt += 1;
             match self.attempt(&body).await {
                 Ok(c) => return Ok(c),
-                Err(e) if e.is_retryable() && attempt < MAX_ATTEMPTS => {
+                Err(e) if e.is_retryable() => {
                     let backoff = Duration::from_millis(500 << attempt.min(6));
                     let wait = e.retry_after().unwrap_or(backoff);
+                    // A long wait is the task layer's to schedule (re-published with an ETA);
+                    // short ones are retried here, and once they run out, nowhere else.
                     if wait > MAX_INLINE_WAIT {
                         return Err(e);
+                    }
+                    if attempt >= MAX_ATTEMPTS {
+                        return Err(ChatError::GaveUp(format!("{e} (after {attempt} attempts)")));
                     }
                     tracing::warn!(attempt, wait_ms = wait.as_millis() as u64, error = %e, "chat request retrying");
                     tokio::time::sleep(wait).await;

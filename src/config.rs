@@ -69,6 +69,21 @@ pub struct Settings {
     pub max_question_tokens: usize,
     /// A user's chat tokens per calendar month; past it, answers are extractive. None: no cap.
     pub monthly_token_limit: Option<i64>,
+    /// VAPID (RFC 8292): the application server's P-256 private key (PEM, or the raw 32 bytes
+    /// base64url) and the `sub` claim (`mailto:` or `https:`).
+    pub vapid_private_key: Secret,
+    pub vapid_subject: String,
+    pub push_timeout: std::time::Duration,
+    /// `smtp://host:1025`, `smtps://user:pass@host:465`, `smtp://…?tls=required`.
+    pub smtp_url: Secret,
+    pub smtp_from: String,
+    pub smtp_timeout: std::time::Duration,
+    /// Where Blink audio paths are relative to.
+    pub media_root: PathBuf,
+    pub transcribe_model: String,
+    pub transcribe_base_url: String,
+    pub transcribe_timeout: std::time::Duration,
+    pub analysis_model: String,
 }
 
 fn var(name: &str) -> Option<String> {
@@ -156,6 +171,25 @@ impl Settings {
             http_token: Secret::new(var("ORBIT_HTTP_TOKEN").unwrap_or_default()),
             max_question_tokens: parse("ORBIT_MAX_QUESTION_TOKENS")?.unwrap_or(8192),
             monthly_token_limit: parse("ORBIT_MONTHLY_TOKEN_LIMIT")?,
+            vapid_private_key: Secret::new(var("VAPID_PRIVATE_KEY").unwrap_or_default()),
+            vapid_subject: var("VAPID_SUBJECT")
+                .unwrap_or_else(|| "mailto:admin@orbitingfox.app".into()),
+            push_timeout: seconds("ORBIT_PUSH_TIMEOUT", 10.0)?,
+            smtp_url: Secret::new(var("SMTP_URL").unwrap_or_default()),
+            smtp_from: var("SMTP_FROM")
+                .or_else(|| var("DEFAULT_FROM_EMAIL"))
+                .unwrap_or_else(|| "OrbitingFox <no-reply@orbitingfox.app>".into()),
+            smtp_timeout: seconds("ORBIT_SMTP_TIMEOUT", 30.0)?,
+            media_root: var("MEDIA_ROOT")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("./media")),
+            transcribe_model: var("ORBIT_TRANSCRIBE_MODEL").unwrap_or_else(|| "whisper-1".into()),
+            transcribe_base_url: var("ORBIT_TRANSCRIBE_BASE_URL")
+                .or_else(|| var("OPENAI_BASE_URL"))
+                .unwrap_or_else(|| "https://api.openai.com/v1".into()),
+            transcribe_timeout: seconds("ORBIT_TRANSCRIBE_TIMEOUT", 600.0)?,
+            analysis_model: var("ORBIT_ANALYSIS_MODEL")
+                .unwrap_or_else(|| "gpt-4o-2024-08-06".into()),
         };
         if s.build_lock_ttl < std::time::Duration::from_secs(3) {
             bail!("ORBIT_BUILD_LOCK_TTL must be at least 3 seconds");

@@ -29,6 +29,9 @@ pub struct Services {
     pub db: Option<Db>,
     pub cache: Cache,
     pub chat: Option<ChatClient>,
+    /// The one outgoing HTTP client (push services, audio downloads, the OpenAI APIs): one
+    /// connection pool; each call sets its own timeout.
+    pub http: reqwest::Client,
     pub metrics: Arc<Metrics>,
     /// Where build locks live: the cache's Redis, which every worker of the app shares.
     pub locks: Arc<RedisConn>,
@@ -70,6 +73,7 @@ impl Services {
             db,
             cache,
             chat,
+            http,
             metrics: Arc::new(Metrics::new()),
             locks: cache_conn,
             embedder: OnceCell::new(),

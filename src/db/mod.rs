@@ -145,6 +145,40 @@ pub struct BlinkStatus {
     pub updated_at: DateTime<Utc>,
 }
 
+#[derive(Debug, Clone)]
+pub struct PushSubscription {
+    pub id: i64,
+    pub endpoint: String,
+    pub p256dh: String,
+    pub auth: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct BlinkAudio {
+    pub owner_id: i64,
+    pub audio_file: String,
+    pub transcription_status: String,
+    pub transcript: String,
+}
+
+/// The fields `blink.analyse_audio` asks the model for (its strict JSON schema).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AudioAnalysis {
+    pub summary: String,
+    pub action_items: Vec<ActionItem>,
+    pub sentiment: String,
+    pub speaker_count: i64,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ActionItem {
+    pub owner: Option<String>,
+    pub task: String,
+    pub due: Option<String>,
+}
+
 const BUILD_COLUMNS: &str = "id, user_id, status, task_id, attempt, documents, chunks, tokens, \
      chunks_reused, chunks_embedded, error_message, coalesced_into_id, created_at, started_at, \
      finished_at";
@@ -212,6 +246,165 @@ impl Db {
                 .fetch_optional(&self.pool)
                 .await?,
         )
+    }
+
+    pub async fn user_email(&self, user_id: i64) -> Result<Option<(String, bool)>, DbError> {
+        let r = sqlx::query("SELECT email, is_active FROM accounts_user WHERE id = $1")
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(r.map(|r| (r.get(0), r.get(1))))
+    }
+
+    pub async fn email_bounced(
+        &self,
+        user_id: i64,
+        email: &str,
+        code: Option<u16>,
+        message: &str,
+    ) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO orbitworker_emailbounce (user_id, email, smtp_code, message) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(user_id)
+        .bind(email)
+        .bind(code.map(i32::from))
+        .bind(message)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    // ---- push subscriptions ------------------------------------------------------------------
+
+    pub async fn push_subscriptions(&self, user_id: i64) -> Result<Vec<PushSubscription>, DbError> {
+        let rows = sqlx::query(
+            "SELECT id, endpoint, p256dh, auth FROM notifications_pushsubscription \
+             WHERE user_id = $1 ORDER BY id",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| PushSubscription {
+                id: r.get(0),
+                endpoint: r.get(1),
+                p256dh: r.get(2),
+                auth: r.get(3),
+            })
+            .collect())
+    }
+
+    pub async fn delete_push_subscription(&self, id: i64) -> Result<(), DbError> {
+        sqlx::query("DELETE FROM notifications_pushsubscription WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn push_delivered(&self, id: i64) -> Result<(), DbError> {
+        sqlx::query("UPDATE notifications_pushsubscription SET last_used_at = now() WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    // ---- Blink audio -------------------------------------------------------------------------
+
+    pub async fn blink_audio(&self, id: i64) -> Result<Option<BlinkAudio>, DbError> {
+        let r = sqlx::query(
+            "SELECT owner_id, audio_file, transcription_status, transcript \
+             FROM blink_blinkaudio WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(r.map(|r| BlinkAudio {
+            owner_id: r.get(0),
+            audio_file: r.get(1),
+            transcription_status: r.get(2),
+            transcript: r.get(3),
+        }))
+    }
+
+    /// Sets `transcription_status` (and its error, empty unless failed).
+    pub async fn blink_transcription_status(
+        &self,
+        id: i64,
+        status: &str,
+        error: &str,
+    ) -> Result<(), DbError> {
+        sqlx::query(
+            "UPDATE blink_blinkaudio SET transcription_status = $2, transcription_error = $3, \
+             updated_at = now() WHERE id = $1",
+        )
+        .bind(id)
+        .bind(status)
+        .bind(error)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn blink_transcribed(
+        &self,
+        id: i64,
+        text: &str,
+        segments: &serde_json::Value,
+        duration: Option<f64>,
+        language: &str,
+    ) -> Result<(), DbError> {
+        sqlx::query(
+            "UPDATE blink_blinkaudio SET transcription_status = 'completed', transcript = $2, \
+             transcript_segments = $3, duration_seconds = COALESCE($4, duration_seconds), \
+             transcript_language = $5, transcription_error = '', updated_at = now() WHERE id = $1",
+        )
+        .bind(id)
+        .bind(text)
+        .bind(segments)
+        .bind(duration)
+        .bind(language)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn blink_analysis_status(
+        &self,
+        id: i64,
+        status: &str,
+        error: &str,
+    ) -> Result<(), DbError> {
+        sqlx::query(
+            "UPDATE blink_blinkaudio SET ai_analysis_status = $2, ai_analysis_error = $3, \
+             updated_at = now() WHERE id = $1",
+        )
+        .bind(id)
+        .bind(status)
+        .bind(error)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn blink_analysed(&self, id: i64, a: &AudioAnalysis) -> Result<(), DbError> {
+        sqlx::query(
+            "UPDATE blink_blinkaudio SET ai_analysis_status = 'completed', summary = $2, \
+             action_items = $3, sentiment = $4, speaker_count = $5, ai_analysis_error = '', \
+             updated_at = now() WHERE id = $1",
+        )
+        .bind(id)
+        .bind(&a.summary)
+        .bind(serde_json::to_value(&a.action_items).unwrap_or_default())
+        .bind(&a.sentiment)
+        .bind(a.speaker_count.clamp(0, i32::MAX as i64) as i32)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     // ---- memory builds ---------------------------------------------------------------------

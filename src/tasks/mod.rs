@@ -1,10 +1,14 @@
 //! The task registry: each task in its own file with its Celery name, typed arguments, retry
 //! policy and time limits, and one dispatch table.
 
+pub mod analyse_audio;
 pub mod build_memory;
 pub mod debug;
 pub mod echo;
 pub mod generate_answer;
+pub mod send_push;
+pub mod send_verification_email;
+pub mod transcribe_audio;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -132,8 +136,15 @@ pub struct Registry {
 impl Registry {
     /// The production tasks, plus the `orbit.debug.*` diagnostics when asked for.
     pub fn new(debug_tasks: bool) -> Registry {
-        let mut defs: Vec<&'static TaskDef> =
-            vec![&echo::TASK, &build_memory::TASK, &generate_answer::TASK];
+        let mut defs: Vec<&'static TaskDef> = vec![
+            &echo::TASK,
+            &build_memory::TASK,
+            &generate_answer::TASK,
+            &send_push::TASK,
+            &send_verification_email::TASK,
+            &transcribe_audio::TASK,
+            &analyse_audio::TASK,
+        ];
         if debug_tasks {
             defs.extend(debug::TASKS);
         }

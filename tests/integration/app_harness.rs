@@ -115,6 +115,9 @@ pub enum Reply {
 struct DoubleState {
     embeddings: VecDeque<Reply>,
     chat: VecDeque<Reply>,
+    transcriptions: VecDeque<Reply>,
+    /// Every transcription upload: its multipart fields (file as its byte length and name).
+    uploads: Vec<Value>,
     /// Every input text embedded, in arrival order.
     embedded: Vec<String>,
     /// Every chat request body.
@@ -170,6 +173,14 @@ impl ApiDouble {
         self.state.lock().unwrap().chat.extend(replies);
     }
 
+    pub fn script_transcriptions(&self, replies: Vec<Reply>) {
+        self.state.lock().unwrap().transcriptions.extend(replies);
+    }
+
+    pub fn uploads(&self) -> Vec<Value> {
+        self.state.lock().unwrap().uploads.clone()
+    }
+
     pub fn embedded(&self) -> Vec<String> {
         self.state.lock().unwrap().embedded.clone()
     }
@@ -194,16 +205,22 @@ impl ApiDouble {
 
 async fn serve(mut sock: tokio::net::TcpStream, st: Arc<Mutex<DoubleState>>) {
     loop {
-        let Some((path, auth, body)) = read_request(&mut sock).await else {
+        let Some((path, auth, raw, ctype)) = read_raw(&mut sock).await else {
             return;
         };
+        let body: Value = serde_json::from_slice(&raw).unwrap_or_default();
         let is_chat = path.ends_with("/chat/completions");
+        let is_audio = path.ends_with("/audio/transcriptions");
+        let upload = is_audio.then(|| multipart_fields(&raw, &ctype));
         let reply = {
             let mut s = st.lock().unwrap();
             s.auths.push(auth);
             if is_chat {
                 s.chats.push(body.clone());
                 s.chat.pop_front()
+            } else if let Some(u) = &upload {
+                s.uploads.push(u.clone());
+                s.transcriptions.pop_front()
             } else {
                 s.embeddings.pop_front()
             }
@@ -212,6 +229,8 @@ async fn serve(mut sock: tokio::net::TcpStream, st: Arc<Mutex<DoubleState>>) {
         let ok = || {
             if is_chat {
                 chat_success(&body)
+            } else if let Some(u) = &upload {
+                transcription_success(u)
             } else {
                 let inputs: Vec<String> = body["input"]
                     .as_array()
@@ -267,8 +286,86 @@ fn embeddings_success(inputs: &[String]) -> String {
     .to_string()
 }
 
-/// A chat completion citing passage [1], with the real response shape.
-fn chat_success(req: &Value) -> String {
+/// A chat completion with the real response shape: a JSON answer matching the schema when one
+/// was asked for (`response_format: json_schema`), else an answer citing passage [1].
+pub fn chat_success(req: &Value) -> String {
+    if req["response_format"]["type"] == "json_schema" {
+        let content = json!({"summary": "Ana and Ben agree to ship the release on Friday.",
+            "action_items": [{"owner": "Ana", "task": "send the slides", "due": "Friday"},
+                             {"owner": null, "task": "book the room", "due": null}],
+            "sentiment": "positive", "speaker_count": 2});
+        return chat_body(Some(&content.to_string()), None, "stop");
+    }
+    chat_with_prompt(req)
+}
+
+/// A completion whose message is `content`/`refusal`, ending with `finish_reason`.
+pub fn chat_body(content: Option<&str>, refusal: Option<&str>, finish_reason: &str) -> String {
+    json!({
+        "id": "chatcmpl-test", "object": "chat.completion", "created": 1_764_000_000,
+        "model": "gpt-4o-2024-08-06",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": refusal},
+            "logprobs": null, "finish_reason": finish_reason}],
+        "usage": {"prompt_tokens": 211, "completion_tokens": 57, "total_tokens": 268}
+    })
+    .to_string()
+}
+
+/// What a verbose_json transcription looks like, `usage` included.
+fn transcription_success(upload: &Value) -> String {
+    let secs = upload["file_bytes"].as_f64().unwrap_or(0.0) / 32000.0;
+    json!({"task": "transcribe", "language": "english", "duration": secs,
+        "text": " Hello from the Blink test. Ana will send the slides on Friday.",
+        "segments": [{"id": 0, "seek": 0, "start": 0.0, "end": secs, "text": " Hello from the Blink test. Ana will send the slides on Friday.",
+            "tokens": [50364, 2425], "temperature": 0.0, "avg_logprob": -0.2, "compression_ratio": 1.1, "no_speech_prob": 0.01}],
+        "usage": {"type": "duration", "seconds": secs.ceil()}})
+    .to_string()
+}
+
+/// Field name → value of a multipart body; the file as its name and byte count.
+fn multipart_fields(raw: &[u8], ctype: &str) -> Value {
+    let Some(boundary) = ctype.split("boundary=").nth(1) else {
+        return json!({"error": "not multipart"});
+    };
+    let delim = format!("--{}", boundary.trim_matches('"'));
+    let mut out = serde_json::Map::new();
+    let mut rest = raw;
+    while let Some(i) = find(rest, delim.as_bytes()) {
+        rest = &rest[i + delim.len()..];
+        let Some(h) = find(rest, b"\r\n\r\n") else {
+            break;
+        };
+        let head = String::from_utf8_lossy(&rest[..h]).to_string();
+        let body_start = h + 4;
+        let end = find(&rest[body_start..], delim.as_bytes())
+            .map(|e| body_start + e - 2)
+            .unwrap_or(rest.len());
+        let body = &rest[body_start..end.max(body_start)];
+        let name = head
+            .split("name=\"")
+            .nth(1)
+            .and_then(|x| x.split('"').next())
+            .unwrap_or("")
+            .to_string();
+        if let Some(fname) = head
+            .split("filename=\"")
+            .nth(1)
+            .and_then(|x| x.split('"').next())
+        {
+            out.insert("file_name".into(), json!(fname));
+            out.insert("file_bytes".into(), json!(body.len()));
+        } else if !name.is_empty() {
+            out.insert(name, json!(String::from_utf8_lossy(body)));
+        }
+    }
+    Value::Object(out)
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn chat_with_prompt(req: &Value) -> String {
     let prompt: String = req["messages"]
         .as_array()
         .map(|m| m.iter().filter_map(|x| x["content"].as_str()).collect())
@@ -290,6 +387,14 @@ fn chat_success(req: &Value) -> String {
 pub async fn read_request(
     sock: &mut tokio::net::TcpStream,
 ) -> Option<(String, Option<String>, Value)> {
+    let (path, auth, raw, _) = read_raw(sock).await?;
+    Some((path, auth, serde_json::from_slice(&raw).unwrap_or_default()))
+}
+
+/// One HTTP/1.1 request: (path, authorization, raw body, content type).
+async fn read_raw(
+    sock: &mut tokio::net::TcpStream,
+) -> Option<(String, Option<String>, Vec<u8>, String)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     let head_end = loop {
@@ -319,8 +424,13 @@ pub async fn read_request(
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    let body = serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or_default();
-    Some((path, header("authorization"), body))
+    let body = buf[head_end..head_end + len].to_vec();
+    Some((
+        path,
+        header("authorization"),
+        body,
+        header("content-type").unwrap_or_default(),
+    ))
 }
 
 /// Django's own cache API over the test's Redis (tests/py/django_cache.py): what the app reads.
@@ -349,16 +459,24 @@ pub fn django_cache(redis: &RedisServer, ops: Value) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// A plain HTTP/1.1 GET: (status, body).
-pub fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
+/// A plain HTTP/1.1 request, with an optional bearer token and JSON body: (status, body).
+pub fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let auth = token
         .map(|t| format!("authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
+    let b = body.map(|b| b.to_string()).unwrap_or_default();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nhost: {addr}\r\n{auth}connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{b}",
+        b.len()
     )
     .unwrap();
     let mut out = String::new();
@@ -374,4 +492,9 @@ pub fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
         .unwrap_or("")
         .to_string();
     (status, body)
+}
+
+/// A plain HTTP/1.1 GET: (status, body).
+pub fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    http_request(addr, "GET", path, token, None)
 }

@@ -11,4 +11,5 @@ mod helpers;
 mod local_model;
 mod openai;
 mod pipeline;
+mod side;
 mod tokens;

@@ -1,0 +1,362 @@
+//! `blink.transcribe_audio(audio_id)`: sends a Blink recording to an OpenAI-compatible
+//! `/v1/audio/transcriptions` (`verbose_json`) and stores text, segments and duration, moving
+//! `transcription_status` pending → processing → completed | failed. Size and format are checked
+//! before any upload.
+
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{bind, RetryPolicy, TaskContext, TaskDef, TaskOutcome, TimeLimits};
+use crate::celery::result::ExceptionInfo;
+use crate::chat::classify;
+use crate::db::{Db, UsageRow};
+
+pub const NAME: &str = "blink.transcribe_audio";
+const PARAMS: &[&str] = &["audio_id"];
+const EXC_MODULE: &str = "blink.errors";
+/// OpenAI's upload limit: 25 MiB.
+pub const MAX_UPLOAD_BYTES: u64 = 25 * 1024 * 1024;
+/// What the transcription API accepts, by file extension (it sniffs nothing else).
+pub const FORMATS: &[&str] = &[
+    "flac", "mp3", "mp4", "mpeg", "mpga", "m4a", "ogg", "wav", "webm",
+];
+
+/// An upload of minutes of audio: a long soft limit, and retries spaced for rate limits.
+pub static TASK: TaskDef = TaskDef {
+    name: NAME,
+    retry: RetryPolicy {
+        max_retries: 3,
+        base_delay: Duration::from_secs(30),
+        max_delay: Duration::from_secs(600),
+    },
+    limits: TimeLimits {
+        soft: Duration::from_secs(270),
+        hard: Duration::from_secs(300),
+    },
+    run: |ctx| Box::pin(run(ctx)),
+};
+
+#[derive(Deserialize)]
+struct Args {
+    audio_id: i64,
+}
+
+/// How a transcription ends, before it is written down.
+enum End {
+    Done(Value),
+    /// Permanent: the record says why.
+    Failed(&'static str, String),
+    Retry(String, Option<Duration>),
+}
+
+#[derive(Deserialize)]
+struct Verbose {
+    text: String,
+    #[serde(default)]
+    language: Option<String>,
+    #[serde(default)]
+    duration: Option<f64>,
+    #[serde(default)]
+    segments: Option<Value>,
+    /// Self-hosted servers leave it out.
+    #[serde(default)]
+    usage: Option<Value>,
+}
+
+fn extension(name: &str) -> Option<String> {
+    let last = name.rsplit('/').next().unwrap_or(name);
+    let last = last.split(['?', '#']).next().unwrap_or(last);
+    last.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase())
+}
+
+/// A path under MEDIA_ROOT; `..` and absolute paths are refused, so a record cannot read
+/// arbitrary files.
+fn media_path(root: &Path, rel: &str) -> Result<PathBuf, String> {
+    let p = Path::new(rel);
+    if p.components().any(|c| !matches!(c, Component::Normal(_))) {
+        return Err(format!(
+            "audio path {rel:?} is not a plain path under MEDIA_ROOT"
+        ));
+    }
+    Ok(root.join(p))
+}
+
+/// The recording's bytes, refusing anything over the upload limit before reading it all.
+async fn load(ctx: &TaskContext, file: &str) -> Result<(String, Vec<u8>), End> {
+    let name = file
+        .rsplit('/')
+        .next()
+        .unwrap_or(file)
+        .split(['?', '#'])
+        .next()
+        .unwrap_or("audio")
+        .to_string();
+    let too_big = |n: u64| {
+        End::Failed(
+            "FileTooLarge",
+            format!(
+                "the recording is {:.1} MiB; the transcription API takes at most 25 MiB",
+                n as f64 / 1048576.0
+            ),
+        )
+    };
+    if file.starts_with("http://") || file.starts_with("https://") {
+        let resp = ctx
+            .services
+            .http
+            .get(file)
+            .timeout(Duration::from_secs(120))
+            .send()
+            .await
+            .map_err(|e| {
+                End::Retry(
+                    format!(
+                        "cannot download the recording: {}",
+                        orbit_pipeline::embed::without_url(&e)
+                    ),
+                    None,
+                )
+            })?;
+        let st = resp.status();
+        if st.is_server_error() {
+            return Err(End::Retry(format!("recording download: HTTP {st}"), None));
+        }
+        if !st.is_success() {
+            return Err(End::Failed(
+                "AudioNotFound",
+                format!("recording download: HTTP {st}"),
+            ));
+        }
+        if let Some(n) = resp.content_length().filter(|n| *n > MAX_UPLOAD_BYTES) {
+            return Err(too_big(n));
+        }
+        let mut out = Vec::new();
+        let mut body = resp.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| End::Retry(format!("recording download: {e}"), None))?;
+            out.extend_from_slice(&chunk);
+            if out.len() as u64 > MAX_UPLOAD_BYTES {
+                return Err(too_big(out.len() as u64));
+            }
+        }
+        return Ok((name, out));
+    }
+    let path = media_path(&ctx.services.settings.media_root, file)
+        .map_err(|e| End::Failed("AudioNotFound", e))?;
+    let meta = tokio::fs::metadata(&path)
+        .await
+        .map_err(|e| End::Failed("AudioNotFound", format!("recording {file}: {e}")))?;
+    if meta.len() > MAX_UPLOAD_BYTES {
+        return Err(too_big(meta.len()));
+    }
+    let bytes = tokio::fs::read(&path)
+        .await
+        .map_err(|e| End::Failed("AudioNotFound", format!("recording {file}: {e}")))?;
+    Ok((name, bytes))
+}
+
+async fn transcribe(ctx: &TaskContext, db: &Db, audio_id: i64) -> End {
+    let sv = &ctx.services;
+    let s = &sv.settings;
+    let audio = match db.blink_audio(audio_id).await {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            return End::Failed(
+                "AudioNotFound",
+                format!("Blink audio {audio_id} does not exist"),
+            )
+        }
+        Err(e) => return End::Retry(e.to_string(), None),
+    };
+    if audio.audio_file.trim().is_empty() {
+        return End::Failed("AudioNotFound", "the recording has no file".into());
+    }
+    let ext = extension(&audio.audio_file).unwrap_or_default();
+    if !FORMATS.contains(&ext.as_str()) {
+        return End::Failed(
+            "UnsupportedFormat",
+            format!("audio format {:?} is not supported (flac, mp3, mp4, mpeg, mpga, m4a, ogg, wav, webm)", ext),
+        );
+    }
+    if let Err(e) = db
+        .blink_transcription_status(audio_id, "processing", "")
+        .await
+    {
+        return End::Retry(e.to_string(), None);
+    }
+    let (name, bytes) = match load(ctx, &audio.audio_file).await {
+        Ok(x) => x,
+        Err(e) => return e,
+    };
+    let part = match reqwest::multipart::Part::bytes(bytes)
+        .file_name(name)
+        .mime_str("application/octet-stream")
+    {
+        Ok(p) => p,
+        Err(e) => return End::Failed("TranscriptionError", e.to_string()),
+    };
+    let form = reqwest::multipart::Form::new()
+        .part("file", part)
+        .text("model", s.transcribe_model.clone())
+        .text("response_format", "verbose_json")
+        .text("timestamp_granularities[]", "segment");
+    let url = format!(
+        "{}/audio/transcriptions",
+        s.transcribe_base_url.trim_end_matches('/')
+    );
+    let mut req = sv
+        .http
+        .post(url)
+        .timeout(s.transcribe_timeout)
+        .multipart(form);
+    if !s.openai_api_key.is_empty() {
+        req = req.bearer_auth(s.openai_api_key.expose());
+    }
+    // One attempt per task run: an upload of minutes is retried by the task layer alone.
+    let resp = match req.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            return End::Retry(
+                format!(
+                    "transcription API unreachable: {}",
+                    orbit_pipeline::embed::without_url(&e)
+                ),
+                None,
+            )
+        }
+    };
+    let status = resp.status().as_u16();
+    let hint = orbit_pipeline::embed::retry_after(resp.headers());
+    let text = resp.text().await.unwrap_or_default();
+    if !(200..300).contains(&status) {
+        return match classify(status, &text, hint) {
+            crate::chat::ChatError::Config(m) => {
+                End::Failed("ConfigError", format!("transcription API: {m}"))
+            }
+            e if e.is_retryable() => End::Retry(format!("transcription API: {e}"), e.retry_after()),
+            e => End::Failed("TranscriptionError", format!("transcription API: {e}")),
+        };
+    }
+    let v: Verbose = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => return End::Retry(format!("transcription answer malformed: {e}"), None),
+    };
+    let segments = v.segments.clone().unwrap_or(Value::Array(vec![]));
+    let seconds = v
+        .usage
+        .as_ref()
+        .and_then(|u| u["seconds"].as_f64())
+        .or(v.duration)
+        .unwrap_or(0.0);
+    if let Err(e) = db
+        .blink_transcribed(
+            audio_id,
+            v.text.trim(),
+            &segments,
+            v.duration,
+            v.language.as_deref().unwrap_or(""),
+        )
+        .await
+    {
+        return End::Retry(e.to_string(), None);
+    }
+    crate::answer::log_usage(
+        sv,
+        UsageRow {
+            user_id: Some(audio.owner_id),
+            feature: "blink_transcription",
+            model: s.transcribe_model.clone(),
+            audio_seconds: seconds,
+            cost_usd: s.prices.cost(&s.transcribe_model, 0, 0, seconds),
+            task_id: ctx.call.id.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    End::Done(json!({
+        "audio_id": audio_id,
+        "status": "completed",
+        "duration": v.duration,
+        "language": v.language,
+        "characters": v.text.trim().chars().count(),
+        "segments": segments.as_array().map(|a| a.len()).unwrap_or(0),
+    }))
+}
+
+async fn run(ctx: TaskContext) -> TaskOutcome {
+    let args: Args = match bind(&ctx.call, PARAMS) {
+        Ok(a) => a,
+        Err(e) => return TaskOutcome::Failure(e),
+    };
+    let Some(db) = ctx.services.db.clone() else {
+        return TaskOutcome::Failure(ExceptionInfo::raised(
+            "ConfigError",
+            EXC_MODULE,
+            "DATABASE_URL is not set",
+            NAME,
+        ));
+    };
+    let id = args.audio_id;
+    let end = tokio::select! {
+        e = transcribe(&ctx, &db, id) => e,
+        _ = ctx.cancel.cancelled() => End::Failed("SoftTimeLimitExceeded", "the transcription did not finish within its time limit".into()),
+    };
+    let last = ctx.call.retries >= TASK.retry.max_retries;
+    match end {
+        End::Done(v) => TaskOutcome::Success(v),
+        End::Retry(m, after) if !last => {
+            let _ = db
+                .blink_transcription_status(
+                    id,
+                    "processing",
+                    &format!("attempt {} failed, retrying: {m}", ctx.call.retries + 1),
+                )
+                .await;
+            TaskOutcome::Retry {
+                error: ExceptionInfo::raised("TranscriptionError", EXC_MODULE, &m, NAME),
+                after,
+            }
+        }
+        End::Retry(m, _) => {
+            let _ = db.blink_transcription_status(id, "failed", &m).await;
+            TaskOutcome::Failure(ExceptionInfo::raised(
+                "TranscriptionError",
+                EXC_MODULE,
+                &m,
+                NAME,
+            ))
+        }
+        End::Failed(kind, m) => {
+            // A record that does not exist has no status to set.
+            if kind != "AudioNotFound" || !m.contains("does not exist") {
+                let _ = db.blink_transcription_status(id, "failed", &m).await;
+            }
+            TaskOutcome::Failure(ExceptionInfo::raised(kind, EXC_MODULE, &m, NAME))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_and_paths() {
+        assert_eq!(extension("blink/2026/a.WAV").as_deref(), Some("wav"));
+        assert_eq!(
+            extension("https://x.test/a.ogg?sig=1").as_deref(),
+            Some("ogg")
+        );
+        assert_eq!(extension("noext"), None);
+        assert!(media_path(Path::new("/m"), "../etc/passwd").is_err());
+        assert!(media_path(Path::new("/m"), "/etc/passwd").is_err());
+        assert_eq!(
+            media_path(Path::new("/m"), "b/a.wav").unwrap(),
+            PathBuf::from("/m/b/a.wav")
+        );
+    }
+}
