@@ -552,6 +552,53 @@ fn verification_email_arrives_multipart_and_smtp_failures_retry_or_give_up() {
         "permfail@example.test|550"
     );
 
+    // A server that wants authentication: a configuration error, not a retry.
+    let (asmtp, aweb) = (free_port(), free_port());
+    let _auth = Server::start(
+        node(
+            "maildev/dist/bin/maildev.js",
+            &[
+                "--ip",
+                "127.0.0.1",
+                "--web-ip",
+                "127.0.0.1",
+                "-s",
+                &asmtp.to_string(),
+                "-w",
+                &aweb.to_string(),
+                "--incoming-user",
+                "app",
+                "--incoming-pass",
+                "secret",
+            ]
+            .map(String::from),
+        ),
+        aweb,
+    );
+    let q4 = unique_queue("mailauth");
+    let _w4 = side_worker(
+        &redis,
+        &db,
+        &q4,
+        &[("SMTP_URL", format!("smtp://127.0.0.1:{asmtp}"))],
+    );
+    let r = call(
+        &redis,
+        &q4,
+        "config.send_verification_email",
+        json!([201, url]),
+        json!({}),
+        json!({}),
+    );
+    assert_eq!(r["raised"]["type"], "ConfigError", "{r}");
+    assert!(
+        r["raised"]["str"]
+            .as_str()
+            .unwrap()
+            .contains("authentication"),
+        "{r}"
+    );
+
     // A server that accepts and never greets: the send times out and the task retries.
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     let sport = silent.local_addr().unwrap().port();
@@ -691,6 +738,29 @@ fn transcription_and_analysis_through_the_queue() {
     let id = blink("blink/ana.wav");
     assert_eq!(run("blink.transcribe_audio", id)["state"], "SUCCESS");
     assert!(status(id).starts_with("completed"));
+
+    // A rate limit retries at the task layer with the server's hint; an exhausted quota fails
+    // at once as a configuration error.
+    let before = api.uploads().len();
+    api.script_transcriptions(vec![Reply::Status(429, vec![("retry-after", "1")], json!({"error": {"message": "Rate limit reached for whisper-1", "type": "requests", "code": "rate_limit_exceeded"}}).to_string())]);
+    let id = blink("blink/ana.wav");
+    let r = run("blink.transcribe_audio", id);
+    assert_eq!(r["state"], "SUCCESS", "{r}");
+    assert_eq!(api.uploads().len(), before + 2);
+    api.script_transcriptions(vec![Reply::Status(429, vec![], json!({"error": {"message": "You exceeded your current quota", "type": "insufficient_quota", "code": "insufficient_quota"}}).to_string())]);
+    let id = blink("blink/ana.wav");
+    let r = run("blink.transcribe_audio", id);
+    assert_eq!(r["raised"]["type"], "ConfigError", "{r}");
+    assert_eq!(
+        api.uploads().len(),
+        before + 3,
+        "no retry after insufficient_quota"
+    );
+    assert!(
+        status(id).starts_with("failed|") && status(id).contains("quota"),
+        "{}",
+        status(id)
+    );
 
     // Too big and unknown formats fail before any upload.
     let uploads = api.uploads().len();
