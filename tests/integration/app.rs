@@ -661,6 +661,23 @@ fn generate_answer_through_the_queue_cites_only_the_askers_rows_and_caches_for_d
         "{r}"
     );
 
+    // `orbit-worker ask` runs the same answer in process.
+    let out = db.cli_env(
+        &["ask", "--user", "101", "--json", question],
+        &[("ORBIT_DATA_DIR", &data)],
+    );
+    let a: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(a["mode"], "extractive");
+    assert_eq!(a["citations"][0]["source_ids"], json!([lisbon]));
+    let text = db.cli_env(
+        &["ask", "--user", "101", question],
+        &[("ORBIT_DATA_DIR", &data)],
+    );
+    assert!(
+        text.contains("[1] The wifi password for the Lisbon office"),
+        "{text}"
+    );
+
     // Bad input: clear failures or a clear answer, never a crash.
     let ask = |args: Value, kwargs: Value| {
         call(
