@@ -162,6 +162,22 @@ pub async fn answer(sv: &Services, q: Question<'_>) -> Result<Answer, AnswerErro
         .await
         .map_err(|e| AnswerError::upstream(e.to_string(), e.is_retryable()))?;
     let qv = vectors.pop().unwrap_or_default();
+    if sv.settings.resolved_embedder() == crate::config::EmbedderKind::OpenAi {
+        let model = embedder.model_id().to_string();
+        log_usage(
+            sv,
+            UsageRow {
+                user_id: Some(q.user_id),
+                feature: "orbitpilot_embed",
+                cost_usd: sv.settings.prices.cost(&model, tokens as i64, 0, 0.0),
+                model,
+                prompt_tokens: tokens as i64,
+                task_id: q.task_id.to_string(),
+                ..Default::default()
+            },
+        )
+        .await;
+    }
     let hits = store
         .search(q.user_id, &qv, q.top_k)
         .await

@@ -207,6 +207,31 @@ async fn run(ctx: TaskContext) -> TaskOutcome {
                     tracing::error!(build_id = id, error = %e, "cannot record the completed build");
                 }
             }
+            let embed_tokens = report
+                .stages
+                .iter()
+                .find(|s| s.name == "embed")
+                .map(|s| s.tokens)
+                .unwrap_or(0);
+            if embed_tokens > 0
+                && sv.settings.resolved_embedder() == crate::config::EmbedderKind::OpenAi
+            {
+                // One row per build for its paid embedding calls (reused chunks cost nothing).
+                let model = report.model.clone();
+                crate::answer::log_usage(
+                    &sv,
+                    crate::db::UsageRow {
+                        user_id: Some(uid),
+                        feature: "orbitpilot_memory_embed",
+                        cost_usd: sv.settings.prices.cost(&model, embed_tokens as i64, 0, 0.0),
+                        model,
+                        prompt_tokens: embed_tokens as i64,
+                        task_id: task_id.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await;
+            }
             if report.chunks_embedded > 0 || report.points_deleted > 0 {
                 // The memory changed: the UI's counts must not be two minutes stale.
                 if let Err(e) = sv.cache.delete(&[Cache::snapshot_key(uid)]).await {

@@ -298,6 +298,12 @@ fn build_records_failure_soft_limit_and_retry_through_the_queue() {
         "{row:?}"
     );
     assert_eq!(row[5], "", "a completed build carries no error");
+    // The paid embedding calls of the build that completed: one usage row, in tokens.
+    let usage = db.sql(&format!(
+        "SELECT feature, model, prompt_tokens > 0, cost_usd > 0 FROM orbitpilot_aiusagelog WHERE task_id = '{}'",
+        r["id"].as_str().unwrap()
+    ));
+    assert_eq!(usage, "orbitpilot_memory_embed|text-embedding-3-small|t|t");
     // Every request carried the key, and only as a bearer token.
     assert!(api
         .auths()
