@@ -259,3 +259,56 @@ async fn the_report_accounts_for_every_stage() {
         .all(|s| s.busy_ms >= 0.0 && s.busy_ms <= r.wall_ms + 1.0));
     assert!(!r.bottleneck.is_empty());
 }
+
+#[tokio::test]
+async fn a_stale_build_never_overwrites_or_sweeps_a_newer_ones_points() {
+    let env = Env::new().await;
+    let src = fixture("sample.jsonl");
+    env.build(&src, BuildScope::User(1)).await;
+    let ids = env.store.point_ids(1).await.unwrap();
+    let q = HashingEmbedder::new(HASH_DIM).embed_one("wifi password Lisbon");
+    let before = env.store.search(1, &q, 3).await.unwrap();
+    // A build that started earlier (smaller generation) but writes late, as one that lost its
+    // lock would: same ids, other vectors.
+    let stale = env.store.begin_build().await.unwrap() - 1_000_000_000;
+    let hit = &before[0];
+    let chunk = orbit_pipeline::Chunk {
+        user_id: 1,
+        kind: orbit_pipeline::DocKind::Message,
+        source_ids: hit.source_ids.clone(),
+        conversation_id: hit.conversation_id.clone(),
+        title: None,
+        author: None,
+        chunk_index: 0,
+        byte_start: 0,
+        byte_end: 5,
+        token_start: 0,
+        token_end: 1,
+        token_count: 1,
+        created_at: chrono::Utc::now(),
+        text: "stale".into(),
+        content_hash: "0".into(),
+    };
+    assert!(
+        ids.contains(&point_id(1, &chunk.source_ids, 0)),
+        "the chunk rewrites a live point"
+    );
+    let points = [orbit_pipeline::EmbeddedChunk {
+        chunk,
+        vector: vec![0.0; HASH_DIM],
+    }];
+    env.store.upsert(stale, &points).await.unwrap();
+    assert_eq!(
+        env.store
+            .finish_build(stale, &BuildScope::User(1))
+            .await
+            .unwrap(),
+        0
+    );
+    let after = env.store.search(1, &q, 3).await.unwrap();
+    assert_eq!(
+        after[0].text, before[0].text,
+        "a stale write replaced a newer point"
+    );
+    assert_eq!(env.store.point_ids(1).await.unwrap(), ids);
+}

@@ -83,7 +83,8 @@ pub trait VectorStore: Send + Sync {
         gen: BuildGeneration,
         points: &[EmbeddedChunk],
     ) -> Result<(), StoreError>;
-    /// Deletes points in `scope` the build `gen` did not write; returns how many.
+    /// Deletes points in `scope` of builds older than `gen` (those it did not rewrite); returns
+    /// how many. A newer build's points are never touched.
     async fn finish_build(
         &self,
         gen: BuildGeneration,

@@ -195,6 +195,8 @@ impl VectorStore for SqliteStore {
                     .push_bind(c.text.clone())
                     .push_bind(vec_to_blob(&p.vector));
             });
+            // A stale build (one that lost its lock to a newer one) never overwrites a point the
+            // newer build wrote: generations only move forward.
             qb.push(
                 " ON CONFLICT (id) DO UPDATE SET build_gen = excluded.build_gen, kind = excluded.kind, \
                  source_ids = excluded.source_ids, conversation_id = excluded.conversation_id, \
@@ -202,7 +204,8 @@ impl VectorStore for SqliteStore {
                  byte_end = excluded.byte_end, token_start = excluded.token_start, \
                  token_end = excluded.token_end, token_count = excluded.token_count, \
                  created_at = excluded.created_at, content_hash = excluded.content_hash, \
-                 text = excluded.text, vector = excluded.vector",
+                 text = excluded.text, vector = excluded.vector \
+                 WHERE excluded.build_gen >= points.build_gen",
             );
             qb.build().execute(&mut *tx).await?;
         }
@@ -217,14 +220,15 @@ impl VectorStore for SqliteStore {
     ) -> Result<u64, StoreError> {
         let res = match scope {
             BuildScope::User(u) => {
-                sqlx::query("DELETE FROM points WHERE user_id = ? AND build_gen <> ?")
+                // Only older generations: a stale build finishing late never sweeps a newer one's.
+                sqlx::query("DELETE FROM points WHERE user_id = ? AND build_gen < ?")
                     .bind(*u)
                     .bind(gen)
                     .execute(&self.pool)
                     .await?
             }
             BuildScope::AllUsers => {
-                sqlx::query("DELETE FROM points WHERE build_gen <> ?")
+                sqlx::query("DELETE FROM points WHERE build_gen < ?")
                     .bind(gen)
                     .execute(&self.pool)
                     .await?
