@@ -430,14 +430,18 @@ async fn take_reusable(
         .iter()
         .map(|c| (c.user_id, c.content_hash.as_str()))
         .collect();
-    let mut found = store.vectors_by_hash(&keys).await?;
+    let found = store.vectors_by_hash(&keys).await?;
+    drop(keys);
     if found.is_empty() {
         return Ok((chunks, Vec::new()));
     }
     let (mut todo, mut done) = (Vec::with_capacity(chunks.len()), Vec::new());
     for c in chunks {
         // Two chunks with the same text (a repeated message) share one stored vector.
-        match found.get(&(c.user_id, c.content_hash.clone())) {
+        let hit = found
+            .get(&c.user_id)
+            .and_then(|m| m.get(c.content_hash.as_str()));
+        match hit {
             Some(v) => done.push(EmbeddedChunk {
                 vector: v.clone(),
                 chunk: c,
@@ -445,7 +449,6 @@ async fn take_reusable(
             None => todo.push(c),
         }
     }
-    found.clear();
     Ok((todo, done))
 }
 

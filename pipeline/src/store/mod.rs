@@ -65,6 +65,10 @@ pub struct StoreCounts {
     pub deleted: u64,
 }
 
+/// Stored vectors by user, then content hash: looked up with the chunk's own `&str` hash.
+pub type VectorsByHash =
+    std::collections::HashMap<i64, std::collections::HashMap<String, Vec<f32>>>;
+
 /// Identifies one build's writes, so points the build did not produce can be deleted after it.
 pub type BuildGeneration = i64;
 
@@ -99,10 +103,7 @@ pub trait VectorStore: Send + Sync {
     ) -> Result<Vec<SearchHit>, StoreError>;
     /// Vectors already stored for these (user, content hash) pairs: a chunk whose text has not
     /// changed keeps its vector instead of being embedded again. Missing pairs are absent.
-    async fn vectors_by_hash(
-        &self,
-        keys: &[(i64, &str)],
-    ) -> Result<std::collections::HashMap<(i64, String), Vec<f32>>, StoreError>;
+    async fn vectors_by_hash(&self, keys: &[(i64, &str)]) -> Result<VectorsByHash, StoreError>;
     async fn count(&self, user_id: i64) -> Result<u64, StoreError>;
     async fn point_ids(&self, user_id: i64) -> Result<Vec<Uuid>, StoreError>;
 }

@@ -60,7 +60,7 @@ impl VectorStore for NullStore {
     async fn vectors_by_hash(
         &self,
         _keys: &[(i64, &str)],
-    ) -> Result<std::collections::HashMap<(i64, String), Vec<f32>>, StoreError> {
+    ) -> Result<super::VectorsByHash, StoreError> {
         Ok(Default::default())
     }
     async fn count(&self, _user_id: i64) -> Result<u64, StoreError> {

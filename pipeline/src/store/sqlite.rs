@@ -309,12 +309,12 @@ impl VectorStore for SqliteStore {
     async fn vectors_by_hash(
         &self,
         keys: &[(i64, &str)],
-    ) -> Result<std::collections::HashMap<(i64, String), Vec<f32>>, StoreError> {
+    ) -> Result<super::VectorsByHash, StoreError> {
         let mut by_user: std::collections::BTreeMap<i64, Vec<&str>> = Default::default();
         for (u, h) in keys {
             by_user.entry(*u).or_default().push(h);
         }
-        let mut out = std::collections::HashMap::new();
+        let mut out = super::VectorsByHash::new();
         for (user, hashes) in by_user {
             for part in hashes.chunks(HASHES_PER_LOOKUP) {
                 let mut qb: QueryBuilder<Sqlite> =
@@ -331,7 +331,9 @@ impl VectorStore for SqliteStore {
                         .chunks_exact(4)
                         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                         .collect();
-                    out.insert((user, r.get::<String, _>(0)), v);
+                    out.entry(user)
+                        .or_default()
+                        .insert(r.get::<String, _>(0), v);
                 }
             }
         }
