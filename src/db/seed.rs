@@ -109,34 +109,32 @@ async fn user_named(tx: &mut Tx<'_>, cache: &mut Cache, name: &str) -> Result<i6
     Ok(id)
 }
 
-/// The row remembered under `key`, or the one `insert` creates (and is remembered).
+/// The row remembered under `key`, or the one `insert` creates (and is remembered). `insert`
+/// takes `$1` = `name` and, when given, `$2` = `owner`.
 async fn keyed(
     tx: &mut Tx<'_>,
     cache: &mut Cache,
-    key: String,
+    key: &str,
     insert: &str,
     name: &str,
+    owner: Option<i64>,
 ) -> Result<i64, DbError> {
-    if let Some(id) = cache.keys.get(&key) {
+    if let Some(id) = cache.keys.get(key) {
         return Ok(*id);
     }
-    let found: Option<i64> =
-        sqlx::query_scalar("SELECT row_id FROM orbitworker_seedmap WHERE source_key = $1")
-            .bind(&key)
-            .fetch_optional(&mut **tx)
-            .await?;
-    let id = match found {
+    let id = match lookup(tx, key).await? {
         Some(id) => id,
         None => {
-            let id: i64 = sqlx::query_scalar(insert)
-                .bind(name)
-                .fetch_one(&mut **tx)
-                .await?;
-            remember(tx, &key, id).await?;
+            let mut q = sqlx::query_scalar(insert).bind(name);
+            if let Some(o) = owner {
+                q = q.bind(o);
+            }
+            let id: i64 = q.fetch_one(&mut **tx).await?;
+            remember(tx, key, id).await?;
             id
         }
     };
-    cache.keys.insert(key, id);
+    cache.keys.insert(key.to_string(), id);
     Ok(id)
 }
 
@@ -148,25 +146,8 @@ async fn blink_row(
     key: &str,
     title: &str,
 ) -> Result<i64, DbError> {
-    if let Some(id) = cache.keys.get(key) {
-        return Ok(*id);
-    }
-    let id = match lookup(tx, key).await? {
-        Some(id) => id,
-        None => {
-            let id: i64 = sqlx::query_scalar(
-                "INSERT INTO blink_blinkaudio (owner_id, title) VALUES ($1, $2) RETURNING id",
-            )
-            .bind(owner)
-            .bind(title)
-            .fetch_one(&mut **tx)
-            .await?;
-            remember(tx, key, id).await?;
-            id
-        }
-    };
-    cache.keys.insert(key.to_string(), id);
-    Ok(id)
+    let insert = "INSERT INTO blink_blinkaudio (title, owner_id) VALUES ($1, $2) RETURNING id";
+    keyed(tx, cache, key, insert, title, Some(owner)).await
 }
 
 async fn remember(tx: &mut Tx<'_>, key: &str, id: i64) -> Result<(), DbError> {
@@ -233,7 +214,7 @@ async fn put(
             .unwrap_or_else(|| format!("{parent_prefix}-of-user-{}", d.user_id));
         let key = format!("{parent_prefix}:{name}");
         let shown = d.title.clone().unwrap_or_else(|| name.clone());
-        let id = keyed(tx, cache, key, parent_sql, &shown).await?;
+        let id = keyed(tx, cache, &key, parent_sql, &shown, None).await?;
         if cache
             .keys
             .insert(format!("member:{parent_prefix}:{id}:{}", d.user_id), id)
