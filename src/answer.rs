@@ -8,7 +8,6 @@ use orbit_pipeline::tokenize::Encoding;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::cache::Cache;
 use crate::chat::{ChatError, Message};
 use crate::db::UsageRow;
 use crate::services::Services;
@@ -164,18 +163,15 @@ pub async fn answer(sv: &Services, q: Question<'_>) -> Result<Answer, AnswerErro
     let qv = vectors.pop().unwrap_or_default();
     if sv.settings.resolved_embedder() == crate::config::EmbedderKind::OpenAi {
         let model = embedder.model_id().to_string();
-        log_usage(
-            sv,
-            UsageRow {
-                user_id: Some(q.user_id),
-                feature: "orbitpilot_embed",
-                cost_usd: sv.settings.prices.cost(&model, tokens as i64, 0, 0.0),
-                model,
-                prompt_tokens: tokens as i64,
-                task_id: q.task_id.to_string(),
-                ..Default::default()
-            },
-        )
+        sv.log_usage(UsageRow {
+            user_id: Some(q.user_id),
+            feature: "orbitpilot_embed",
+            cost_usd: sv.settings.prices.cost(&model, tokens as i64, 0, 0.0),
+            model,
+            prompt_tokens: tokens as i64,
+            task_id: q.task_id.to_string(),
+            ..Default::default()
+        })
         .await;
     }
     let hits = store
@@ -311,19 +307,16 @@ async fn generative(
         done.usage.completion_tokens,
         0.0,
     );
-    log_usage(
-        sv,
-        UsageRow {
-            user_id: Some(q.user_id),
-            feature: "orbitpilot_answer",
-            model: model.clone(),
-            prompt_tokens: done.usage.prompt_tokens,
-            completion_tokens: done.usage.completion_tokens,
-            audio_seconds: 0.0,
-            cost_usd: cost,
-            task_id: q.task_id.to_string(),
-        },
-    )
+    sv.log_usage(UsageRow {
+        user_id: Some(q.user_id),
+        feature: "orbitpilot_answer",
+        model: model.clone(),
+        prompt_tokens: done.usage.prompt_tokens,
+        completion_tokens: done.usage.completion_tokens,
+        audio_seconds: 0.0,
+        cost_usd: cost,
+        task_id: q.task_id.to_string(),
+    })
     .await;
     let text = match (done.content, done.refusal) {
         (Some(c), _) if !c.trim().is_empty() => c,
@@ -356,19 +349,4 @@ async fn generative(
         },
         ..base
     })
-}
-
-/// Writes a usage row and drops the month's cached usage so the app recomputes it. Failing to
-/// log never fails the answer the user paid for; it is logged loudly instead.
-pub async fn log_usage(sv: &Services, row: UsageRow) {
-    let Some(db) = &sv.db else { return };
-    if let Err(e) = db.log_usage(&row).await {
-        tracing::error!(error = %e, feature = row.feature, "cannot write the AI usage row");
-    }
-    if let Some(u) = row.user_id {
-        let key = Cache::usage_key(u, chrono::Utc::now());
-        if let Err(e) = sv.cache.delete(&[key]).await {
-            tracing::warn!(error = %e, "cannot invalidate the usage cache");
-        }
-    }
 }

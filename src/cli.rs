@@ -15,7 +15,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::celery::redis::{redact_url, RedisConn};
 use crate::config::{CelerySettings, Settings};
-use crate::embedders;
 use crate::services::Services;
 use crate::worker::{self, WorkerOptions};
 
@@ -476,12 +475,14 @@ async fn search(settings: Settings, a: SearchArgs) -> Result<()> {
     if a.query.trim().is_empty() {
         bail!("empty query");
     }
-    let embedder = embedders::embedder(&settings)?;
-    let store = embedders::store(&settings).await?;
+    let data_dir = settings.data_dir.clone();
+    let sv = Services::new(settings)?;
+    let embedder = sv.embedder().await?;
+    let store = sv.store().await?;
     // Compare, never record: a search must not claim an empty store for its model.
     match store.model().await? {
         None => {
-            println!("no memory built yet in {}", settings.data_dir.display());
+            println!("no memory built yet in {}", data_dir.display());
             return Ok(());
         }
         Some((m, d)) if m != embedder.model_id() || d != embedder.dimension() => {

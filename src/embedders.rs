@@ -11,16 +11,13 @@ use orbit_pipeline::store::{SqliteStore, VectorStore};
 
 use crate::config::{EmbedderKind, Settings};
 
-pub fn embedder(s: &Settings) -> Result<Arc<dyn Embedder>> {
+/// `http`: the process's shared client (its connection pool); each request sets its own timeout.
+pub fn embedder(s: &Settings, http: reqwest::Client) -> Result<Arc<dyn Embedder>> {
     let base: Arc<dyn Embedder> = match s.resolved_embedder() {
         EmbedderKind::OpenAi => {
             let cfg =
                 OpenAiSettings::new(&s.openai_base_url, s.openai_api_key.clone(), &s.embed_model);
-            let client = reqwest::Client::builder()
-                .connect_timeout(std::time::Duration::from_secs(10))
-                .build()
-                .context("building HTTP client")?;
-            Arc::new(OpenAiEmbedder::new(cfg, client)?)
+            Arc::new(OpenAiEmbedder::new(cfg, http)?)
         }
         EmbedderKind::Hashing => Arc::new(HashingEmbedder::new(s.hashing_dim)),
         EmbedderKind::Local | EmbedderKind::Auto => Arc::new(

@@ -33,6 +33,8 @@ pub struct Services {
     /// connection pool; each call sets its own timeout.
     pub http: reqwest::Client,
     pub metrics: Arc<Metrics>,
+    /// The Postgres source's per-kind queries, read (and any override file checked) at start-up.
+    source_queries: Vec<orbit_pipeline::source::KindQuery>,
     /// Where build locks live: the cache's Redis, which every worker of the app shares.
     pub locks: Arc<RedisConn>,
     embedder: OnceCell<Arc<dyn Embedder>>,
@@ -68,7 +70,9 @@ impl Services {
                 settings.chat_timeout,
             )
         });
+        let source_queries = crate::db::source_queries(settings.source_queries.as_deref())?;
         Ok(Services {
+            source_queries,
             settings,
             db,
             cache,
@@ -86,8 +90,8 @@ impl Services {
         self.embedder
             .get_or_try_init(|| async move {
                 // Loading the model is CPU work: keep it off the runtime's threads.
-                let s = s.clone();
-                tokio::task::spawn_blocking(move || embedders::embedder(&s)).await?
+                let (s, http) = (s.clone(), self.http.clone());
+                tokio::task::spawn_blocking(move || embedders::embedder(&s, http)).await?
             })
             .await
             .cloned()
@@ -96,8 +100,10 @@ impl Services {
     /// Where a build reads: the app's Postgres when DATABASE_URL is set, else ORBIT_SOURCE files.
     pub fn source(&self) -> Result<Arc<dyn Source>> {
         if let Some(db) = &self.db {
-            let queries = crate::db::source_queries(self.settings.source_queries.as_deref())?;
-            return Ok(Arc::new(PostgresSource::new(db.pool().clone(), queries)));
+            return Ok(Arc::new(PostgresSource::new(
+                db.pool().clone(),
+                self.source_queries.clone(),
+            )));
         }
         if self.settings.source_paths.is_empty() {
             anyhow::bail!("no memory source configured: set DATABASE_URL or ORBIT_SOURCE");
@@ -122,6 +128,21 @@ impl Services {
                 reuse_vectors: true,
             },
         })
+    }
+
+    /// Writes a usage row and drops the month's cached usage so the app recomputes it. Failing
+    /// to log never fails the call the user already paid for; it is logged loudly instead.
+    pub async fn log_usage(&self, row: crate::db::UsageRow) {
+        let Some(db) = &self.db else { return };
+        if let Err(e) = db.log_usage(&row).await {
+            tracing::error!(error = %e, feature = row.feature, "cannot write the AI usage row");
+        }
+        if let Some(u) = row.user_id {
+            let key = Cache::usage_key(u, chrono::Utc::now());
+            if let Err(e) = self.cache.delete(&[key]).await {
+                tracing::warn!(error = %e, "cannot invalidate the usage cache");
+            }
+        }
     }
 
     pub async fn store(&self) -> Result<Arc<dyn VectorStore>> {

@@ -153,6 +153,22 @@ pub struct PushSubscription {
     pub auth: String,
 }
 
+/// The two processing steps of a Blink recording, each with its own status column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlinkStep {
+    Transcription,
+    Analysis,
+}
+
+impl BlinkStep {
+    pub fn noun(self) -> &'static str {
+        match self {
+            BlinkStep::Transcription => "transcription",
+            BlinkStep::Analysis => "analysis",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct BlinkAudio {
     pub owner_id: i64,
@@ -331,22 +347,30 @@ impl Db {
         }))
     }
 
-    /// Sets `transcription_status` (and its error, empty unless failed).
-    pub async fn blink_transcription_status(
+    /// Sets a Blink step's status column and its error (empty unless it failed or retries).
+    pub async fn set_blink_status(
         &self,
         id: i64,
+        step: BlinkStep,
         status: &str,
         error: &str,
     ) -> Result<(), DbError> {
-        sqlx::query(
-            "UPDATE blink_blinkaudio SET transcription_status = $2, transcription_error = $3, \
-             updated_at = now() WHERE id = $1",
-        )
-        .bind(id)
-        .bind(status)
-        .bind(error)
-        .execute(&self.pool)
-        .await?;
+        let sql = match step {
+            BlinkStep::Transcription => {
+                "UPDATE blink_blinkaudio SET transcription_status = $2, transcription_error = $3, \
+                 updated_at = now() WHERE id = $1"
+            }
+            BlinkStep::Analysis => {
+                "UPDATE blink_blinkaudio SET ai_analysis_status = $2, ai_analysis_error = $3, \
+                 updated_at = now() WHERE id = $1"
+            }
+        };
+        sqlx::query(sql)
+            .bind(id)
+            .bind(status)
+            .bind(error)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -368,24 +392,6 @@ impl Db {
         .bind(segments)
         .bind(duration)
         .bind(language)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    pub async fn blink_analysis_status(
-        &self,
-        id: i64,
-        status: &str,
-        error: &str,
-    ) -> Result<(), DbError> {
-        sqlx::query(
-            "UPDATE blink_blinkaudio SET ai_analysis_status = $2, ai_analysis_error = $3, \
-             updated_at = now() WHERE id = $1",
-        )
-        .bind(id)
-        .bind(status)
-        .bind(error)
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -8,14 +8,13 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::blink::{finish, End};
 use super::{bind, RetryPolicy, TaskContext, TaskDef, TaskOutcome, TimeLimits};
-use crate::celery::result::ExceptionInfo;
 use crate::chat::{ChatClient, ChatError, Message};
-use crate::db::{AudioAnalysis, UsageRow};
+use crate::db::{AudioAnalysis, BlinkStep, UsageRow};
 
 pub const NAME: &str = "blink.analyse_audio";
 const PARAMS: &[&str] = &["audio_id"];
-const EXC_MODULE: &str = "blink.errors";
 /// Answer tokens: a summary and a handful of action items fit well inside.
 const ANALYSIS_MAX_TOKENS: u32 = 1200;
 /// Transcript characters sent: about 30k tokens, inside every gpt-4o context with room to spare.
@@ -72,12 +71,6 @@ Summarise what was said, list concrete action items (owner and due date only whe
 the overall sentiment, and estimate how many distinct people speak. Answer in the transcript's \
 language.";
 
-enum End {
-    Done(Value),
-    Failed(&'static str, String),
-    Retry(String, Option<Duration>),
-}
-
 /// Checks what the schema cannot: the enum and a sane speaker count.
 fn validate(a: &AudioAnalysis) -> Result<(), String> {
     if !["positive", "neutral", "negative", "mixed"].contains(&a.sentiment.as_str()) {
@@ -117,7 +110,10 @@ async fn analyse(ctx: &TaskContext, audio_id: i64) -> End {
             ),
         );
     }
-    if let Err(e) = db.blink_analysis_status(audio_id, "processing", "").await {
+    if let Err(e) = db
+        .set_blink_status(audio_id, BlinkStep::Analysis, "processing", "")
+        .await
+    {
         return End::Retry(e.to_string(), None);
     }
     let transcript: String = audio
@@ -155,24 +151,21 @@ async fn analyse(ctx: &TaskContext, audio_id: i64) -> End {
     } else {
         done.model.clone()
     };
-    crate::answer::log_usage(
-        sv,
-        UsageRow {
-            user_id: Some(audio.owner_id),
-            feature: "blink_analysis",
-            model: model.clone(),
-            prompt_tokens: done.usage.prompt_tokens,
-            completion_tokens: done.usage.completion_tokens,
-            cost_usd: s.prices.cost(
-                &model,
-                done.usage.prompt_tokens,
-                done.usage.completion_tokens,
-                0.0,
-            ),
-            task_id: ctx.call.id.clone(),
-            ..Default::default()
-        },
-    )
+    sv.log_usage(UsageRow {
+        user_id: Some(audio.owner_id),
+        feature: "blink_analysis",
+        model: model.clone(),
+        prompt_tokens: done.usage.prompt_tokens,
+        completion_tokens: done.usage.completion_tokens,
+        cost_usd: s.prices.cost(
+            &model,
+            done.usage.prompt_tokens,
+            done.usage.completion_tokens,
+            0.0,
+        ),
+        task_id: ctx.call.id.clone(),
+        ..Default::default()
+    })
     .await;
     if let Some(r) = done.refusal.filter(|r| !r.trim().is_empty()) {
         return End::Failed("AnalysisRefused", format!("the model refused: {r}"));
@@ -205,46 +198,8 @@ async fn run(ctx: TaskContext) -> TaskOutcome {
         Err(e) => return TaskOutcome::Failure(e),
     };
     let id = args.audio_id;
-    let end = tokio::select! {
-        e = analyse(&ctx, id) => e,
-        _ = ctx.cancel.cancelled() => End::Failed("SoftTimeLimitExceeded", "the analysis did not finish within its time limit".into()),
-    };
-    let db = ctx.services.db.clone();
-    let status = |st: &'static str, m: String| {
-        let db = db.clone();
-        async move {
-            if let Some(db) = db {
-                if let Err(e) = db.blink_analysis_status(id, st, &m).await {
-                    tracing::error!(error = %e, "cannot record the analysis status");
-                }
-            }
-        }
-    };
-    let last = ctx.call.retries >= TASK.retry.max_retries;
-    match end {
-        End::Done(v) => TaskOutcome::Success(v),
-        End::Retry(m, after) if !last => {
-            status(
-                "processing",
-                format!("attempt {} failed, retrying: {m}", ctx.call.retries + 1),
-            )
-            .await;
-            TaskOutcome::Retry {
-                error: ExceptionInfo::raised("AnalysisError", EXC_MODULE, &m, NAME),
-                after,
-            }
-        }
-        End::Retry(m, _) => {
-            status("failed", m.clone()).await;
-            TaskOutcome::Failure(ExceptionInfo::raised("AnalysisError", EXC_MODULE, &m, NAME))
-        }
-        End::Failed(kind, m) => {
-            if !(kind == "AudioNotFound" || kind == "ConfigError" && m.contains("DATABASE_URL")) {
-                status("failed", m.clone()).await;
-            }
-            TaskOutcome::Failure(ExceptionInfo::raised(kind, EXC_MODULE, &m, NAME))
-        }
-    }
+    let work = analyse(&ctx, id);
+    finish(&ctx, &TASK, BlinkStep::Analysis, id, "AnalysisError", work).await
 }
 
 #[cfg(test)]

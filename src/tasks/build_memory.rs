@@ -218,18 +218,15 @@ async fn run(ctx: TaskContext) -> TaskOutcome {
             {
                 // One row per build for its paid embedding calls (reused chunks cost nothing).
                 let model = report.model.clone();
-                crate::answer::log_usage(
-                    &sv,
-                    crate::db::UsageRow {
-                        user_id: Some(uid),
-                        feature: "orbitpilot_memory_embed",
-                        cost_usd: sv.settings.prices.cost(&model, embed_tokens as i64, 0, 0.0),
-                        model,
-                        prompt_tokens: embed_tokens as i64,
-                        task_id: task_id.clone(),
-                        ..Default::default()
-                    },
-                )
+                sv.log_usage(crate::db::UsageRow {
+                    user_id: Some(uid),
+                    feature: "orbitpilot_memory_embed",
+                    cost_usd: sv.settings.prices.cost(&model, embed_tokens as i64, 0, 0.0),
+                    model,
+                    prompt_tokens: embed_tokens as i64,
+                    task_id: task_id.clone(),
+                    ..Default::default()
+                })
                 .await;
             }
             if report.chunks_embedded > 0 || report.points_deleted > 0 {

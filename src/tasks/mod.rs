@@ -2,6 +2,7 @@
 //! policy and time limits, and one dispatch table.
 
 pub mod analyse_audio;
+mod blink;
 pub mod build_memory;
 pub mod debug;
 pub mod echo;

@@ -10,14 +10,14 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::blink::{finish, End, EXC_MODULE};
 use super::{bind, RetryPolicy, TaskContext, TaskDef, TaskOutcome, TimeLimits};
 use crate::celery::result::ExceptionInfo;
 use crate::chat::classify;
-use crate::db::{Db, UsageRow};
+use crate::db::{BlinkStep, Db, UsageRow};
 
 pub const NAME: &str = "blink.transcribe_audio";
 const PARAMS: &[&str] = &["audio_id"];
-const EXC_MODULE: &str = "blink.errors";
 /// OpenAI's upload limit: 25 MiB.
 pub const MAX_UPLOAD_BYTES: u64 = 25 * 1024 * 1024;
 /// What the transcription API accepts, by file extension (it sniffs nothing else).
@@ -43,14 +43,6 @@ pub static TASK: TaskDef = TaskDef {
 #[derive(Deserialize)]
 struct Args {
     audio_id: i64,
-}
-
-/// How a transcription ends, before it is written down.
-enum End {
-    Done(Value),
-    /// Permanent: the record says why.
-    Failed(&'static str, String),
-    Retry(String, Option<Duration>),
 }
 
 #[derive(Deserialize)]
@@ -183,7 +175,7 @@ async fn transcribe(ctx: &TaskContext, db: &Db, audio_id: i64) -> End {
         );
     }
     if let Err(e) = db
-        .blink_transcription_status(audio_id, "processing", "")
+        .set_blink_status(audio_id, BlinkStep::Transcription, "processing", "")
         .await
     {
         return End::Retry(e.to_string(), None);
@@ -264,18 +256,15 @@ async fn transcribe(ctx: &TaskContext, db: &Db, audio_id: i64) -> End {
     {
         return End::Retry(e.to_string(), None);
     }
-    crate::answer::log_usage(
-        sv,
-        UsageRow {
-            user_id: Some(audio.owner_id),
-            feature: "blink_transcription",
-            model: s.transcribe_model.clone(),
-            audio_seconds: seconds,
-            cost_usd: s.prices.cost(&s.transcribe_model, 0, 0, seconds),
-            task_id: ctx.call.id.clone(),
-            ..Default::default()
-        },
-    )
+    sv.log_usage(UsageRow {
+        user_id: Some(audio.owner_id),
+        feature: "blink_transcription",
+        model: s.transcribe_model.clone(),
+        audio_seconds: seconds,
+        cost_usd: s.prices.cost(&s.transcribe_model, 0, 0, seconds),
+        task_id: ctx.call.id.clone(),
+        ..Default::default()
+    })
     .await;
     End::Done(json!({
         "audio_id": audio_id,
@@ -301,43 +290,16 @@ async fn run(ctx: TaskContext) -> TaskOutcome {
         ));
     };
     let id = args.audio_id;
-    let end = tokio::select! {
-        e = transcribe(&ctx, &db, id) => e,
-        _ = ctx.cancel.cancelled() => End::Failed("SoftTimeLimitExceeded", "the transcription did not finish within its time limit".into()),
-    };
-    let last = ctx.call.retries >= TASK.retry.max_retries;
-    match end {
-        End::Done(v) => TaskOutcome::Success(v),
-        End::Retry(m, after) if !last => {
-            let _ = db
-                .blink_transcription_status(
-                    id,
-                    "processing",
-                    &format!("attempt {} failed, retrying: {m}", ctx.call.retries + 1),
-                )
-                .await;
-            TaskOutcome::Retry {
-                error: ExceptionInfo::raised("TranscriptionError", EXC_MODULE, &m, NAME),
-                after,
-            }
-        }
-        End::Retry(m, _) => {
-            let _ = db.blink_transcription_status(id, "failed", &m).await;
-            TaskOutcome::Failure(ExceptionInfo::raised(
-                "TranscriptionError",
-                EXC_MODULE,
-                &m,
-                NAME,
-            ))
-        }
-        End::Failed(kind, m) => {
-            // A record that does not exist has no status to set.
-            if kind != "AudioNotFound" || !m.contains("does not exist") {
-                let _ = db.blink_transcription_status(id, "failed", &m).await;
-            }
-            TaskOutcome::Failure(ExceptionInfo::raised(kind, EXC_MODULE, &m, NAME))
-        }
-    }
+    let work = transcribe(&ctx, &db, id);
+    finish(
+        &ctx,
+        &TASK,
+        BlinkStep::Transcription,
+        id,
+        "TranscriptionError",
+        work,
+    )
+    .await
 }
 
 #[cfg(test)]
