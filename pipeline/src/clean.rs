@@ -70,27 +70,64 @@ fn is_invisible(c: char) -> bool {
         | '\u{2061}'..='\u{2064}')
 }
 
+/// Byte length of the character at `i` when it is copied as it is (printable ASCII, or any
+/// other character that is not whitespace, control, invisible, ZWJ or ZWNJ), else 0.
+#[inline]
+fn plain_len(text: &str, i: usize) -> usize {
+    let b = text.as_bytes()[i];
+    if b < 0x80 {
+        return usize::from((0x21..=0x7e).contains(&b));
+    }
+    match text[i..].chars().next() {
+        Some(c)
+            if !(c.is_whitespace()
+                || c.is_control()
+                || is_invisible(c)
+                || c == '\u{200C}'
+                || c == '\u{200D}') =>
+        {
+            c.len_utf8()
+        }
+        _ => 0,
+    }
+}
+
 /// One pass: drops controls and invisibles, keeps ZWJ/ZWNJ only inside a word, folds runs of
-/// spaces to one space and blank lines to one paragraph break, trims every line. Runs of
-/// printable ASCII, most of any text, are copied whole; other characters go one by one.
+/// spaces to one space and blank lines to one paragraph break, trims every line. A run of plain
+/// characters joined by single spaces, most of any text, comes out unchanged, so it is copied
+/// whole; everything else goes one character at a time.
 fn filter_and_collapse(text: &str) -> String {
     let bytes = text.as_bytes();
-    let mut out = String::with_capacity(text.len());
+    let n = bytes.len();
+    let mut out = String::with_capacity(n);
     let mut pending_space = false;
     let mut pending_newlines = 0u8;
     let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if (0x21..=0x7e).contains(&b) {
+    while i < n {
+        let l = plain_len(text, i);
+        if l > 0 {
             let start = i;
-            while i < bytes.len() && (0x21..=0x7e).contains(&bytes[i]) {
-                i += 1;
+            i += l;
+            while i < n {
+                let l = plain_len(text, i);
+                if l > 0 {
+                    i += l;
+                    continue;
+                }
+                if bytes[i] == b' ' && i + 1 < n {
+                    let l = plain_len(text, i + 1);
+                    if l > 0 {
+                        i += 1 + l;
+                        continue;
+                    }
+                }
+                break;
             }
             separate(&mut out, &mut pending_space, &mut pending_newlines);
             out.push_str(&text[start..i]);
             continue;
         }
-        if b == b' ' {
+        if bytes[i] == b' ' {
             pending_space = true;
             i += 1;
             continue;
@@ -418,6 +455,46 @@ impl Deduper {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// The rule one character at a time, as it was before runs were copied whole: the fast
+    /// path must give exactly this.
+    fn filter_and_collapse_by_char(text: &str) -> String {
+        let mut out = String::new();
+        let (mut space, mut newlines) = (false, 0u8);
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            let next = chars.peek().copied();
+            match c {
+                ' ' => space = true,
+                '\n' | '\u{2028}' | '\u{2029}' => newlines = newlines.saturating_add(1),
+                '\r' if next != Some('\n') => newlines = newlines.saturating_add(1),
+                '\r' => {}
+                c if c.is_whitespace() => space = true,
+                c if c.is_control() || is_invisible(c) => {}
+                '\u{200C}' | '\u{200D}' => {
+                    let prev_ok = !out.is_empty() && !space && newlines == 0;
+                    let next_ok = next.is_some_and(|n| !n.is_whitespace() && !n.is_control());
+                    if prev_ok && next_ok {
+                        out.push(c);
+                    }
+                }
+                c => {
+                    separate(&mut out, &mut space, &mut newlines);
+                    out.push(c);
+                }
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+        #[test]
+        fn runs_copied_whole_equal_the_char_by_char_rule(t in "([a-z]{1,4}|[ ]{1,3}|[\\t\\n\\r]|[.,!?]|\\p{L}{1,2}|\\p{Zs}|[\u{2028}\u{0085}\u{00A0}]|[\u{200B}\u{200C}\u{200D}\u{FEFF}\u{00AD}]|\\p{Cc}|[😀👍🏽]|\\PC){0,24}") {
+            prop_assert_eq!(filter_and_collapse(&t), filter_and_collapse_by_char(&t));
+        }
+    }
 
     #[test]
     fn collapses_whitespace_and_keeps_paragraphs() {

@@ -24,19 +24,19 @@ impl Encoding {
         }
     }
 
-    /// tiktoken's pre-token pieces of `text`: a byte scanner for ASCII under cl100k_base (the
-    /// common case, and no regex), the encoding's own pattern otherwise.
+    /// tiktoken's pre-token pieces of `text`: a scanner for cl100k_base (no regex), the
+    /// encoding's own pattern for o200k_base.
     pub fn split<'a>(self, text: &'a str) -> Pieces<'a, impl Iterator<Item = &'a str> + 'a> {
-        if self == Encoding::Cl100kBase && text.is_ascii() {
-            Pieces::Ascii(crate::pretokenize::AsciiSplits::new(text))
+        if self == Encoding::Cl100kBase {
+            Pieces::Scan(crate::pretokenize::Cl100kSplits::new(text))
         } else {
             Pieces::Pattern(self.tokenizer().split(text))
         }
     }
 
-    /// Exact tiktoken token count of `text`.
+    /// Exact tiktoken token count of `text`: its pieces counted through the piece cache.
     pub fn count(self, text: &str) -> usize {
-        self.tokenizer().count(text)
+        self.split(text).map(|p| self.count_piece(p)).sum()
     }
 
     pub fn as_str(self) -> &'static str {
@@ -49,7 +49,7 @@ impl Encoding {
 
 /// See [`Encoding::split`].
 pub enum Pieces<'a, P> {
-    Ascii(crate::pretokenize::AsciiSplits<'a>),
+    Scan(crate::pretokenize::Cl100kSplits<'a>),
     Pattern(P),
 }
 
@@ -59,7 +59,7 @@ impl<'a, P: Iterator<Item = &'a str>> Iterator for Pieces<'a, P> {
     #[inline]
     fn next(&mut self) -> Option<&'a str> {
         match self {
-            Pieces::Ascii(a) => a.next(),
+            Pieces::Scan(a) => a.next(),
             Pieces::Pattern(p) => p.next(),
         }
     }
@@ -183,7 +183,7 @@ mod tests {
         for enc in [Encoding::Cl100kBase, Encoding::O200kBase] {
             for _ in 0..2 {
                 let sum: usize = enc.split(&text).map(|p| enc.count_piece(p)).sum();
-                assert_eq!(sum, enc.count(&text));
+                assert_eq!(sum, enc.tokenizer().count(&text));
             }
         }
         // The same bytes under the other encoding are a different key.
@@ -191,8 +191,8 @@ mod tests {
             Encoding::Cl100kBase.count_piece(" 日本語"),
             Encoding::O200kBase.count_piece(" 日本語"),
         );
-        assert_eq!(a, Encoding::Cl100kBase.count(" 日本語"));
-        assert_eq!(b, Encoding::O200kBase.count(" 日本語"));
+        assert_eq!(a, Encoding::Cl100kBase.tokenizer().count(" 日本語"));
+        assert_eq!(b, Encoding::O200kBase.tokenizer().count(" 日本語"));
         assert!(piece_cache_stats().0 > 0);
     }
 }
