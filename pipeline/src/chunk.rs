@@ -169,11 +169,13 @@ impl Chunker {
         let mut units = Vec::with_capacity(text.len() / 4 + 1);
         let mut cum = 0usize;
         let mut end = 0usize;
-        for piece in s.encoding.split(text) {
-            end += piece.len();
-            cum += s.encoding.count_piece(piece);
-            units.push(Unit { end, cum });
-        }
+        s.encoding.with_counter(|counter| {
+            for piece in s.encoding.split(text) {
+                end += piece.len();
+                cum += counter.count(piece);
+                units.push(Unit { end, cum });
+            }
+        });
         if cum <= s.max_tokens {
             return vec![Span {
                 byte_start: 0,
@@ -187,6 +189,7 @@ impl Chunker {
             text,
             units: &units,
             tok,
+            enc: s.encoding,
             max: s.max_tokens,
             overlap: s.overlap_tokens,
         }
@@ -208,29 +211,31 @@ fn sep_tokens(enc: Encoding, last: &str) -> usize {
         heap = format!("{last}{PACK_SEPARATOR}");
         &heap
     };
-    let with: usize = enc.split(joined).map(|p| enc.count_piece(p)).sum();
-    with.saturating_sub(enc.count_piece(last))
+    enc.with_counter(|c| c.count_text(joined).saturating_sub(c.count(last)))
 }
 
 /// Count up to `limit` tokens, with the last pre-token piece; `None` as soon as the text is
 /// known to be longer.
 fn count_upto(enc: Encoding, text: &str, limit: usize) -> Option<(usize, &str)> {
-    let mut n = 0;
-    let mut last = "";
-    for piece in enc.split(text) {
-        n += enc.count_piece(piece);
-        if n > limit {
-            return None;
+    enc.with_counter(|c| {
+        let mut n = 0;
+        let mut last = "";
+        for piece in enc.split(text) {
+            n += c.count(piece);
+            if n > limit {
+                return None;
+            }
+            last = piece;
         }
-        last = piece;
-    }
-    Some((n, last))
+        Some((n, last))
+    })
 }
 
 struct Cutter<'a> {
     text: &'a str,
     units: &'a [Unit],
     tok: &'static bpe_openai::Tokenizer,
+    enc: Encoding,
     max: usize,
     overlap: usize,
 }
@@ -379,7 +384,7 @@ impl Cutter<'_> {
         let token_count = if exact_edges {
             e.tok - s.tok
         } else {
-            self.tok.count(&self.text[s.byte..e.byte])
+            self.enc.count(&self.text[s.byte..e.byte])
         };
         Span {
             byte_start: s.byte,
@@ -755,7 +760,12 @@ mod tests {
         let sp = chunker(64, 8).spans(&text);
         for s in &sp {
             assert!(text.is_char_boundary(s.byte_start) && text.is_char_boundary(s.byte_end));
-            assert!(Encoding::Cl100kBase.count(&text[s.byte_start..s.byte_end]) <= 64);
+            assert!(
+                Encoding::Cl100kBase
+                    .tokenizer()
+                    .count(&text[s.byte_start..s.byte_end])
+                    <= 64
+            );
         }
         assert_eq!(sp.last().unwrap().byte_end, text.len());
     }
@@ -786,7 +796,7 @@ mod tests {
             assert!(s.byte_end > s.byte_start, "empty span {s:?}");
             assert!(text.is_char_boundary(s.byte_start) && text.is_char_boundary(s.byte_end));
             let chunk = &text[s.byte_start..s.byte_end];
-            let standalone = enc.count(chunk);
+            let standalone = tok.count(chunk);
             assert_eq!(s.token_count, standalone, "span {s:?}");
             assert!(
                 standalone <= max,
@@ -997,7 +1007,7 @@ mod tests {
             for c in &out {
                 assert_eq!(
                     c.token_count,
-                    enc.count(&c.text),
+                    enc.tokenizer().count(&c.text),
                     "{}: {:?}",
                     enc.as_str(),
                     c.text

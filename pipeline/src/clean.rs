@@ -38,21 +38,50 @@ impl Cleaner {
     }
 }
 
+/// What one look at every byte says of a text: whether it may hold HTML, markdown or non-ASCII.
+const MAY_HTML: u8 = 1;
+const MAY_MARKDOWN: u8 = 2;
+const NON_ASCII: u8 = 4;
+
+static BYTE_FLAGS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    t[b'<' as usize] = MAY_HTML;
+    // Every markdown signal `looks_like_markdown` knows needs one of these.
+    let md = b"*_`]~#>";
+    let mut i = 0;
+    while i < md.len() {
+        t[md[i] as usize] |= MAY_MARKDOWN;
+        i += 1;
+    }
+    let mut b = 0x80;
+    while b < 256 {
+        t[b] = NON_ASCII;
+        b += 1;
+    }
+    t
+};
+
+/// One pass instead of three: most chat messages have none of the flags and skip every check.
+fn byte_flags(s: &str) -> u8 {
+    s.bytes().fold(0, |acc, b| acc | BYTE_FLAGS[b as usize])
+}
+
 /// The whole text transformation, exposed for tests and benches.
 pub fn clean_text(input: &str) -> String {
+    let flags = byte_flags(input);
     let converted;
-    let text: &str = if looks_like_html(input) {
+    let (text, non_ascii): (&str, bool) = if flags & MAY_HTML != 0 && looks_like_html(input) {
         converted = html_to_text(input);
-        &converted
-    } else if looks_like_markdown(input) {
+        (&converted, !converted.is_ascii())
+    } else if flags & MAY_MARKDOWN != 0 && looks_like_markdown(input) {
         converted = markdown_to_text(input);
-        &converted
+        (&converted, !converted.is_ascii())
     } else {
-        input
+        (input, flags & NON_ASCII != 0)
     };
     let normalized;
-    // ASCII is always NFC; `is_ascii` is a vectorised scan, the quick check walks chars.
-    let text: &str = if text.is_ascii() || is_nfc_quick(text.chars()) == IsNormalized::Yes {
+    // ASCII is always NFC; the quick check walks chars, so only other text takes it.
+    let text: &str = if !non_ascii || is_nfc_quick(text.chars()) == IsNormalized::Yes {
         text
     } else {
         normalized = text.nfc().collect::<String>();
@@ -72,12 +101,17 @@ fn is_invisible(c: char) -> bool {
 
 /// Byte length of the character at `i` when it is copied as it is (printable ASCII, or any
 /// other character that is not whitespace, control, invisible, ZWJ or ZWNJ), else 0.
-#[inline]
+#[inline(always)]
 fn plain_len(text: &str, i: usize) -> usize {
     let b = text.as_bytes()[i];
     if b < 0x80 {
         return usize::from((0x21..=0x7e).contains(&b));
     }
+    plain_len_non_ascii(text, i)
+}
+
+#[inline(never)]
+fn plain_len_non_ascii(text: &str, i: usize) -> usize {
     match text[i..].chars().next() {
         Some(c)
             if !(c.is_whitespace()
@@ -89,6 +123,37 @@ fn plain_len(text: &str, i: usize) -> usize {
             c.len_utf8()
         }
         _ => 0,
+    }
+}
+
+/// End of the run from `i` (on a plain character) of plain characters joined by single spaces:
+/// the run comes out of cleaning exactly as it went in.
+#[inline]
+fn plain_run_end(text: &str, mut i: usize) -> usize {
+    let bytes = text.as_bytes();
+    let n = bytes.len();
+    loop {
+        while i < n && (0x21..=0x7e).contains(&bytes[i]) {
+            i += 1;
+        }
+        if i >= n {
+            return i;
+        }
+        let step = if bytes[i] == b' ' {
+            if i + 1 < n && plain_len(text, i + 1) > 0 {
+                1
+            } else {
+                0
+            }
+        } else if bytes[i] >= 0x80 {
+            plain_len_non_ascii(text, i)
+        } else {
+            0
+        };
+        if step == 0 {
+            return i;
+        }
+        i += step;
     }
 }
 
@@ -104,25 +169,9 @@ fn filter_and_collapse(text: &str) -> String {
     let mut pending_newlines = 0u8;
     let mut i = 0;
     while i < n {
-        let l = plain_len(text, i);
-        if l > 0 {
+        if plain_len(text, i) > 0 {
             let start = i;
-            i += l;
-            while i < n {
-                let l = plain_len(text, i);
-                if l > 0 {
-                    i += l;
-                    continue;
-                }
-                if bytes[i] == b' ' && i + 1 < n {
-                    let l = plain_len(text, i + 1);
-                    if l > 0 {
-                        i += 1 + l;
-                        continue;
-                    }
-                }
-                break;
-            }
+            i = plain_run_end(text, i);
             separate(&mut out, &mut pending_space, &mut pending_newlines);
             out.push_str(&text[start..i]);
             continue;

@@ -2,8 +2,7 @@
 //! bpe-openai is used over tiktoken-rs: same counts, and faster (see docs/chunking.md).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::Hasher;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -36,7 +35,7 @@ impl Encoding {
 
     /// Exact tiktoken token count of `text`: its pieces counted through the piece cache.
     pub fn count(self, text: &str) -> usize {
-        self.split(text).map(|p| self.count_piece(p)).sum()
+        self.with_counter(|c| c.count_text(text))
     }
 
     pub fn as_str(self) -> &'static str {
@@ -78,14 +77,15 @@ impl FromStr for Encoding {
     }
 }
 
-/// Pieces longer than this are counted directly: long pieces repeat rarely, and a key of one
-/// u128 keeps lookups cheap.
+/// Pieces longer than this are counted directly: long pieces repeat rarely, and a key of two
+/// u64 keeps lookups cheap.
 const PIECE_CACHE_MAX_BYTES: usize = 16;
-/// Entries per thread before the cache starts over: about 2.5 MB, enough for the working
-/// vocabulary of a corpus (a word-level cache, as HF tokenizers keeps one for BPE).
-const PIECE_CACHE_CAPACITY: usize = 1 << 16;
+/// Sets of the per-thread piece cache, two entries each: 2 × 32,768 entries of 24 bytes, about
+/// 1.5 MB a thread, room for the working vocabulary of a corpus (a word-level cache, as HF
+/// tokenizers keeps one for BPE).
+const PIECE_CACHE_SETS: usize = 1 << 15;
 
-/// FxHash-style mixing for fixed-size keys (the piece cache, the packer's open packs).
+/// FxHash-style mixing for fixed-size keys (the packer's open packs).
 #[derive(Default)]
 pub(crate) struct KeyHasher(u64);
 
@@ -110,48 +110,145 @@ impl Hasher for KeyHasher {
     }
 }
 
-#[derive(Default)]
+/// A piece of 2 to 16 bytes as a fixed key: its first and last bytes read as integers (they
+/// overlap for short pieces, and together with the length they give every byte back), plus the
+/// length and the encoding in `tag`. No copy into a buffer: this runs for every piece.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+struct PieceKey {
+    head: u64,
+    tail: u64,
+    /// Length | encoding << 8; 0 marks an empty slot (no piece has length 0 here).
+    tag: u16,
+}
+
+impl PieceKey {
+    #[inline]
+    fn new(bytes: &[u8], enc: Encoding) -> Self {
+        let n = bytes.len();
+        debug_assert!((2..=PIECE_CACHE_MAX_BYTES).contains(&n));
+        let u64_at = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
+        let u32_at = |i: usize| {
+            u64::from(u32::from_le_bytes(
+                bytes[i..i + 4].try_into().expect("4 bytes"),
+            ))
+        };
+        let (head, tail) = if n >= 8 {
+            (u64_at(0), u64_at(n - 8))
+        } else if n >= 4 {
+            (u32_at(0), u32_at(n - 4))
+        } else {
+            (
+                u64::from(bytes[0]) | u64::from(bytes[1]) << 8,
+                u64::from(bytes[n - 1]),
+            )
+        };
+        PieceKey {
+            head,
+            tail,
+            tag: n as u16 | ((enc as u16) << 8),
+        }
+    }
+
+    #[inline]
+    fn set(&self) -> usize {
+        let h = (self.head ^ self.tail.rotate_left(29) ^ u64::from(self.tag))
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        (h >> (64 - PIECE_CACHE_SETS.trailing_zeros())) as usize
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    key: PieceKey,
+    count: u32,
+}
+
+/// Exact BPE counts of short pieces, two-way set-associative: a hit costs one multiply and one
+/// or two compares; a miss replaces the older entry of its set.
 struct PieceCache {
-    map: HashMap<(u128, u16), u32, BuildHasherDefault<KeyHasher>>,
+    slots: Vec<[Slot; 2]>,
     hits: u64,
     misses: u64,
+}
+
+impl Default for PieceCache {
+    fn default() -> Self {
+        PieceCache {
+            slots: vec![[Slot::default(); 2]; PIECE_CACHE_SETS],
+            hits: 0,
+            misses: 0,
+        }
+    }
 }
 
 thread_local! {
     static PIECE_CACHE: RefCell<PieceCache> = RefCell::new(PieceCache::default());
 }
 
-impl Encoding {
-    /// Exact token count of one pre-token piece (from `tokenizer().split`), memoised per thread.
-    /// Chat and transcripts repeat their words: most pieces are found, and BPE is skipped.
-    pub fn count_piece(self, piece: &str) -> usize {
+/// Counts pieces of one encoding through this thread's cache; see [`Encoding::with_counter`].
+pub struct PieceCounter<'c> {
+    enc: Encoding,
+    bpe: &'static bpe_openai::byte_pair_encoding::BytePairEncoding,
+    cache: &'c mut PieceCache,
+}
+
+impl PieceCounter<'_> {
+    /// Exact token count of one pre-token piece (from [`Encoding::split`]).
+    #[inline]
+    pub fn count(&mut self, piece: &str) -> usize {
         let bytes = piece.as_bytes();
         if bytes.len() <= 1 {
             return bytes.len(); // every single byte is a token of its own
         }
         if bytes.len() > PIECE_CACHE_MAX_BYTES {
-            return self.tokenizer().bpe.count(bytes);
+            return self.bpe.count(bytes);
         }
-        let mut buf = [0u8; PIECE_CACHE_MAX_BYTES];
-        buf[..bytes.len()].copy_from_slice(bytes);
-        let key = (
-            u128::from_le_bytes(buf),
-            bytes.len() as u16 | ((self as u16) << 8),
-        );
+        let key = PieceKey::new(bytes, self.enc);
+        let set = &mut self.cache.slots[key.set()];
+        if set[0].key == key {
+            self.cache.hits += 1;
+            return set[0].count as usize;
+        }
+        if set[1].key == key {
+            self.cache.hits += 1;
+            set.swap(0, 1);
+            return set[0].count as usize;
+        }
+        self.cache.misses += 1;
+        let n = self.bpe.count(bytes);
+        set[1] = set[0];
+        set[0] = Slot {
+            key,
+            count: n as u32,
+        };
+        n
+    }
+
+    /// Exact token count of a whole text.
+    pub fn count_text(&mut self, text: &str) -> usize {
+        self.enc.split(text).map(|p| self.count(p)).sum()
+    }
+}
+
+impl Encoding {
+    /// Runs `f` with a counter over this thread's piece cache, borrowed once for all the pieces
+    /// `f` counts. Chat and transcripts repeat their words: most pieces are found, and BPE is
+    /// skipped. `f` must not call `with_counter` again (the cache is borrowed).
+    pub fn with_counter<R>(self, f: impl FnOnce(&mut PieceCounter<'_>) -> R) -> R {
+        let bpe = &self.tokenizer().bpe;
         PIECE_CACHE.with(|c| {
-            let mut c = c.borrow_mut();
-            if let Some(&n) = c.map.get(&key) {
-                c.hits += 1;
-                return n as usize;
-            }
-            c.misses += 1;
-            let n = self.tokenizer().bpe.count(bytes);
-            if c.map.len() >= PIECE_CACHE_CAPACITY {
-                c.map.clear();
-            }
-            c.map.insert(key, n as u32);
-            n
+            let mut cache = c.borrow_mut();
+            f(&mut PieceCounter {
+                enc: self,
+                bpe,
+                cache: &mut cache,
+            })
         })
+    }
+
+    /// Exact token count of one pre-token piece; see [`PieceCounter::count`].
+    pub fn count_piece(self, piece: &str) -> usize {
+        self.with_counter(|c| c.count(piece))
     }
 }
 
@@ -166,6 +263,38 @@ pub fn piece_cache_stats() -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The key gives the bytes back: two different pieces never share one.
+        #[test]
+        fn piece_keys_are_injective(a in proptest::collection::vec(proptest::prelude::any::<u8>(), 2..=16),
+                                    b in proptest::collection::vec(proptest::prelude::any::<u8>(), 2..=16)) {
+            let (ka, kb) = (PieceKey::new(&a, Encoding::Cl100kBase), PieceKey::new(&b, Encoding::Cl100kBase));
+            proptest::prop_assert_eq!(ka == kb, a == b);
+            proptest::prop_assert!(PieceKey::new(&a, Encoding::O200kBase) != ka);
+        }
+
+        /// Counts through the cache, hits and misses alike, equal BPE's own.
+        #[test]
+        fn cached_counts_equal_bpe(words in proptest::collection::vec("[a-zé日😀 ]{1,6}", 1..40)) {
+            let enc = Encoding::Cl100kBase;
+            for w in words.iter().chain(words.iter()) {
+                for p in enc.split(w) {
+                    proptest::prop_assert_eq!(enc.count_piece(p), enc.tokenizer().bpe.count(p.as_bytes()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn piece_keys_differ_in_the_middle() {
+        // Same first and last 8 bytes, different middle: only possible past 16 bytes.
+        let a = b"abcdefgh12345678";
+        let b = b"abcdefgh12345679";
+        assert!(PieceKey::new(a, Encoding::Cl100kBase) != PieceKey::new(b, Encoding::Cl100kBase));
+        let (c, d) = (b"abcXefg", b"abcYefg");
+        assert!(PieceKey::new(c, Encoding::Cl100kBase) != PieceKey::new(d, Encoding::Cl100kBase));
+    }
 
     #[test]
     fn known_counts() {
