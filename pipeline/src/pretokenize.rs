@@ -160,17 +160,27 @@ impl Scan<'_> {
         (i < self.b.len()).then(|| self.at(i))
     }
 
-    /// End of the run of `class` characters from `i`.
+    /// End of the run of `class` characters from `i`. ASCII bytes, most of any text, are
+    /// checked in a tight loop; only other characters are decoded.
     #[inline]
     fn run(&self, mut i: usize, class: Class) -> usize {
-        while i < self.b.len() {
-            let (k, n) = self.at(i);
-            if k != class {
-                break;
+        let b = self.b;
+        loop {
+            while i < b.len() && b[i] < 0x80 {
+                if ASCII[b[i] as usize] != class {
+                    return i;
+                }
+                i += 1;
+            }
+            if i >= b.len() {
+                return i;
+            }
+            let (c, n) = decode(b, i);
+            if self.table.class(c) != class {
+                return i;
             }
             i += n;
         }
-        i
     }
 
     /// `(?i:s|t|m|d)` and `(?i:re|ve|ll)` after an apostrophe at `i`: the end of the
