@@ -74,7 +74,17 @@ fn bench_count(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(bytes));
     g.sample_size(10);
     for enc in [Encoding::Cl100kBase, Encoding::O200kBase] {
+        // The crate alone: its regex pre-tokenizer and BPE on every piece.
         g.bench_function(BenchmarkId::new("bpe-openai", enc.as_str()), |b| {
+            b.iter(|| {
+                texts
+                    .iter()
+                    .map(|t| enc.tokenizer().count(t))
+                    .sum::<usize>()
+            })
+        });
+        // What the chunker uses: our pre-tokenizer (cl100k) and the piece cache over its BPE.
+        g.bench_function(BenchmarkId::new("orbit", enc.as_str()), |b| {
             b.iter(|| texts.iter().map(|t| enc.count(t)).sum::<usize>())
         });
     }
@@ -123,8 +133,58 @@ fn chunks_of(
     out
 }
 
+/// The piece cache's worst case: notes of made-up words (Latin, accented and Cyrillic letters),
+/// so nearly every piece is new and goes through BPE. The generated corpus repeats its words
+/// and hits the cache every time; real text sits between the two.
+fn rare_word_docs() -> Vec<RawDocument> {
+    const LETTERS: &[&str] = &[
+        "a", "b", "c", "d", "e", "f", "g", "h", "i", "k", "l", "m", "n", "o", "p", "r", "s", "t",
+        "u", "v", "w", "y", "z", "é", "ü", "ø", "д", "ж", "и", "к",
+    ];
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    let created_at = chrono::DateTime::from_timestamp(1_767_225_600, 0).expect("valid time");
+    (0..1000)
+        .map(|i| {
+            let mut text = String::with_capacity(3200);
+            while text.len() < 3000 {
+                let word_len = 2 + next(10);
+                if next(4) == 0 {
+                    text.push(char::from(b'A' + next(26) as u8));
+                }
+                for _ in 0..word_len {
+                    text.push_str(LETTERS[next(LETTERS.len() as u64) as usize]);
+                }
+                text.push_str(match next(20) {
+                    0 => ". ",
+                    1 => ", ",
+                    2 => ".\n\n",
+                    _ => " ",
+                });
+            }
+            RawDocument {
+                user_id: 1,
+                kind: orbit_pipeline::DocKind::Note,
+                source_id: format!("rare-{i}"),
+                text,
+                created_at,
+                conversation_id: None,
+                title: None,
+                author: None,
+                meta: None,
+            }
+        })
+        .collect()
+}
+
 /// Our clean+chunk against text-splitter's chunking alone (tiktoken cl100k sizing, 512/64), one
-/// thread, same documents: the mixed corpus, and its long documents (over 2 KB) alone.
+/// thread, same documents: the mixed corpus, its long documents (over 2 KB) alone, and notes of
+/// made-up words (the piece cache's worst case).
 fn bench_chunk(c: &mut Criterion) {
     let all = load_docs(mb());
     let long: Vec<RawDocument> = all
@@ -139,7 +199,12 @@ fn bench_chunk(c: &mut Criterion) {
         .unwrap()
         .with_sizer(tiktoken_rs::cl100k_base().unwrap());
     let splitter = text_splitter::TextSplitter::new(cfg);
-    for (name, docs) in [("mixed", all), ("long", long)] {
+    for (name, docs) in [
+        ("mixed", all),
+        ("long", long),
+        ("rare_words", rare_word_docs()),
+    ] {
+        let (hits0, misses0) = orbit_pipeline::tokenize::piece_cache_stats();
         let mut g = c.benchmark_group(format!("chunk_{name}"));
         g.throughput(Throughput::Bytes(text_bytes(&docs)));
         g.sample_size(10);
@@ -170,6 +235,7 @@ fn bench_chunk(c: &mut Criterion) {
         });
         g.finish();
         let (hits, misses) = orbit_pipeline::tokenize::piece_cache_stats();
+        let (hits, misses) = (hits - hits0, misses - misses0);
         eprintln!(
             "piece cache on this thread after chunk_{name}: {hits} hits, {misses} misses ({:.1}% hits)",
             100.0 * hits as f64 / (hits + misses).max(1) as f64
