@@ -112,7 +112,7 @@ $(CORPUS_DIR)/corpus-1g.jsonl:
 	python3 scripts/gen_corpus.py --seed 1000 --users 2000 --bytes 1000000000 --out $@
 
 bench: tools corpus-100m venv model
-	cargo bench -p orbit-pipeline --bench pipeline
+	ORBIT_BENCH_CORPUS=$(CORPUS_DIR)/corpus-100m.jsonl cargo bench -p orbit-pipeline --bench pipeline
 	$(MAKE) bench-e2e
 	$(MAKE) bench-celery
 

@@ -195,7 +195,9 @@ thread_local! {
 pub struct PieceCounter<'c> {
     enc: Encoding,
     bpe: &'static bpe_openai::byte_pair_encoding::BytePairEncoding,
-    cache: &'c mut PieceCache,
+    /// `None` when this thread's cache is already borrowed (a nested `with_counter`): counts
+    /// are then exact but uncached, never a panic.
+    cache: Option<&'c mut PieceCache>,
 }
 
 impl PieceCounter<'_> {
@@ -206,21 +208,22 @@ impl PieceCounter<'_> {
         if bytes.len() <= 1 {
             return bytes.len(); // every single byte is a token of its own
         }
-        if bytes.len() > PIECE_CACHE_MAX_BYTES {
-            return self.bpe.count(bytes);
-        }
+        let cache = match self.cache.as_deref_mut() {
+            Some(c) if bytes.len() <= PIECE_CACHE_MAX_BYTES => c,
+            _ => return self.bpe.count(bytes),
+        };
         let key = PieceKey::new(bytes, self.enc);
-        let set = &mut self.cache.slots[key.set()].0;
+        let set = &mut cache.slots[key.set()].0;
         if set[0].key == key {
-            self.cache.hits += 1;
+            cache.hits += 1;
             return set[0].count as usize;
         }
         if set[1].key == key {
-            self.cache.hits += 1;
+            cache.hits += 1;
             set.swap(0, 1);
             return set[0].count as usize;
         }
-        self.cache.misses += 1;
+        cache.misses += 1;
         let n = self.bpe.count(bytes);
         set[1] = set[0];
         set[0] = Slot {
@@ -239,15 +242,15 @@ impl PieceCounter<'_> {
 impl Encoding {
     /// Runs `f` with a counter over this thread's piece cache, borrowed once for all the pieces
     /// `f` counts. Chat and transcripts repeat their words: most pieces are found, and BPE is
-    /// skipped. `f` must not call `with_counter` again (the cache is borrowed).
+    /// skipped. A nested call counts without the cache.
     pub fn with_counter<R>(self, f: impl FnOnce(&mut PieceCounter<'_>) -> R) -> R {
         let bpe = &self.tokenizer().bpe;
         PIECE_CACHE.with(|c| {
-            let mut cache = c.borrow_mut();
+            let mut borrowed = c.try_borrow_mut().ok();
             f(&mut PieceCounter {
                 enc: self,
                 bpe,
-                cache: &mut cache,
+                cache: borrowed.as_deref_mut(),
             })
         })
     }
@@ -290,6 +293,15 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_nested_counter_counts_exactly_without_the_cache() {
+        let enc = Encoding::Cl100kBase;
+        let text = "nested counting, no panic: 日本語 😀";
+        let (outer, inner) = enc.with_counter(|c| (c.count_text(text), enc.count(text)));
+        assert_eq!(outer, enc.tokenizer().count(text));
+        assert_eq!(inner, outer);
     }
 
     #[test]
