@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::blink::{finish, End};
+use super::blink::{finish, load_audio, End};
 use super::{bind, RetryPolicy, TaskContext, TaskDef, TaskOutcome, TimeLimits};
 use crate::chat::{ChatClient, ChatError, Message};
 use crate::db::{AudioAnalysis, BlinkStep, UsageRow};
@@ -91,15 +91,9 @@ async fn analyse(ctx: &TaskContext, audio_id: i64) -> End {
     let Some(db) = &sv.db else {
         return End::Failed("ConfigError", "DATABASE_URL is not set".into());
     };
-    let audio = match db.blink_audio(audio_id).await {
-        Ok(Some(a)) => a,
-        Ok(None) => {
-            return End::Failed(
-                "AudioNotFound",
-                format!("Blink audio {audio_id} does not exist"),
-            )
-        }
-        Err(e) => return End::Retry(e.to_string(), None),
+    let audio = match load_audio(db, audio_id).await {
+        Ok(a) => a,
+        Err(end) => return end,
     };
     if audio.transcription_status != "completed" || audio.transcript.trim().is_empty() {
         return End::Failed(

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::{TaskContext, TaskDef, TaskOutcome};
 use crate::celery::result::ExceptionInfo;
-use crate::db::BlinkStep;
+use crate::db::{BlinkAudio, BlinkStep, Db};
 
 pub const EXC_MODULE: &str = "blink.errors";
 
@@ -65,4 +65,17 @@ pub async fn finish(
         }
     }
     outcome
+}
+
+/// The recording's row, or how the step ends without one: a missing row is permanent, a
+/// database error is worth another attempt.
+pub async fn load_audio(db: &Db, audio_id: i64) -> Result<BlinkAudio, End> {
+    match db.blink_audio(audio_id).await {
+        Ok(Some(a)) => Ok(a),
+        Ok(None) => Err(End::Failed(
+            "AudioNotFound",
+            format!("Blink audio {audio_id} does not exist"),
+        )),
+        Err(e) => Err(End::Retry(e.to_string(), None)),
+    }
 }

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::blink::{finish, End, EXC_MODULE};
+use super::blink::{finish, load_audio, End, EXC_MODULE};
 use super::{bind, RetryPolicy, TaskContext, TaskDef, TaskOutcome, TimeLimits};
 use crate::celery::result::ExceptionInfo;
 use crate::chat::classify;
@@ -154,15 +154,9 @@ async fn load(ctx: &TaskContext, file: &str) -> Result<(String, Vec<u8>), End> {
 async fn transcribe(ctx: &TaskContext, db: &Db, audio_id: i64) -> End {
     let sv = &ctx.services;
     let s = &sv.settings;
-    let audio = match db.blink_audio(audio_id).await {
-        Ok(Some(a)) => a,
-        Ok(None) => {
-            return End::Failed(
-                "AudioNotFound",
-                format!("Blink audio {audio_id} does not exist"),
-            )
-        }
-        Err(e) => return End::Retry(e.to_string(), None),
+    let audio = match load_audio(db, audio_id).await {
+        Ok(a) => a,
+        Err(end) => return end,
     };
     if audio.audio_file.trim().is_empty() {
         return End::Failed("AudioNotFound", "the recording has no file".into());

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::celery_harness::{worker_bin, RedisServer};
-use crate::helpers::{python, repo};
+use crate::helpers::{embedding_inputs, python, repo};
 
 const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
@@ -232,14 +232,7 @@ async fn serve(mut sock: tokio::net::TcpStream, st: Arc<Mutex<DoubleState>>) {
             } else if let Some(u) = &upload {
                 transcription_success(u)
             } else {
-                let inputs: Vec<String> = body["input"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .map(|v| v.as_str().unwrap_or("").to_string())
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let inputs = embedding_inputs(&body);
                 st.lock().unwrap().embedded.extend(inputs.iter().cloned());
                 embeddings_success(&inputs)
             }

@@ -107,3 +107,15 @@ pub fn sample_lines() -> Vec<serde_json::Value> {
 pub fn to_lines(v: &[serde_json::Value]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
 }
+
+/// The `input` strings of an `/v1/embeddings` request body, as the API doubles read them.
+pub fn embedding_inputs(body: &serde_json::Value) -> Vec<String> {
+    body["input"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|v| v.as_str().unwrap_or("").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -74,14 +74,7 @@ async fn double(script: Vec<Reply>) -> Double {
                         .unwrap()
                         .pop_front()
                         .unwrap_or(Reply::Embeddings);
-                    let inputs: Vec<String> = body["input"]
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .map(|v| v.as_str().unwrap_or("").to_string())
-                                .collect()
-                        })
-                        .unwrap_or_default();
+                    let inputs = crate::helpers::embedding_inputs(&body);
                     seen.lock().unwrap().push(Seen {
                         at: Instant::now(),
                         path,

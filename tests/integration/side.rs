@@ -171,15 +171,20 @@ fn notifications(wpt: &str, hash: &str) -> Vec<Value> {
         .collect()
 }
 
-#[test]
-fn web_push_delivers_encrypted_payloads_and_deletes_expired_subscriptions() {
-    let dir = tempfile::tempdir().unwrap();
+/// A web-push-testing server on a free port, and its address.
+fn web_push_testing() -> (Server, String) {
     let port = free_port();
-    let _wpt = Server::start(
+    let server = Server::start(
         node("web-push-testing/src/bin/server.js", &[port.to_string()]),
         port,
     );
-    let wpt = format!("127.0.0.1:{port}");
+    (server, format!("127.0.0.1:{port}"))
+}
+
+#[test]
+fn web_push_delivers_encrypted_payloads_and_deletes_expired_subscriptions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_wpt, wpt) = web_push_testing();
     let (pem, public) = vapid(dir.path());
     let db = users_db();
     let redis = RedisServer::start(false);
@@ -348,12 +353,7 @@ fn push_service(script: Vec<(&'static str, Vec<u16>)>) -> (String, Arc<Mutex<Vec
 #[test]
 fn web_push_failures_land_on_the_right_action_and_retries_skip_what_was_served() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let _wpt = Server::start(
-        node("web-push-testing/src/bin/server.js", &[port.to_string()]),
-        port,
-    );
-    let wpt = format!("127.0.0.1:{port}");
+    let (_wpt, wpt) = web_push_testing();
     let (pem, public) = vapid(dir.path());
     let keys = subscribe(&wpt, &public);
     let (svc, hits) = push_service(vec![
