@@ -165,7 +165,6 @@ impl Chunker {
     /// Splits `text` into spans; the heart of the stage, exposed for tests and benches.
     pub fn spans(&self, text: &str) -> Vec<Span> {
         let s = &self.settings;
-        let tok = s.encoding.tokenizer();
         let mut units = Vec::with_capacity(text.len() / 4 + 1);
         let mut cum = 0usize;
         let mut end = 0usize;
@@ -188,7 +187,6 @@ impl Chunker {
         Cutter {
             text,
             units: &units,
-            tok,
             enc: s.encoding,
             max: s.max_tokens,
             overlap: s.overlap_tokens,
@@ -234,7 +232,6 @@ fn count_upto(enc: Encoding, text: &str, limit: usize) -> Option<(usize, &str)> 
 struct Cutter<'a> {
     text: &'a str,
     units: &'a [Unit],
-    tok: &'static bpe_openai::Tokenizer,
     enc: Encoding,
     max: usize,
     overlap: usize,
@@ -259,8 +256,9 @@ impl Cutter<'_> {
         let bytes = &self.text.as_bytes()[start.byte..self.units[i].end];
         let (mut b, mut k) = (start.byte, start.tok);
         let mut out = Vec::new();
-        for id in self.tok.bpe.encode_via_backtracking(bytes) {
-            b += self.tok.bpe.token_len(id);
+        let bpe = &self.enc.tokenizer().bpe;
+        for id in bpe.encode_via_backtracking(bytes) {
+            b += bpe.token_len(id);
             k += 1;
             if self.text.is_char_boundary(b) {
                 out.push(Pos { byte: b, tok: k });

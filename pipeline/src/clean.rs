@@ -139,11 +139,11 @@ fn plain_run_end(text: &str, mut i: usize) -> usize {
         if i >= n {
             return i;
         }
-        let step = if bytes[i] == b' ' {
-            if i + 1 < n && plain_len(text, i + 1) > 0 {
-                1
-            } else {
-                0
+        let step = if bytes[i] == b' ' && i + 1 < n {
+            // A single space joins the run only when a plain character follows it.
+            match plain_len(text, i + 1) {
+                0 => 0,
+                l => 1 + l,
             }
         } else if bytes[i] >= 0x80 {
             plain_len_non_ascii(text, i)
@@ -412,14 +412,8 @@ fn find_ascii_ci(hay: &str, needle: &str) -> Option<usize> {
 // ---------------------------------------------------------------- Markdown
 
 /// Markdown only on strong signals, so ordinary chat (`:-)`, `2*3`, `snake_case`) is untouched.
+/// Called only when `byte_flags` saw one of the bytes every signal below needs.
 fn looks_like_markdown(s: &str) -> bool {
-    // One scan rules out most messages: every signal below needs one of these bytes.
-    if !s
-        .bytes()
-        .any(|b| matches!(b, b'*' | b'_' | b'`' | b']' | b'~' | b'#' | b'>'))
-    {
-        return false;
-    }
     if s.contains("**")
         || s.contains("](")
         || s.contains("```")
