@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use orbit_pipeline::runner::ProgressFn;
+use orbit_pipeline::stages::extract::ProgressFn;
 use orbit_pipeline::source::JsonlSource;
 use orbit_pipeline::{BuildReport, BuildScope};
 use tokio_util::sync::CancellationToken;

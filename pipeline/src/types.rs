@@ -1,4 +1,5 @@
-//! Plain data flowing between the stages: RawDocument → CleanDocument → Chunk → EmbeddedChunk.
+//! Plain data of a build: whose memory it covers (`BuildScope`), what flows between the stages
+//! (RawDocument → CleanDocument → Chunk → EmbeddedChunk), and what a source had to reject.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -107,3 +108,36 @@ pub struct EmbeddedChunk {
 
 /// Separator between packed chat messages.
 pub const PACK_SEPARATOR: &str = "\n";
+
+/// Whose memory a build covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum BuildScope {
+    User(i64),
+    AllUsers,
+}
+
+impl BuildScope {
+    pub fn includes(&self, user_id: i64) -> bool {
+        match self {
+            BuildScope::User(u) => *u == user_id,
+            BuildScope::AllUsers => true,
+        }
+    }
+}
+
+impl std::fmt::Display for BuildScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BuildScope::User(u) => write!(f, "user {u}"),
+            BuildScope::AllUsers => f.write_str("all users"),
+        }
+    }
+}
+
+/// One input the source could not turn into a document; the build goes on without it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Rejection {
+    /// `file:line` for files, a row key for databases.
+    pub location: String,
+    pub reason: String,
+}

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::celery_harness::{worker_bin, RedisServer};
-use crate::helpers::{embedding_inputs, python, repo};
+use crate::helpers::{embedding_inputs, python, read_raw, repo};
 
 const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
@@ -374,56 +374,6 @@ fn chat_with_prompt(req: &Value) -> String {
         "system_fingerprint": "fp_test"
     })
     .to_string()
-}
-
-/// One HTTP/1.1 request off the socket: (path, authorization header, JSON body).
-pub async fn read_request(
-    sock: &mut tokio::net::TcpStream,
-) -> Option<(String, Option<String>, Value)> {
-    let (path, auth, raw, _) = read_raw(sock).await?;
-    Some((path, auth, serde_json::from_slice(&raw).unwrap_or_default()))
-}
-
-/// One HTTP/1.1 request: (path, authorization, raw body, content type).
-async fn read_raw(
-    sock: &mut tokio::net::TcpStream,
-) -> Option<(String, Option<String>, Vec<u8>, String)> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = sock.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let path = head.split_whitespace().nth(1)?.to_string();
-    let header = |name: &str| {
-        head.lines()
-            .find(|l| l.to_ascii_lowercase().starts_with(&format!("{name}:")))
-            .map(|l| l[name.len() + 1..].trim().to_string())
-    };
-    let len: usize = header("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    while buf.len() < head_end + len {
-        let n = sock.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let body = buf[head_end..head_end + len].to_vec();
-    Some((
-        path,
-        header("authorization"),
-        body,
-        header("content-type").unwrap_or_default(),
-    ))
 }
 
 /// Django's own cache API over the test's Redis (tests/py/django_cache.py): what the app reads.

@@ -10,40 +10,46 @@ use serde::Serialize;
 
 pub use hashing::HashingEmbedder;
 pub use local::{LocalEmbedder, LOCAL_MODEL_FILES};
-pub use openai::{api_error, retry_after, without_url, OpenAiEmbedder, OpenAiSettings};
+pub use openai::{OpenAiEmbedder, OpenAiSettings, EMBED_MAX_INLINE_WAIT};
+
+use crate::http_call::CallError;
+use crate::retry::Retryable;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {
-    #[error("embedding request failed with HTTP {status}: {message}")]
-    Http {
-        status: u16,
-        message: String,
-        retryable: bool,
-        retry_after: Option<std::time::Duration>,
-    },
-    #[error("embedding endpoint unreachable: {0}")]
-    Connect(String),
+    /// The HTTP call failed after the call layer's own retries (or without any).
+    #[error("embedding request failed: {0}")]
+    Call(CallError),
     #[error("embedding response malformed: {0}")]
     Decode(String),
+    /// A rejected key or a spent quota (401/403, `insufficient_quota`): a human must act.
     #[error("embedding configuration: {0}")]
     Config(String),
     #[error("local model: {0}")]
     Model(String),
 }
 
-impl EmbedError {
-    pub fn is_retryable(&self) -> bool {
+impl From<CallError> for EmbedError {
+    fn from(e: CallError) -> Self {
+        match e {
+            e if e.is_config() => EmbedError::Config(e.to_string()),
+            CallError::Decode(m) => EmbedError::Decode(m),
+            e => EmbedError::Call(e),
+        }
+    }
+}
+
+impl Retryable for EmbedError {
+    fn is_retryable(&self) -> bool {
         match self {
-            EmbedError::Http { retryable, .. } => *retryable,
-            EmbedError::Connect(_) => true,
+            EmbedError::Call(e) => e.is_retryable(),
             EmbedError::Decode(_) | EmbedError::Config(_) | EmbedError::Model(_) => false,
         }
     }
 
-    /// The provider's own hint of when to come back, for the task-level retry.
-    pub fn retry_after(&self) -> Option<std::time::Duration> {
+    fn retry_after(&self) -> Option<std::time::Duration> {
         match self {
-            EmbedError::Http { retry_after, .. } => *retry_after,
+            EmbedError::Call(e) => e.retry_after(),
             _ => None,
         }
     }

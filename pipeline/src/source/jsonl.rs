@@ -12,7 +12,7 @@ use super::{
     Rejection, Source, SourceBatch, SourceError, SourceStream, SOURCE_BATCH_BYTES,
     SOURCE_BATCH_DOCS,
 };
-use crate::runner::BuildScope;
+use crate::types::BuildScope;
 use crate::types::RawDocument;
 
 /// Batches the reader may run ahead of the cleaner: enough to hide file-read latency, and at

@@ -6,10 +6,9 @@ mod postgres;
 use std::pin::Pin;
 
 use futures::Stream;
-use serde::Serialize;
 
-use crate::runner::BuildScope;
 use crate::types::RawDocument;
+pub use crate::types::{BuildScope, Rejection};
 
 pub use jsonl::JsonlSource;
 pub use postgres::{KindQuery, PostgresSource};
@@ -36,19 +35,11 @@ pub enum SourceError {
     Crashed(String),
 }
 
-impl SourceError {
+impl crate::retry::Retryable for SourceError {
     /// A missing file will still be missing on retry; a dropped connection may not be.
-    pub fn is_retryable(&self) -> bool {
+    fn is_retryable(&self) -> bool {
         matches!(self, SourceError::Query(_))
     }
-}
-
-/// One input the source could not turn into a document; the build goes on without it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Rejection {
-    /// `file:line` for files, a row key for databases.
-    pub location: String,
-    pub reason: String,
 }
 
 /// What a source yields: documents plus the inputs it had to reject on the way.

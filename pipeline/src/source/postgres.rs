@@ -13,7 +13,7 @@ use super::{
     Rejection, Source, SourceBatch, SourceError, SourceStream, SOURCE_BATCH_BYTES,
     SOURCE_BATCH_DOCS,
 };
-use crate::runner::BuildScope;
+use crate::types::BuildScope;
 use crate::types::{DocKind, RawDocument};
 
 /// Rows per FETCH: big enough that the round trip is noise, small enough that a page of long

@@ -10,7 +10,7 @@ use uuid::Uuid;
 pub use null::NullStore;
 pub use sqlite::SqliteStore;
 
-use crate::runner::BuildScope;
+use crate::types::BuildScope;
 use crate::types::EmbeddedChunk;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,8 +31,8 @@ pub enum StoreError {
     Dimension { got: usize, want: usize },
 }
 
-impl StoreError {
-    pub fn is_retryable(&self) -> bool {
+impl crate::retry::Retryable for StoreError {
+    fn is_retryable(&self) -> bool {
         // SQLite busy or a Qdrant connection hiccup; a model mismatch needs a human.
         matches!(self, StoreError::Backend(_))
     }

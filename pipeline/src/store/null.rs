@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::{BuildGeneration, SearchHit, StoreError, VectorStore};
-use crate::runner::BuildScope;
+use crate::types::BuildScope;
 use crate::types::EmbeddedChunk;
 
 #[derive(Debug, Default)]

@@ -12,7 +12,7 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use uuid::Uuid;
 
 use super::{BuildGeneration, SearchHit, StoreError, VectorStore};
-use crate::runner::BuildScope;
+use crate::types::BuildScope;
 use crate::types::EmbeddedChunk;
 
 const SCHEMA: &[&str] = &[

@@ -8,15 +8,16 @@ use std::time::{Duration, Instant};
 use orbit_pipeline::embed::{
     EmbedError, EmbedLimits, Embedder, HashingEmbedder, OpenAiEmbedder, OpenAiSettings,
 };
+use orbit_pipeline::http_call::CallError;
 use orbit_pipeline::secret::Secret;
 use orbit_pipeline::store::VectorStore;
-use orbit_pipeline::{BuildScope, ChunkSettings};
+use orbit_pipeline::{BuildScope, ChunkSettings, Retryable};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::app_harness::read_request;
-use crate::helpers::{fixture, Env};
+use crate::env::Env;
+use crate::helpers::{fixture, read_request};
 
 const DIM: usize = 16;
 
@@ -141,7 +142,7 @@ fn embedder(d: &Double, timeout: Duration, attempts: u32) -> OpenAiEmbedder {
     );
     s.dimension = DIM;
     s.timeout = timeout;
-    s.max_attempts = attempts;
+    s.policy.max_attempts = attempts;
     s.limits = EmbedLimits {
         max_inputs: 8,
         max_batch_tokens: 4000,
@@ -197,14 +198,39 @@ async fn rate_limits_are_honoured_then_succeed() {
     );
 }
 
+/// The inline layer's attempts ran out: the error says it gave up and is not retryable, so the
+/// task layer does not try the same failure again (one failure, one retry layer).
 #[tokio::test]
-async fn persistent_5xx_fails_retryable_after_the_attempts() {
+async fn persistent_5xx_gives_up_after_the_attempts() {
     let d = double(vec![Reply::Status(500, vec![], "oops"); 3]).await;
     let e = embedder(&d, Duration::from_secs(5), 3);
     let err = e.embed(texts()).await.unwrap_err();
-    assert!(err.is_retryable(), "{err}");
-    assert!(matches!(err, EmbedError::Http { status: 500, .. }), "{err}");
+    assert!(!err.is_retryable(), "{err}");
+    assert!(
+        matches!(&err, EmbedError::Call(CallError::GaveUp { attempts: 3, last }) if last.contains("HTTP 500")),
+        "{err}"
+    );
+    assert!(err.to_string().contains("gave up"), "{err}");
     assert_eq!(d.seen.lock().unwrap().len(), 3);
+}
+
+/// A wait the server asks for that is longer than the inline budget is not slept on: the call
+/// returns at once with the hint, for the task layer to schedule.
+#[tokio::test]
+async fn a_long_rate_limit_hint_goes_to_the_task_layer_without_sleeping() {
+    let d = double(vec![Reply::Status(
+        429,
+        vec![("retry-after", "120")],
+        r#"{"error":{"message":"Rate limit reached","type":"requests"}}"#,
+    )])
+    .await;
+    let err = embedder(&d, Duration::from_secs(5), 3)
+        .embed(texts())
+        .await
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(120)));
+    assert_eq!(d.seen.lock().unwrap().len(), 1);
 }
 
 #[tokio::test]
@@ -258,7 +284,7 @@ async fn a_stalled_server_times_out_and_is_retried() {
         .embed(texts())
         .await
         .unwrap_err();
-    assert!(err.is_retryable(), "{err}");
+    assert!(!err.is_retryable(), "gave up inline: {err}");
     assert!(err.to_string().contains("timed out"), "{err}");
     assert_eq!(d.seen.lock().unwrap().len(), 2);
 }

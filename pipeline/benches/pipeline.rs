@@ -295,6 +295,7 @@ fn bench_pipeline(c: &mut Criterion) {
         g.bench_function(
             BenchmarkId::new("hashing-embed/null-store", format!("{threads}t")),
             |b| {
+                let pool = orbit_pipeline::cpu_pool(threads).unwrap();
                 b.iter(|| {
                     let p = Pipeline {
                         source: Arc::new(JsonlSource::new(&[&slice]).unwrap()),
@@ -305,6 +306,7 @@ fn bench_pipeline(c: &mut Criterion) {
                             cpu_threads: threads,
                             reuse_vectors: true,
                         },
+                        pool: pool.clone(),
                     };
                     rt.block_on(p.run(BuildScope::AllUsers, Default::default(), None))
                         .unwrap()

@@ -7,7 +7,8 @@ use orbit_pipeline::store::VectorStore;
 use orbit_pipeline::{BuildScope, ChunkSettings};
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{fixture, model_dir, Env};
+use crate::env::Env;
+use crate::helpers::{fixture, model_dir};
 
 fn load() -> LocalEmbedder {
     LocalEmbedder::load(&model_dir())

@@ -5,13 +5,15 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use orbit_pipeline::embed::{EmbedError, EmbedLimits, Embedder, HashingEmbedder};
 use orbit_pipeline::hash::point_id;
-use orbit_pipeline::runner::PipelineError;
+use orbit_pipeline::http_call::CallError;
+use orbit_pipeline::{PipelineError, Retryable};
 use orbit_pipeline::store::{StoreError, VectorStore};
 use orbit_pipeline::{BuildScope, ChunkSettings};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{fixture, hashing, sample_lines, to_lines, Env, HASH_DIM};
+use crate::env::{hashing, Env, HASH_DIM};
+use crate::helpers::{fixture, sample_lines, to_lines};
 
 #[tokio::test]
 async fn building_twice_gives_the_same_points() {
@@ -179,12 +181,7 @@ impl Embedder for FailingEmbedder {
             .ok_requests
             .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         if left == 0 || left > 1_000_000 {
-            return Err(EmbedError::Http {
-                status: 503,
-                message: "down".into(),
-                retryable: true,
-                retry_after: None,
-            });
+            return Err(EmbedError::Call(CallError::from_status(503, "down", None)));
         }
         self.inner.embed(texts).await
     }
@@ -240,7 +237,10 @@ async fn the_report_accounts_for_every_stage() {
         .build(&fixture("sample.jsonl"), BuildScope::AllUsers)
         .await;
     let names: Vec<&str> = r.stages.iter().map(|s| s.name).collect();
-    assert_eq!(names, ["extract", "clean", "chunk", "embed", "store"]);
+    assert_eq!(
+        names,
+        ["extract", "clean", "chunk", "reuse", "embed", "store"]
+    );
     assert_eq!(r.documents_read, sample_lines().len() as u64);
     assert_eq!(
         r.documents_kept + r.empty_dropped + r.duplicates_dropped,
@@ -251,7 +251,10 @@ async fn the_report_accounts_for_every_stage() {
         "{r:?}"
     );
     assert_eq!(r.vectors_upserted, r.chunks);
-    assert_eq!(r.stages[3].items_in, r.chunks);
+    assert_eq!(r.stage("reuse").unwrap().items_in, r.chunks);
+    let embed = r.stage("embed").unwrap();
+    assert_eq!(embed.items_in, r.chunks_embedded);
+    assert!(embed.requests > 0 && embed.bytes_out > embed.requests, "{embed:?}");
     assert!(r.tokens > 0 && r.bytes_read > 1_000_000);
     assert!(r
         .stages

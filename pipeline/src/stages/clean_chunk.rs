@@ -1,0 +1,199 @@
+//! Clean and chunk: on the build's rayon pool, off the async runtime, batch by batch. Cleaning
+//! drops empty and duplicate documents; chunking cuts long ones and packs short chat messages.
+//! One thread drives both, so it reports two stages: `clean` and `chunk`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::StageMeter;
+use crate::chunk::{Chunker, Packer, Split};
+use crate::clean::{Cleaner, Deduper};
+use crate::error::PipelineError;
+use crate::report::{DocCounts, StageReport};
+use crate::source::SourceBatch;
+use crate::types::Chunk;
+
+/// What the stage hands back: its two stage reports and the document counts.
+#[derive(Debug)]
+pub struct CleanChunkReport {
+    pub clean: StageReport,
+    pub chunk: StageReport,
+    pub docs: DocCounts,
+}
+
+/// Runs until `rx` closes. Blocking: call it from `spawn_blocking`.
+pub fn run(
+    chunker: Chunker,
+    pool: Arc<rayon::ThreadPool>,
+    mut rx: mpsc::Receiver<SourceBatch>,
+    tx: mpsc::Sender<Vec<Chunk>>,
+    stop: CancellationToken,
+) -> Result<CleanChunkReport, PipelineError> {
+    let cleaner = Cleaner::new();
+    let mut dedup = Deduper::default();
+    let mut packer = Packer::new(chunker.settings().clone());
+    // Waiting on the reader counts for clean, waiting on the next stage for chunk.
+    let mut clean = StageMeter::new("clean");
+    let mut chunk = StageMeter::new("chunk");
+    let mut clean_busy = Duration::ZERO;
+    let mut docs = DocCounts::default();
+
+    loop {
+        if stop.is_cancelled() {
+            return Err(PipelineError::Cancelled);
+        }
+        let Some(batch) = clean.blocking_recv(&mut rx) else {
+            break;
+        };
+        docs.documents_read += batch.docs.len() as u64;
+        docs.bytes_read += batch.bytes;
+        docs.add_rejections(batch.rejected);
+
+        let tc = Instant::now();
+        let cleaned: Vec<_> = pool.install(|| {
+            batch
+                .docs
+                .into_par_iter()
+                .map(|d| cleaner.clean(d))
+                .collect()
+        });
+        let mut kept = Vec::with_capacity(cleaned.len());
+        for d in cleaned {
+            match d {
+                None => docs.empty_dropped += 1,
+                Some(d) if !dedup.first_time(&d) => docs.duplicates_dropped += 1,
+                Some(d) => {
+                    clean.bytes_out += d.text.len() as u64;
+                    kept.push(d);
+                }
+            }
+        }
+        docs.documents_kept += kept.len() as u64;
+        clean_busy += tc.elapsed();
+
+        let splits: Vec<Split> =
+            pool.install(|| kept.into_par_iter().map(|d| chunker.split(d)).collect());
+        let mut out = Vec::with_capacity(splits.len());
+        for s in splits {
+            match s {
+                Split::Chunks(c) => out.extend(c),
+                Split::Packable(item) => {
+                    docs.packed_messages += 1;
+                    packer.push(item, &mut out);
+                }
+            }
+        }
+        send(&mut chunk, &tx, out)?;
+    }
+    let mut tail = Vec::new();
+    packer.finish(&mut tail);
+    send(&mut chunk, &tx, tail)?;
+
+    clean.items_in = docs.documents_read;
+    clean.items_out = docs.documents_kept;
+    chunk.items_in = docs.documents_kept;
+    docs.chunks = chunk.items_out;
+    docs.tokens = chunk.tokens;
+    let mut clean_r = clean.report();
+    let mut chunk_r = chunk.report();
+    // The chunk meter's wall time covers cleaning and the reader waits too: take them out.
+    clean_r.busy_ms = super::ms(clean_busy);
+    clean_r.wait_downstream_ms = 0.0;
+    chunk_r.busy_ms = (chunk_r.busy_ms - clean_r.busy_ms - clean_r.wait_upstream_ms).max(0.0);
+    Ok(CleanChunkReport {
+        clean: clean_r,
+        chunk: chunk_r,
+        docs,
+    })
+}
+
+fn send(
+    meter: &mut StageMeter,
+    tx: &mpsc::Sender<Vec<Chunk>>,
+    batch: Vec<Chunk>,
+) -> Result<(), PipelineError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    meter.items_out += batch.len() as u64;
+    for c in &batch {
+        meter.bytes_out += c.text.len() as u64;
+        meter.tokens += c.token_count as u64;
+    }
+    meter.blocking_send(tx, batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::ChunkSettings;
+    use crate::types::{DocKind, RawDocument};
+
+    fn doc(user_id: i64, id: &str, text: &str) -> RawDocument {
+        RawDocument {
+            user_id,
+            kind: DocKind::Note,
+            source_id: id.into(),
+            text: text.into(),
+            created_at: chrono::DateTime::UNIX_EPOCH,
+            conversation_id: None,
+            title: None,
+            author: None,
+            meta: None,
+        }
+    }
+
+    #[test]
+    fn cleans_dedups_and_chunks_over_channels() {
+        let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap());
+        let chunker = Chunker::new(ChunkSettings::default()).unwrap();
+        let (in_tx, in_rx) = mpsc::channel(2);
+        let (out_tx, mut out_rx) = mpsc::channel(16);
+        let long = "The ferry to Cacilhas leaves every twenty minutes from Cais do Sodré. ".repeat(200);
+        let batch = SourceBatch {
+            docs: vec![
+                doc(1, "a", "Pickles takes half a tablet of methimazole twice a day."),
+                doc(1, "b", "   "),
+                doc(1, "c", "Pickles takes half a tablet of methimazole twice a day."),
+                doc(1, "d", &long),
+            ],
+            bytes: 100,
+            ..Default::default()
+        };
+        in_tx.blocking_send(batch).unwrap();
+        drop(in_tx);
+        let r = run(chunker, pool, in_rx, out_tx, CancellationToken::new()).unwrap();
+        let mut chunks = Vec::new();
+        while let Some(b) = out_rx.blocking_recv() {
+            chunks.extend(b);
+        }
+        assert_eq!(r.docs.documents_read, 4);
+        assert_eq!(r.docs.empty_dropped, 1);
+        assert_eq!(r.docs.duplicates_dropped, 1);
+        assert_eq!(r.docs.documents_kept, 2);
+        assert!(chunks.len() >= 3, "the long note is cut: {}", chunks.len());
+        assert_eq!(r.chunk.items_out, chunks.len() as u64);
+        assert_eq!(r.docs.chunks, chunks.len() as u64);
+        assert_eq!(
+            r.docs.tokens,
+            chunks.iter().map(|c| c.token_count as u64).sum::<u64>()
+        );
+        assert_eq!((r.clean.items_in, r.clean.items_out), (4, 2));
+    }
+
+    #[test]
+    fn a_stopped_build_ends_the_stage() {
+        let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap());
+        let chunker = Chunker::new(ChunkSettings::default()).unwrap();
+        let (_in_tx, in_rx) = mpsc::channel(1);
+        let (out_tx, _out_rx) = mpsc::channel(1);
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let r = run(chunker, pool, in_rx, out_tx, stop);
+        assert!(matches!(r, Err(PipelineError::Cancelled)));
+    }
+}
