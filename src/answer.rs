@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::chat::{ChatError, Message};
+use orbit_pipeline::Retryable;
 use crate::db::UsageRow;
 use crate::services::Services;
 

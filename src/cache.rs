@@ -8,7 +8,7 @@ use chrono::{Datelike, TimeZone, Utc};
 use redis::AsyncCommands;
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::celery::redis::RedisConn;
+use crate::redis_conn::RedisConn;
 use crate::db::{Db, MonthUsage, SnapshotCounts};
 
 /// `usage:{user_pk}:{YYYY-MM}`: the seed's five minutes.
@@ -21,15 +21,15 @@ pub const ASK_TTL: Duration = Duration::from_secs(3600);
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("cache: {0}")]
-    Redis(#[from] crate::celery::redis::BrokerError),
+    Redis(#[from] crate::redis_conn::ConnError),
     #[error("cache value: {0}")]
     Pickle(#[from] serde_pickle::Error),
     #[error(transparent)]
     Db(#[from] crate::db::DbError),
 }
 
-impl CacheError {
-    pub fn is_retryable(&self) -> bool {
+impl orbit_pipeline::Retryable for CacheError {
+    fn is_retryable(&self) -> bool {
         match self {
             CacheError::Redis(_) => true,
             CacheError::Pickle(_) => false,

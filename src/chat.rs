@@ -1,52 +1,44 @@
-//! OpenAI-compatible `/v1/chat/completions`, with the call-level retry layer (429, 5xx and
-//! connection errors, honouring `retry-after` and `x-ratelimit-reset-*`). The task layer only
-//! sees what is left after it: a retryable error with the server's hint, or a permanent one.
+//! OpenAI-compatible `/v1/chat/completions`. Retries go through the shared call layer
+//! (`orbit_pipeline::http_call`): a blip is retried inline; when the attempts run out the error
+//! says "gave up" and no task retries it again; a longer wait the server asks for goes to the
+//! task layer, which re-publishes the task with that ETA.
 
 use std::time::Duration;
 
-use orbit_pipeline::embed::{api_error, retry_after, without_url};
+use orbit_pipeline::http_call::{call_with_retry, retry_hint, CallError, CallPolicy};
 use orbit_pipeline::secret::Secret;
+use orbit_pipeline::Retryable;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// Attempts per call, the first included: three covers a blip without holding a task for minutes.
-const MAX_ATTEMPTS: u32 = 3;
-/// A single wait inside one call; a longer hint goes to the task layer instead.
-const MAX_INLINE_WAIT: Duration = Duration::from_secs(20);
-
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
-    #[error("chat model HTTP {status}: {message}")]
-    Http {
-        status: u16,
-        message: String,
-        retryable: bool,
-        retry_after: Option<Duration>,
-    },
-    #[error("chat model unreachable: {0}")]
-    Connect(String),
+    #[error("chat model {0}")]
+    Call(CallError),
     #[error("chat model answer malformed: {0}")]
     Decode(String),
     /// 401/403 or `insufficient_quota`: a human must fix the key or the billing.
     #[error("chat model configuration: {0}")]
     Config(String),
-    /// Retried inside the call until its attempts ran out: the task layer must not retry it
-    /// again (one failure, one retry layer).
-    #[error("{0}")]
-    GaveUp(String),
 }
 
-impl ChatError {
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            ChatError::Http { retryable, .. } => *retryable,
-            ChatError::Connect(_) => true,
-            ChatError::Decode(_) | ChatError::Config(_) | ChatError::GaveUp(_) => false,
+impl From<CallError> for ChatError {
+    fn from(e: CallError) -> Self {
+        match e {
+            e if e.is_config() => ChatError::Config(e.to_string()),
+            CallError::Decode(m) => ChatError::Decode(m),
+            e => ChatError::Call(e),
         }
     }
-    pub fn retry_after(&self) -> Option<Duration> {
+}
+
+impl Retryable for ChatError {
+    fn is_retryable(&self) -> bool {
+        matches!(self, ChatError::Call(e) if e.is_retryable())
+    }
+    fn retry_after(&self) -> Option<Duration> {
         match self {
-            ChatError::Http { retry_after, .. } => *retry_after,
+            ChatError::Call(e) => e.retry_after(),
             _ => None,
         }
     }
@@ -86,6 +78,7 @@ pub struct ChatClient {
     key: Secret,
     pub model: String,
     timeout: Duration,
+    policy: CallPolicy,
 }
 
 impl ChatClient {
@@ -95,6 +88,7 @@ impl ChatClient {
         key: Secret,
         model: &str,
         timeout: Duration,
+        max_inline_wait: Duration,
     ) -> Self {
         Self {
             http,
@@ -102,6 +96,7 @@ impl ChatClient {
             key,
             model: model.to_string(),
             timeout,
+            policy: CallPolicy::short(max_inline_wait),
         }
     }
 
@@ -121,71 +116,30 @@ impl ChatClient {
         if let (Some(b), Value::Object(x)) = (body.as_object_mut(), extra) {
             b.extend(x);
         }
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.attempt(&body).await {
-                Ok(c) => return Ok(c),
-                Err(e) if e.is_retryable() => {
-                    let backoff = Duration::from_millis(500 << attempt.min(6));
-                    let wait = e.retry_after().unwrap_or(backoff);
-                    // A long wait is the task layer's to schedule (re-published with an ETA);
-                    // short ones are retried here, and once they run out, nowhere else.
-                    if wait > MAX_INLINE_WAIT {
-                        return Err(e);
-                    }
-                    if attempt >= MAX_ATTEMPTS {
-                        return Err(ChatError::GaveUp(format!("{e} (after {attempt} attempts)")));
-                    }
-                    tracing::warn!(attempt, wait_ms = wait.as_millis() as u64, error = %e, "chat request retrying");
-                    tokio::time::sleep(wait).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        call_with_retry(&self.policy, "chat request", || self.attempt(&body))
+            .await
+            .map_err(ChatError::from)
     }
 
-    async fn attempt(&self, body: &Value) -> Result<Completion, ChatError> {
+    async fn attempt(&self, body: &Value) -> Result<Completion, CallError> {
         let mut req = self.http.post(&self.url).timeout(self.timeout).json(body);
         if !self.key.is_empty() {
             req = req.bearer_auth(self.key.expose());
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| ChatError::Connect(without_url(&e)))?;
+        let resp = req.send().await.map_err(|e| CallError::transport(&e))?;
         let status = resp.status().as_u16();
-        let hint = retry_after(resp.headers());
-        let text = resp
-            .text()
-            .await
-            .map_err(|e| ChatError::Connect(without_url(&e)))?;
+        let hint = retry_hint(resp.headers());
+        let text = resp.text().await.map_err(|e| CallError::transport(&e))?;
         if !(200..300).contains(&status) {
-            return Err(classify(status, &text, hint));
+            return Err(CallError::from_status(status, &text, hint));
         }
-        parse(&text)
+        parse(&text).map_err(CallError::Decode)
     }
 }
 
-pub fn classify(status: u16, body: &str, retry_after: Option<Duration>) -> ChatError {
-    let (message, code) = api_error(body);
-    if status == 401 || status == 403 || code == "insufficient_quota" {
-        return ChatError::Config(format!("HTTP {status} {code}: {message}"));
-    }
-    ChatError::Http {
-        status,
-        message,
-        retryable: status == 429 || status == 408 || status >= 500,
-        retry_after,
-    }
-}
-
-fn parse(text: &str) -> Result<Completion, ChatError> {
-    let v: Value =
-        serde_json::from_str(text).map_err(|e| ChatError::Decode(format!("not JSON: {e}")))?;
-    let choice = v["choices"]
-        .get(0)
-        .ok_or_else(|| ChatError::Decode("no choices".into()))?;
+fn parse(text: &str) -> Result<Completion, String> {
+    let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let choice = v["choices"].get(0).ok_or_else(|| "no choices".to_string())?;
     let msg = &choice["message"];
     let usage = serde_json::from_value(v["usage"].clone()).unwrap_or_default();
     Ok(Completion {
@@ -202,22 +156,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_and_classifies() {
+    fn parses_and_maps_call_errors() {
         let c = parse(r#"{"id":"x","object":"chat.completion","model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant","content":"hi [1]","refusal":null},"finish_reason":"stop"}],"usage":{"prompt_tokens":10,"completion_tokens":3,"total_tokens":13}}"#).unwrap();
         assert_eq!(c.content.as_deref(), Some("hi [1]"));
         assert_eq!(c.usage.total_tokens, 13);
         assert!(parse("{\"choices\": []}").is_err());
         assert!(parse("<html>").is_err());
-        assert!(matches!(classify(401, "{}", None), ChatError::Config(_)));
-        assert!(classify(429, "{}", None).is_retryable());
-        assert!(!classify(400, "{}", None).is_retryable());
+        let map = |status, body: &str| ChatError::from(CallError::from_status(status, body, None));
+        assert!(matches!(map(401, "{}"), ChatError::Config(_)));
+        assert!(map(429, "{}").is_retryable());
+        assert!(!map(400, "{}").is_retryable());
+        assert!(!map(501, "{}").is_retryable());
         assert!(matches!(
-            classify(
-                429,
-                r#"{"error":{"code":"insufficient_quota","message":"q"}}"#,
-                None
-            ),
+            map(429, r#"{"error":{"code":"insufficient_quota","message":"q"}}"#),
             ChatError::Config(_)
         ));
+        let gave_up = ChatError::from(CallError::GaveUp { attempts: 3, last: "HTTP 503".into() });
+        assert!(!gave_up.is_retryable() && gave_up.to_string().contains("gave up"));
     }
 }

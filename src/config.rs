@@ -48,6 +48,9 @@ pub struct Settings {
     pub embed_in_flight: Option<usize>,
     pub embed_batch_inputs: Option<usize>,
     pub embed_batch_tokens: Option<usize>,
+    /// The longest wait the HTTP call layer sleeps inside one call; a longer hint from the
+    /// server is handed to the task layer (re-published with that ETA).
+    pub http_max_inline_wait: std::time::Duration,
     /// The app's Postgres; when set, builds read it (the Postgres source) and write records.
     pub database_url: Option<Secret>,
     /// A JSON file replacing some of the Postgres source's per-kind queries.
@@ -150,6 +153,10 @@ impl Settings {
             embed_in_flight: parse("ORBIT_EMBED_IN_FLIGHT")?,
             embed_batch_inputs: parse("ORBIT_EMBED_BATCH_INPUTS")?,
             embed_batch_tokens: parse("ORBIT_EMBED_BATCH_TOKENS")?,
+            http_max_inline_wait: seconds(
+                "ORBIT_HTTP_MAX_INLINE_WAIT",
+                orbit_pipeline::embed::EMBED_MAX_INLINE_WAIT.as_secs_f64(),
+            )?,
             database_url: var("DATABASE_URL").map(Secret::new),
             source_queries: var("ORBIT_SOURCE_QUERIES").map(PathBuf::from),
             chat_model: var("ORBIT_CHAT_MODEL").filter(|m| m != "none"),

@@ -15,8 +15,9 @@ use crate::config::{EmbedderKind, Settings};
 pub fn embedder(s: &Settings, http: reqwest::Client) -> Result<Arc<dyn Embedder>> {
     let base: Arc<dyn Embedder> = match s.resolved_embedder() {
         EmbedderKind::OpenAi => {
-            let cfg =
+            let mut cfg =
                 OpenAiSettings::new(&s.openai_base_url, s.openai_api_key.clone(), &s.embed_model);
+            cfg.policy.max_inline_wait = s.http_max_inline_wait;
             Arc::new(OpenAiEmbedder::new(cfg, http)?)
         }
         EmbedderKind::Hashing => Arc::new(HashingEmbedder::new(s.hashing_dim)),

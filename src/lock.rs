@@ -8,7 +8,12 @@ use std::time::Duration;
 use redis::Script;
 use tokio_util::sync::CancellationToken;
 
-use crate::celery::redis::{BrokerError, RedisConn};
+use crate::redis_conn::{ConnError, RedisConn};
+
+/// The lock's Redis could not be reached or refused the script.
+#[derive(Debug, thiserror::Error)]
+#[error("build lock {0}")]
+pub struct LockError(#[from] ConnError);
 
 /// Takes the lock unless another build holds it. The same build may take it over: that is its
 /// own message redelivered after a worker died.
@@ -54,6 +59,7 @@ pub enum Acquired {
     HeldBy(i64),
 }
 
+/// Held while a build runs; released when dropped (RAII), on every exit of the task.
 pub struct BuildLock {
     conn: Arc<RedisConn>,
     user: i64,
@@ -70,7 +76,7 @@ pub async fn acquire(
     user: i64,
     build_id: i64,
     ttl: Duration,
-) -> Result<Acquired, BrokerError> {
+) -> Result<Acquired, LockError> {
     let mut c = conn.conn().await?;
     let r: Result<(i64, String), _> = Script::new(ACQUIRE_LUA)
         .key(lock_key(user))
@@ -158,19 +164,11 @@ impl BuildLock {
         matches!(self.conn.note(r).await, Ok(Some(_)))
     }
 
-    pub async fn release(self) {
+    /// Frees the lock now; dropping it does the same in the background.
+    pub async fn release(mut self) {
         self.renewer.abort();
-        let Ok(mut c) = self.conn.conn().await else {
-            return;
-        };
-        let r: Result<i64, _> = Script::new(RELEASE_LUA)
-            .key(lock_key(self.user))
-            .arg(&self.value)
-            .invoke_async(&mut c)
-            .await;
-        if let Err(e) = self.conn.note(r).await {
-            tracing::warn!(error = %e, "cannot release build lock; it expires on its own");
-        }
+        let value = std::mem::take(&mut self.value);
+        release(self.conn.clone(), self.user, value).await;
     }
 
     pub fn ttl(&self) -> Duration {
@@ -180,13 +178,34 @@ impl BuildLock {
 
 impl Drop for BuildLock {
     fn drop(&mut self) {
-        // An aborted task (hard limit, shutdown) stops renewing; the TTL frees the lock.
         self.renewer.abort();
+        // A lock is not a record: if the process exits before this lands, the TTL frees it.
+        if self.value.is_empty() {
+            return; // released already
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(release(self.conn.clone(), self.user, std::mem::take(&mut self.value)));
+        }
+    }
+}
+
+/// Deletes the lock if it is still `value` (never a newer holder's).
+async fn release(conn: Arc<RedisConn>, user: i64, value: String) {
+    let Ok(mut c) = conn.conn().await else {
+        return;
+    };
+    let r: Result<i64, _> = Script::new(RELEASE_LUA)
+        .key(lock_key(user))
+        .arg(&value)
+        .invoke_async(&mut c)
+        .await;
+    if let Err(e) = conn.note(r).await {
+        tracing::warn!(error = %e, "cannot release build lock; it expires on its own");
     }
 }
 
 /// Asks the build holding the lock for one more pass once it is done.
-pub async fn request_again(conn: &RedisConn, user: i64, ttl: Duration) -> Result<(), BrokerError> {
+pub async fn request_again(conn: &RedisConn, user: i64, ttl: Duration) -> Result<(), LockError> {
     let mut c = conn.conn().await?;
     let r: Result<(), _> = redis::cmd("SET")
         .arg(again_key(user))
@@ -195,5 +214,5 @@ pub async fn request_again(conn: &RedisConn, user: i64, ttl: Duration) -> Result
         .arg((ttl * 10).as_millis() as u64)
         .query_async(&mut c)
         .await;
-    conn.note(r).await
+    Ok(conn.note(r).await?)
 }

@@ -1,25 +1,9 @@
-//! orbit-worker: the Rust worker for OrbitingFox's Celery tasks, and the CLI around its pipeline.
-
-mod answer;
-mod cache;
-mod celery;
-mod chat;
-mod cli;
-mod config;
-mod db;
-mod embedders;
-mod http;
-mod lock;
-mod logging;
-mod metrics;
-mod pricing;
-mod services;
-mod tasks;
-mod worker;
+//! The `orbit-worker` binary: logging, the runtime, and the CLI of the `orbit_worker` library.
 
 use std::io::IsTerminal;
 
 use clap::Parser;
+use orbit_worker::{cli, logging};
 
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();

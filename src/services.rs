@@ -13,7 +13,7 @@ use orbit_pipeline::{Pipeline, PipelineSettings};
 use tokio::sync::OnceCell;
 
 use crate::cache::Cache;
-use crate::celery::redis::RedisConn;
+use crate::redis_conn::RedisConn;
 use crate::chat::ChatClient;
 use crate::config::Settings;
 use crate::db::Db;
@@ -39,6 +39,8 @@ pub struct Services {
     pub locks: Arc<RedisConn>,
     embedder: OnceCell<Arc<dyn Embedder>>,
     store: OnceCell<Arc<dyn VectorStore>>,
+    /// The clean/chunk pool every build of this process shares.
+    cpu_pool: OnceCell<orbit_pipeline::CpuPool>,
 }
 
 impl Services {
@@ -68,6 +70,7 @@ impl Services {
                 settings.openai_api_key.clone(),
                 m,
                 settings.chat_timeout,
+                settings.http_max_inline_wait,
             )
         });
         let source_queries = crate::db::source_queries(settings.source_queries.as_deref())?;
@@ -82,6 +85,7 @@ impl Services {
             locks: cache_conn,
             embedder: OnceCell::new(),
             store: OnceCell::new(),
+            cpu_pool: OnceCell::new(),
         })
     }
 
@@ -118,15 +122,22 @@ impl Services {
         let chunk = self
             .settings
             .chunk_settings(embedder.preferred_chunk_tokens())?;
+        let threads = self.settings.cpu_threads;
+        let pool = self
+            .cpu_pool
+            .get_or_try_init(|| async { orbit_pipeline::cpu_pool(threads) })
+            .await?
+            .clone();
         Ok(Pipeline {
             source,
             embedder,
             store,
             settings: PipelineSettings {
                 chunk,
-                cpu_threads: self.settings.cpu_threads,
+                cpu_threads: threads,
                 reuse_vectors: true,
             },
+            pool,
         })
     }
 

@@ -25,7 +25,7 @@ pub use clean::Cleaner;
 pub use error::PipelineError;
 pub use report::BuildReport;
 pub use retry::Retryable;
-pub use runner::{cpu_pool, Pipeline};
+pub use runner::{cpu_pool, CpuPool, Pipeline};
 pub use settings::PipelineSettings;
 pub use types::{BuildScope, Chunk, CleanDocument, DocKind, EmbeddedChunk, RawDocument};
 

@@ -25,17 +25,20 @@ const EMBED_QUEUE_BATCHES: usize = 4;
 /// Embedded batches queued for the store.
 const STORE_QUEUE_BATCHES: usize = 4;
 
+/// The clean/chunk thread pool: built once, shared by every build that uses it.
+pub type CpuPool = Arc<rayon::ThreadPool>;
+
 /// A build wired from its parts. The CPU pool is the pipeline's, shared by all its builds.
 pub struct Pipeline {
     pub source: Arc<dyn Source>,
     pub embedder: Arc<dyn Embedder>,
     pub store: Arc<dyn VectorStore>,
     pub settings: PipelineSettings,
-    pub pool: Arc<rayon::ThreadPool>,
+    pub pool: CpuPool,
 }
 
 /// The clean/chunk pool: `threads` named threads.
-pub fn cpu_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>, PipelineError> {
+pub fn cpu_pool(threads: usize) -> Result<CpuPool, PipelineError> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
         .thread_name(|i| format!("orbit-cpu-{i}"))

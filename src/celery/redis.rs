@@ -5,11 +5,10 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Script};
-use tokio::sync::Mutex;
+use redis::Script;
 
 use super::message::{queue_key, restored_envelope};
+pub use crate::redis_conn::{redact_url, ConnError, RedisConn};
 
 pub const UNACKED: &str = "unacked";
 pub const UNACKED_INDEX: &str = "unacked_index";
@@ -25,25 +24,13 @@ const REPLY_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
-    #[error("bad redis URL {url}: {reason}")]
-    Url { url: String, reason: String },
+    #[error("broker {0}")]
+    Conn(#[from] ConnError),
 }
 
-/// `redis://:secret@host/0` → `redis://:***@host/0`, for logs.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s + 3 => {
-            let cred = &url[s + 3..at];
-            let user = cred.split(':').next().unwrap_or("");
-            if cred.contains(':') {
-                format!("{}{}:***{}", &url[..s + 3], user, &url[at..])
-            } else {
-                format!("{}***{}", &url[..s + 3], &url[at..])
-            }
-        }
-        _ => url.to_string(),
+impl From<redis::RedisError> for BrokerError {
+    fn from(e: redis::RedisError) -> Self {
+        BrokerError::Conn(ConnError::Redis(e))
     }
 }
 
@@ -52,69 +39,6 @@ fn unix_now() -> f64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
-}
-
-/// One logical Redis connection that remakes itself after a failure. Cloning the inner
-/// multiplexed connection is cheap, so concurrent callers share one socket.
-pub struct RedisConn {
-    client: redis::Client,
-    config: AsyncConnectionConfig,
-    conn: Mutex<Option<MultiplexedConnection>>,
-}
-
-impl RedisConn {
-    /// `reply_timeout` bounds every reply; a blocking connection needs more than its BRPOP timeout.
-    pub fn open(url: &str, reply_timeout: Duration) -> Result<Self, BrokerError> {
-        let client = redis::Client::open(url).map_err(|e| BrokerError::Url {
-            url: redact_url(url),
-            reason: e.to_string(),
-        })?;
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(3)))
-            .set_response_timeout(Some(reply_timeout));
-        Ok(RedisConn {
-            client,
-            config,
-            conn: Mutex::new(None),
-        })
-    }
-
-    pub async fn conn(&self) -> Result<MultiplexedConnection, BrokerError> {
-        let mut slot = self.conn.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
-        }
-        let c = self
-            .client
-            .get_multiplexed_async_connection_with_config(&self.config)
-            .await?;
-        *slot = Some(c.clone());
-        Ok(c)
-    }
-
-    /// Records the outcome of a call; a broken connection is dropped so the next call remakes it.
-    pub async fn note<T>(&self, r: Result<T, redis::RedisError>) -> Result<T, BrokerError> {
-        match r {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                if e.is_io_error()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal()
-                    || e.is_timeout()
-                    || e.is_unrecoverable_error()
-                {
-                    *self.conn.lock().await = None;
-                }
-                Err(e.into())
-            }
-        }
-    }
-
-    pub async fn ping(&self) -> Result<(), BrokerError> {
-        let mut c = self.conn().await?;
-        let r: Result<String, _> = redis::cmd("PING").query_async(&mut c).await;
-        self.note(r).await.map(|_| ())
-    }
 }
 
 /// Bytes from Redis as text without a copy; invalid UTF-8 (garbage on a queue) made readable.
@@ -246,7 +170,7 @@ pub async fn finish(
     }
     let mut c = conn.conn().await?;
     let r: Result<usize, _> = inv.invoke_async(&mut c).await;
-    conn.note(r).await
+    Ok(conn.note(r).await?)
 }
 
 /// Puts one unacked message back if it is still the entry that was read (compare and swap, so
@@ -370,7 +294,7 @@ impl Broker {
             .ignore()
             .query_async(&mut c)
             .await;
-        self.ops.note(r).await
+        Ok(self.ops.note(r).await?)
     }
 
     /// Acks, re-publishes and dead-letters in one atomic step: a retry's new message and the ack
@@ -395,7 +319,8 @@ impl Broker {
         }
         let mut c = self.ops.conn().await?;
         let r: Result<i64, _> = cmd.query_async(&mut c).await;
-        self.ops.note(r).await.map(|_| ())
+        self.ops.note(r).await?;
+        Ok(())
     }
 
     /// Puts one message back on its queue, marked redelivered, with its delivery tag kept.

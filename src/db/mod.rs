@@ -47,9 +47,9 @@ impl From<sqlx::migrate::MigrateError> for DbError {
     }
 }
 
-impl DbError {
+impl orbit_pipeline::Retryable for DbError {
     /// Connection trouble passes; a bad query or constraint will fail the same way again.
-    pub fn is_retryable(&self) -> bool {
+    fn is_retryable(&self) -> bool {
         match self {
             DbError::Sql(e) => matches!(
                 e,

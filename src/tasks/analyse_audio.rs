@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::blink::{finish, load_audio, End};
-use super::{bind, RetryPolicy, TaskContext, TaskDef, TaskOutcome, TimeLimits};
+use super::blink::{load_audio, raises, run_step};
+use super::{bind, Raises, RetryPolicy, TaskContext, TaskDef, TaskResult, TimeLimits};
 use crate::chat::{ChatClient, ChatError, Message};
 use crate::db::{AudioAnalysis, BlinkStep, UsageRow};
 
@@ -85,30 +85,30 @@ fn validate(a: &AudioAnalysis) -> Result<(), String> {
     Ok(())
 }
 
-async fn analyse(ctx: &TaskContext, audio_id: i64) -> End {
+/// The exceptions of this task.
+const R: Raises = raises(NAME);
+
+async fn analyse(ctx: &TaskContext, audio_id: i64) -> TaskResult {
     let sv = &ctx.services;
     let s = &sv.settings;
     let Some(db) = &sv.db else {
-        return End::Failed("ConfigError", "DATABASE_URL is not set".into());
+        return Err(R.permanent("ConfigError", "DATABASE_URL is not set"));
     };
-    let audio = match load_audio(db, audio_id).await {
-        Ok(a) => a,
-        Err(end) => return end,
-    };
+    let audio = load_audio(db, R, "AnalysisError", audio_id).await?;
     if audio.transcription_status != "completed" || audio.transcript.trim().is_empty() {
-        return End::Failed(
+        return Err(R.permanent(
             "TranscriptMissing",
             format!(
                 "no completed transcript to analyse (transcription is {})",
                 audio.transcription_status
             ),
-        );
+        ));
     }
     if let Err(e) = db
         .set_blink_status(audio_id, BlinkStep::Analysis, "processing", "")
         .await
     {
-        return End::Retry(e.to_string(), None);
+        return Err(R.retry("AnalysisError", e.to_string(), None));
     }
     let transcript: String = audio
         .transcript
@@ -121,6 +121,7 @@ async fn analyse(ctx: &TaskContext, audio_id: i64) -> End {
         s.openai_api_key.clone(),
         &s.analysis_model,
         s.chat_timeout,
+        s.http_max_inline_wait,
     );
     let format = json!({"response_format": {"type": "json_schema", "json_schema": {
         "name": "blink_analysis", "strict": true, "schema": schema()}}});
@@ -136,9 +137,8 @@ async fn analyse(ctx: &TaskContext, audio_id: i64) -> End {
     ];
     let done = match chat.complete(&messages, ANALYSIS_MAX_TOKENS, format).await {
         Ok(d) => d,
-        Err(ChatError::Config(m)) => return End::Failed("ConfigError", format!("chat model: {m}")),
-        Err(e) if e.is_retryable() => return End::Retry(e.to_string(), e.retry_after()),
-        Err(e) => return End::Failed("AnalysisError", e.to_string()),
+        Err(ChatError::Config(m)) => return Err(R.permanent("ConfigError", format!("chat model: {m}"))),
+        Err(e) => return Err(R.error("AnalysisError", &e)),
     };
     let model = if done.model.is_empty() {
         s.analysis_model.clone()
@@ -162,13 +162,13 @@ async fn analyse(ctx: &TaskContext, audio_id: i64) -> End {
     })
     .await;
     if let Some(r) = done.refusal.filter(|r| !r.trim().is_empty()) {
-        return End::Failed("AnalysisRefused", format!("the model refused: {r}"));
+        return Err(R.permanent("AnalysisRefused", format!("the model refused: {r}")));
     }
     if done.finish_reason == "length" {
-        return End::Failed(
+        return Err(R.permanent(
             "AnalysisTruncated",
             format!("the model's answer was cut off at {ANALYSIS_MAX_TOKENS} tokens (finish_reason=length)"),
-        );
+        ));
     }
     let content = done.content.unwrap_or_default();
     let parsed: Result<AudioAnalysis, String> = serde_json::from_str::<AudioAnalysis>(&content)
@@ -177,23 +177,19 @@ async fn analyse(ctx: &TaskContext, audio_id: i64) -> End {
     let a = match parsed {
         Ok(a) => a,
         // Malformed JSON is worth one more try (the task's retry); then it fails.
-        Err(m) if ctx.call.retries == 0 => return End::Retry(m, Some(Duration::ZERO)),
-        Err(m) => return End::Failed("AnalysisMalformed", m),
+        Err(m) if ctx.call.retries == 0 => return Err(R.retry("AnalysisError", m, Some(Duration::ZERO))),
+        Err(m) => return Err(R.permanent("AnalysisMalformed", m)),
     };
     if let Err(e) = db.blink_analysed(audio_id, &a).await {
-        return End::Retry(e.to_string(), None);
+        return Err(R.retry("AnalysisError", e.to_string(), None));
     }
-    End::Done(json!({"audio_id": audio_id, "status": "completed", "model": model, "analysis": a}))
+    Ok(json!({"audio_id": audio_id, "status": "completed", "model": model, "analysis": a}))
 }
 
-async fn run(ctx: TaskContext) -> TaskOutcome {
-    let args: Args = match bind(&ctx.call, PARAMS) {
-        Ok(a) => a,
-        Err(e) => return TaskOutcome::Failure(e),
-    };
+async fn run(ctx: TaskContext) -> TaskResult {
+    let args: Args = bind(&ctx.call, PARAMS)?;
     let id = args.audio_id;
-    let work = analyse(&ctx, id);
-    finish(&ctx, &TASK, BlinkStep::Analysis, id, "AnalysisError", work).await
+    run_step(&ctx, NAME, BlinkStep::Analysis, id, analyse(&ctx, id)).await
 }
 
 #[cfg(test)]

@@ -1,81 +1,73 @@
-//! What the two Blink tasks share: how a step (transcription or analysis) ends, written to its
-//! status column and turned into the task's outcome in one place.
+//! What the two Blink tasks share: their exceptions, loading a recording's row, and the one
+//! place a failed step's status column is written (`on_failure`). A step's own code writes
+//! `processing` when it starts and `completed` with its results.
 
-use std::time::Duration;
+use std::future::Future;
 
-use serde_json::Value;
-
-use super::{TaskContext, TaskDef, TaskOutcome};
-use crate::celery::result::ExceptionInfo;
+use super::{Raises, TaskContext, TaskError, TaskResult};
 use crate::db::{BlinkAudio, BlinkStep, Db};
 
 pub const EXC_MODULE: &str = "blink.errors";
 
-/// How a step ends, before its status column is written.
-pub enum End {
-    Done(Value),
-    /// Permanent: the record says why.
-    Failed(&'static str, String),
-    /// Worth another attempt, after the service's hint if it gave one.
-    Retry(String, Option<Duration>),
+/// The exceptions of a step of `task`.
+pub const fn raises(task: &'static str) -> Raises {
+    Raises {
+        module: EXC_MODULE,
+        task,
+    }
 }
 
-/// Runs `work` under the soft limit, then records the status (`processing` with the reason
-/// while a retry follows, `failed` when none does) and returns the task's outcome. The step's
-/// own code writes `completed` with its results.
-pub async fn finish(
+/// Runs `work` under the soft limit; a failure is recorded on the recording before it goes up.
+pub async fn run_step(
     ctx: &TaskContext,
-    def: &TaskDef,
+    task: &'static str,
     step: BlinkStep,
     audio_id: i64,
-    retry_kind: &str,
-    work: impl std::future::Future<Output = End>,
-) -> TaskOutcome {
-    let end = tokio::select! {
-        e = work => e,
-        _ = ctx.cancel.cancelled() => End::Failed(
+    work: impl Future<Output = TaskResult>,
+) -> TaskResult {
+    let r = tokio::select! {
+        r = work => r,
+        _ = ctx.cancel.cancelled() => Err(raises(task).permanent(
             "SoftTimeLimitExceeded",
             format!("the {} did not finish within its time limit", step.noun()),
-        ),
+        )),
     };
-    let last = ctx.call.retries >= def.retry.max_retries;
-    let (status, message, outcome) = match end {
-        End::Done(v) => return TaskOutcome::Success(v),
-        End::Retry(m, after) if !last => (
+    if let Err(e) = &r {
+        on_failure(ctx, step, audio_id, e).await;
+    }
+    r
+}
+
+/// The status column after a failed attempt: `processing` with the reason while a retry
+/// follows, `failed` when none does.
+pub async fn on_failure(ctx: &TaskContext, step: BlinkStep, audio_id: i64, e: &TaskError) {
+    let (status, message) = match e {
+        TaskError::Retry { .. } if !ctx.is_last_attempt() => (
             "processing",
-            format!("attempt {} failed, retrying: {m}", ctx.call.retries + 1),
-            TaskOutcome::Retry {
-                error: ExceptionInfo::raised(retry_kind, EXC_MODULE, &m, def.name),
-                after,
-            },
+            format!(
+                "attempt {} failed, retrying: {}",
+                ctx.call.retries + 1,
+                e.message()
+            ),
         ),
-        End::Retry(m, _) => {
-            let f = ExceptionInfo::raised(retry_kind, EXC_MODULE, &m, def.name);
-            ("failed", m, TaskOutcome::Failure(f))
-        }
-        End::Failed(kind, m) => {
-            let f = ExceptionInfo::raised(kind, EXC_MODULE, &m, def.name);
-            ("failed", m, TaskOutcome::Failure(f))
-        }
+        _ => ("failed", e.message()),
     };
     // A record that does not exist updates no row; without a database there is none to write.
     if let Some(db) = &ctx.services.db {
-        if let Err(e) = db.set_blink_status(audio_id, step, status, &message).await {
-            tracing::error!(error = %e, audio_id, "cannot record the Blink {} status", step.noun());
+        if let Err(err) = db.set_blink_status(audio_id, step, status, &message).await {
+            tracing::error!(error = %err, audio_id, "cannot record the Blink {} status", step.noun());
         }
     }
-    outcome
 }
 
-/// The recording's row, or how the step ends without one: a missing row is permanent, a
-/// database error is worth another attempt.
-pub async fn load_audio(db: &Db, audio_id: i64) -> Result<BlinkAudio, End> {
+/// The recording's row: a missing row is permanent, a database error is worth another attempt.
+pub async fn load_audio(db: &Db, r: Raises, kind: &str, audio_id: i64) -> Result<BlinkAudio, TaskError> {
     match db.blink_audio(audio_id).await {
         Ok(Some(a)) => Ok(a),
-        Ok(None) => Err(End::Failed(
+        Ok(None) => Err(r.permanent(
             "AudioNotFound",
             format!("Blink audio {audio_id} does not exist"),
         )),
-        Err(e) => Err(End::Retry(e.to_string(), None)),
+        Err(e) => Err(r.retry(kind, e, None)),
     }
 }

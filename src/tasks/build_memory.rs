@@ -2,18 +2,18 @@
 //! keeps the app's build record true (planned → running → completed | failed), holds the user's
 //! build lock, and coalesces a request that arrives while a build runs.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use orbit_pipeline::runner::PipelineError;
-use orbit_pipeline::{BuildReport, BuildScope};
+use orbit_pipeline::{BuildReport, BuildScope, PipelineError, Retryable};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use super::{bind, AbortReason, RetryPolicy, TaskContext, TaskDef, TaskOutcome, DEFAULT_LIMITS};
+use super::{
+    bind, AbortReason, Raises, RetryPolicy, TaskContext, TaskDef, TaskError, TaskResult,
+    DEFAULT_LIMITS,
+};
 use crate::cache::Cache;
-use crate::celery::result::ExceptionInfo;
 use crate::db::{BuildCounts, Db};
 use crate::lock::{self, Acquired};
 
@@ -43,137 +43,51 @@ struct Args {
     build_id: Option<i64>,
 }
 
-const EXC_MODULE: &str = "orbitpilot.errors";
+const RAISES: Raises = Raises {
+    module: "orbitpilot.errors",
+    task: NAME,
+};
 
-fn fail(kind: &str, msg: &str) -> TaskOutcome {
-    TaskOutcome::Failure(ExceptionInfo::raised(kind, EXC_MODULE, msg, NAME))
-}
+/// The record's text when the worker stops a build at shutdown (the message is given back and
+/// runs again on the next worker).
+pub const SHUTDOWN_MESSAGE: &str =
+    "The memory build was stopped because the worker shut down; it runs again when a worker takes the task back.";
+const HARD_LIMIT_MESSAGE: &str = "The memory build exceeded its hard time limit and was stopped.";
 
-fn retry(msg: &str, after: Option<Duration>) -> TaskOutcome {
-    TaskOutcome::Retry {
-        error: ExceptionInfo::raised("BuildError", EXC_MODULE, msg, NAME),
-        after,
-    }
-}
-
-/// Marks the record when the task is aborted from outside (hard time limit, shutdown): the
-/// task's own code never runs again, so the drop does the write.
-struct AbortGuard {
+/// The build record this run keeps true, with the fence of the lock it holds.
+#[derive(Clone)]
+struct Record {
     db: Db,
-    build: i64,
+    id: i64,
     fence: i64,
-    reason: Arc<std::sync::OnceLock<AbortReason>>,
-    armed: bool,
 }
 
-impl Drop for AbortGuard {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let (db, id, fence) = (self.db.clone(), self.build, self.fence);
-        let reason = self.reason.get().copied();
-        tokio::spawn(async move {
-            let r = match reason {
-                Some(AbortReason::HardTimeLimit) => {
-                    db.build_failed(
-                        id,
-                        Some(fence),
-                        "The memory build exceeded its hard time limit and was stopped.",
-                    )
-                    .await
-                }
-                _ => {
-                    db.build_retrying(
-                        id,
-                        fence,
-                        "The memory build was interrupted by a worker shutdown; it will run again.",
-                    )
-                    .await
-                }
-            };
-            if let Err(e) = r {
-                tracing::error!(build_id = id, error = %e, "cannot record the aborted build");
-            }
-        });
-    }
-}
-
-async fn run(ctx: TaskContext) -> TaskOutcome {
-    let args: Args = match bind(&ctx.call, PARAMS) {
-        Ok(a) => a,
-        Err(e) => return TaskOutcome::Failure(e),
-    };
+async fn run(ctx: TaskContext) -> TaskResult {
+    let args: Args = bind(&ctx.call, PARAMS)?;
     let sv = ctx.services.clone();
     let uid = args.user_id;
     let task_id = ctx.call.id.clone();
-    let attempt = ctx.call.retries + 1;
-    let last_attempt = ctx.call.retries >= TASK.retry.max_retries;
 
     // The record: the app's, the one an earlier attempt of this task made, or a new one.
-    let record = match &sv.db {
+    let record_id = match &sv.db {
         None => None,
-        Some(db) => match find_record(db, uid, args.build_id, &task_id).await {
-            Ok(id) => Some((db.clone(), id)),
-            Err(o) => return o,
-        },
+        Some(db) => Some((db.clone(), find_record(db, uid, args.build_id, &task_id).await?)),
     };
-    let build_id = record.as_ref().map(|r| r.1).or(args.build_id).unwrap_or(0);
+    let build_id = record_id.as_ref().map(|r| r.1).or(args.build_id).unwrap_or(0);
     let ttl = sv.settings.build_lock_ttl;
 
     let lock = match lock::acquire(&sv.locks, uid, build_id, ttl).await {
         Ok(Acquired::Lock(l)) => l,
-        Ok(Acquired::HeldBy(other)) => {
-            if let Err(e) = lock::request_again(&sv.locks, uid, ttl).await {
-                return retry(
-                    &format!("cannot coalesce with the running build: {e}"),
-                    None,
-                );
-            }
-            if let Some((db, id)) = &record {
-                if let Err(e) = db.build_coalesced(*id, other, &task_id).await {
-                    return retry(&e.to_string(), None);
-                }
-            }
-            tracing::info!(
-                user_id = uid,
-                running_build = other,
-                "build request coalesced into the running build"
-            );
-            return TaskOutcome::Success(json!({
-                "status": "coalesced",
-                "user_id": uid,
-                "build_id": record.as_ref().map(|r| r.1),
-                "coalesced_into": other,
-            }));
-        }
-        Err(e) => return retry(&format!("cannot take the build lock: {e}"), None),
+        Ok(Acquired::HeldBy(other)) => return coalesce(&ctx, uid, record_id, other).await,
+        Err(e) => return Err(RAISES.retry("BuildError", format!("cannot take the build lock: {e}"), None)),
     };
-    let fence = lock.fence;
-
-    let mut guard = None;
-    if let Some((db, id)) = &record {
-        match db.build_running(*id, &task_id, attempt, fence).await {
-            Ok(true) => {}
-            Ok(false) => {
-                lock.release().await;
-                return fail(
-                    "BuildSuperseded",
-                    "a newer run of this build has taken over; this one stops",
-                );
-            }
-            Err(e) => {
-                lock.release().await;
-                return retry(&e.to_string(), None);
-            }
-        }
-        guard = Some(AbortGuard {
-            db: db.clone(),
-            build: *id,
-            fence,
-            reason: ctx.aborted.clone(),
-            armed: true,
-        });
+    let record = record_id.map(|(db, id)| Record {
+        db,
+        id,
+        fence: lock.fence,
+    });
+    if let Some(r) = &record {
+        start_record(&ctx, r).await?;
     }
 
     // The pipeline stops at the soft limit, or when the lock is lost (another run may be
@@ -188,81 +102,152 @@ async fn run(ctx: TaskContext) -> TaskOutcome {
     };
     let result = run_passes(&ctx, uid, &lock, &stop).await;
     watcher.abort();
-    if let Some(g) = guard.as_mut() {
-        g.armed = false;
+    ctx.on_abort.clear();
+    // The lock releases itself when it goes out of scope, on every path.
+    match result {
+        Ok(report) => Ok(on_success(&ctx, uid, record.as_ref(), report).await),
+        Err(failure) => {
+            let e = failure.into_task_error(&ctx, &lock);
+            on_failure(&ctx, record.as_ref(), &e).await;
+            Err(e)
+        }
     }
+}
 
-    let outcome = match result {
-        Ok(report) => {
-            sv.metrics.build("completed", Some(&report));
-            let counts = BuildCounts {
-                documents: report.documents_kept,
-                chunks: report.chunks,
-                tokens: report.tokens,
-                reused: report.chunks_reused,
-                embedded: report.chunks_embedded,
+/// Another build of this user runs: this request follows it (and asks it for one more pass).
+async fn coalesce(
+    ctx: &TaskContext,
+    uid: i64,
+    record: Option<(Db, i64)>,
+    running: i64,
+) -> TaskResult {
+    let sv = &ctx.services;
+    lock::request_again(&sv.locks, uid, sv.settings.build_lock_ttl)
+        .await
+        .map_err(|e| {
+            RAISES.retry(
+                "BuildError",
+                format!("cannot coalesce with the running build: {e}"),
+                None,
+            )
+        })?;
+    if let Some((db, id)) = &record {
+        db.build_coalesced(*id, running, &ctx.call.id)
+            .await
+            .map_err(|e| RAISES.retry("BuildError", e, None))?;
+    }
+    tracing::info!(
+        user_id = uid,
+        running_build = running,
+        "build request coalesced into the running build"
+    );
+    Ok(json!({
+        "status": "coalesced",
+        "user_id": uid,
+        "build_id": record.as_ref().map(|r| r.1),
+        "coalesced_into": running,
+    }))
+}
+
+/// planned → running under this run's fence, and what to write should the worker abandon it.
+async fn start_record(ctx: &TaskContext, r: &Record) -> Result<(), TaskError> {
+    let attempt = ctx.call.retries + 1;
+    match r.db.build_running(r.id, &ctx.call.id, attempt, r.fence).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(RAISES.permanent(
+                "BuildSuperseded",
+                "a newer run of this build has taken over; this one stops",
+            ))
+        }
+        Err(e) => return Err(RAISES.retry("BuildError", e, None)),
+    }
+    let r = r.clone();
+    ctx.on_abort.set(move |reason| {
+        Box::pin(async move {
+            let message = match reason {
+                AbortReason::HardTimeLimit => HARD_LIMIT_MESSAGE,
+                AbortReason::Shutdown => SHUTDOWN_MESSAGE,
             };
-            if let Some((db, id)) = &record {
-                if let Err(e) = db.build_completed(*id, fence, counts).await {
-                    tracing::error!(build_id = id, error = %e, "cannot record the completed build");
-                }
+            if let Err(e) = r.db.build_failed(r.id, Some(r.fence), message).await {
+                tracing::error!(build_id = r.id, error = %e, "cannot record the aborted build");
             }
-            let embed_tokens = report
-                .stages
-                .iter()
-                .find(|s| s.name == "embed")
-                .map(|s| s.tokens)
-                .unwrap_or(0);
-            if embed_tokens > 0
-                && sv.settings.resolved_embedder() == crate::config::EmbedderKind::OpenAi
-            {
-                // One row per build for its paid embedding calls (reused chunks cost nothing).
-                let model = report.model.clone();
-                sv.log_usage(crate::db::UsageRow {
-                    user_id: Some(uid),
-                    feature: "orbitpilot_memory_embed",
-                    cost_usd: sv.settings.prices.cost(&model, embed_tokens as i64, 0, 0.0),
-                    model,
-                    prompt_tokens: embed_tokens as i64,
-                    task_id: task_id.clone(),
-                    ..Default::default()
-                })
-                .await;
-            }
-            if report.chunks_embedded > 0 || report.points_deleted > 0 {
-                // The memory changed: the UI's counts must not be two minutes stale.
-                if let Err(e) = sv.cache.delete(&[Cache::snapshot_key(uid)]).await {
-                    tracing::warn!(error = %e, "cannot invalidate the snapshot counts cache");
-                }
-            }
-            let mut v = serde_json::to_value(&report).unwrap_or_default();
-            if let Some(o) = v.as_object_mut() {
-                o.insert("status".into(), json!("completed"));
-                o.insert("user_id".into(), json!(uid));
-                o.insert("build_id".into(), json!(record.as_ref().map(|r| r.1)));
-            }
-            TaskOutcome::Success(v)
-        }
-        Err(e) => {
-            let (message, outcome) = failure(&ctx, &lock, e, attempt, last_attempt);
-            let retrying = matches!(outcome, TaskOutcome::Retry { .. });
-            sv.metrics
-                .build(if retrying { "retried" } else { "failed" }, None);
-            if let Some((db, id)) = &record {
-                let r = if retrying {
-                    db.build_retrying(*id, fence, &message).await
-                } else {
-                    db.build_failed(*id, Some(fence), &message).await
-                };
-                if let Err(e) = r {
-                    tracing::error!(build_id = id, error = %e, "cannot record the failed build");
-                }
-            }
-            outcome
-        }
+        })
+    });
+    Ok(())
+}
+
+/// The build's bookkeeping when it completed: the record, the usage row of its paid embedding
+/// calls, the snapshot cache; and the task's result.
+async fn on_success(ctx: &TaskContext, uid: i64, record: Option<&Record>, report: BuildReport) -> Value {
+    let sv = &ctx.services;
+    sv.metrics.build("completed", Some(&report));
+    let counts = BuildCounts {
+        documents: report.documents_kept,
+        chunks: report.chunks,
+        tokens: report.tokens,
+        reused: report.chunks_reused,
+        embedded: report.chunks_embedded,
     };
-    lock.release().await;
-    outcome
+    if let Some(r) = record {
+        if let Err(e) = r.db.build_completed(r.id, r.fence, counts).await {
+            tracing::error!(build_id = r.id, error = %e, "cannot record the completed build");
+        }
+    }
+    let embed_tokens = report.stage("embed").map(|s| s.tokens).unwrap_or(0);
+    if embed_tokens > 0 && sv.settings.resolved_embedder() == crate::config::EmbedderKind::OpenAi {
+        // One row per build for its paid embedding calls (reused chunks cost nothing).
+        let model = report.model.clone();
+        sv.log_usage(crate::db::UsageRow {
+            user_id: Some(uid),
+            feature: "orbitpilot_memory_embed",
+            cost_usd: sv.settings.prices.cost(&model, embed_tokens as i64, 0, 0.0),
+            model,
+            prompt_tokens: embed_tokens as i64,
+            task_id: ctx.call.id.clone(),
+            ..Default::default()
+        })
+        .await;
+    }
+    if report.chunks_embedded > 0 || report.points_deleted > 0 {
+        // The memory changed: the UI's counts must not be two minutes stale.
+        if let Err(e) = sv.cache.delete(&[Cache::snapshot_key(uid)]).await {
+            tracing::warn!(error = %e, "cannot invalidate the snapshot counts cache");
+        }
+    }
+    let mut v = serde_json::to_value(&report).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("status".into(), json!("completed"));
+        o.insert("user_id".into(), json!(uid));
+        o.insert("build_id".into(), json!(record.map(|r| r.id)));
+    }
+    v
+}
+
+/// The record after a failed run: back to planned while a retry follows, else failed.
+async fn on_failure(ctx: &TaskContext, record: Option<&Record>, e: &TaskError) {
+    let retrying = matches!(e, TaskError::Retry { .. }) && !ctx.is_last_attempt();
+    ctx.services
+        .metrics
+        .build(if retrying { "retried" } else { "failed" }, None);
+    let Some(r) = record else { return };
+    let res = if retrying {
+        let m = format!(
+            "Attempt {} failed: {}. Retrying.",
+            ctx.call.retries + 1,
+            e.message()
+        );
+        r.db.build_retrying(r.id, r.fence, &m).await
+    } else {
+        let m = match e.exception().exc_type.as_str() {
+            "SoftTimeLimitExceeded" | "LockLost" | "ConfigError" => e.message(),
+            _ => format!("The memory build failed: {}", e.message()),
+        };
+        r.db.build_failed(r.id, Some(r.fence), &m).await
+    };
+    if let Err(err) = res {
+        tracing::error!(build_id = r.id, error = %err, "cannot record the failed build");
+    }
 }
 
 async fn find_record(
@@ -270,37 +255,27 @@ async fn find_record(
     uid: i64,
     build_id: Option<i64>,
     task_id: &str,
-) -> Result<i64, TaskOutcome> {
-    let db_err = |e: crate::db::DbError| {
-        if e.is_retryable() {
-            retry(&e.to_string(), None)
-        } else {
-            fail("DatabaseError", &e.to_string())
-        }
-    };
-    match db.user_active(uid).await {
-        Ok(Some(_)) => {}
-        Ok(None) => return Err(fail("UserNotFound", &format!("user {uid} does not exist"))),
-        Err(e) => return Err(db_err(e)),
+) -> Result<i64, TaskError> {
+    let db_err = |e: crate::db::DbError| RAISES.error("DatabaseError", &e);
+    if db.user_active(uid).await.map_err(db_err)?.is_none() {
+        return Err(RAISES.permanent("UserNotFound", format!("user {uid} does not exist")));
     }
     if let Some(id) = build_id {
-        return match db.build(id).await {
-            Ok(Some(b)) if b.user_id == uid => Ok(id),
-            Ok(Some(_)) => Err(fail(
+        return match db.build(id).await.map_err(db_err)? {
+            Some(b) if b.user_id == uid => Ok(id),
+            Some(_) => Err(RAISES.permanent(
                 "BuildNotFound",
-                &format!("memory build {id} belongs to another user"),
+                format!("memory build {id} belongs to another user"),
             )),
-            Ok(None) => Err(fail(
+            None => Err(RAISES.permanent(
                 "BuildNotFound",
-                &format!("memory build {id} does not exist"),
+                format!("memory build {id} does not exist"),
             )),
-            Err(e) => Err(db_err(e)),
         };
     }
-    match db.build_by_task(uid, task_id).await {
-        Ok(Some(b)) => Ok(b.id),
-        Ok(None) => db.create_build(uid, task_id).await.map_err(db_err),
-        Err(e) => Err(db_err(e)),
+    match db.build_by_task(uid, task_id).await.map_err(db_err)? {
+        Some(b) => Ok(b.id),
+        None => db.create_build(uid, task_id).await.map_err(db_err),
     }
 }
 
@@ -342,45 +317,38 @@ enum BuildFailure {
     Pipeline(PipelineError),
 }
 
-/// The record's message and the task's ending for a failed build.
-fn failure(
-    ctx: &TaskContext,
-    lock: &lock::BuildLock,
-    e: BuildFailure,
-    attempt: u32,
-    last_attempt: bool,
-) -> (String, TaskOutcome) {
-    match e {
-        BuildFailure::Config(m) => (
-            format!("The memory build is misconfigured: {m}"),
-            fail("ConfigError", &m),
-        ),
-        BuildFailure::Pipeline(PipelineError::Cancelled) if ctx.cancel.is_cancelled() => {
-            let m = "The memory build reached its soft time limit and was stopped.";
-            (
-                m.to_string(),
-                TaskOutcome::Failure(ExceptionInfo::raised(
+impl BuildFailure {
+    /// What a failed run raises. Whether a retry follows is the worker's decision.
+    fn into_task_error(self, ctx: &TaskContext, lock: &lock::BuildLock) -> TaskError {
+        match self {
+            BuildFailure::Config(m) => RAISES.permanent(
+                "ConfigError",
+                format!("The memory build is misconfigured: {m}"),
+            ),
+            BuildFailure::Pipeline(PipelineError::Cancelled) if ctx.cancel.is_cancelled() => {
+                Raises {
+                    module: "billiard.exceptions",
+                    task: NAME,
+                }
+                .permanent(
                     "SoftTimeLimitExceeded",
-                    "billiard.exceptions",
-                    m,
-                    NAME,
-                )),
-            )
+                    "The memory build reached its soft time limit and was stopped.",
+                )
+            }
+            BuildFailure::Pipeline(PipelineError::Cancelled) if lock.lost.is_cancelled() => {
+                RAISES.retry(
+                    "LockLost",
+                    format!(
+                        "The memory build lost its lock (not renewed within {:?}) and stopped so that two builds never write at once.",
+                        lock.ttl()
+                    ),
+                    None,
+                )
+            }
+            BuildFailure::Pipeline(e) if e.is_retryable() => {
+                RAISES.retry("BuildError", &e, e.retry_after())
+            }
+            BuildFailure::Pipeline(e) => RAISES.permanent("BuildError", e),
         }
-        BuildFailure::Pipeline(PipelineError::Cancelled) if lock.lost.is_cancelled() => {
-            let m = format!(
-                "The memory build lost its lock (not renewed within {:?}) and stopped so that two builds never write at once.",
-                lock.ttl()
-            );
-            (m.clone(), retry(&m, None))
-        }
-        BuildFailure::Pipeline(e) if e.is_retryable() && !last_attempt => {
-            let m = format!("Attempt {attempt} failed: {e}. Retrying.");
-            (m, retry(&e.to_string(), e.retry_after()))
-        }
-        BuildFailure::Pipeline(e) => (
-            format!("The memory build failed: {e}"),
-            fail("BuildError", &e.to_string()),
-        ),
     }
 }

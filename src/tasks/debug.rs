@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{bind, RetryPolicy, TaskContext, TaskDef, TaskOutcome, DEFAULT_LIMITS};
+use super::{bind, RetryPolicy, TaskContext, TaskDef, TaskError, TaskResult, DEFAULT_LIMITS};
 use crate::celery::result::ExceptionInfo;
 
 pub static TASKS: [&TaskDef; 3] = [&SLEEP, &FAIL, &FLAKY];
@@ -27,11 +27,8 @@ struct SleepArgs {
     ignore_cancel: bool,
 }
 
-async fn sleep(ctx: TaskContext) -> TaskOutcome {
-    let a: SleepArgs = match bind(&ctx.call, &["seconds", "ignore_cancel"]) {
-        Ok(a) => a,
-        Err(e) => return TaskOutcome::Failure(e),
-    };
+async fn sleep(ctx: TaskContext) -> TaskResult {
+    let a: SleepArgs = bind(&ctx.call, &["seconds", "ignore_cancel"])?;
     let started = Instant::now();
     let nap = tokio::time::sleep(Duration::from_secs_f64(a.seconds.clamp(0.0, 86_400.0)));
     let cancelled = if a.ignore_cancel {
@@ -43,7 +40,7 @@ async fn sleep(ctx: TaskContext) -> TaskOutcome {
             _ = ctx.cancel.cancelled() => true,
         }
     };
-    TaskOutcome::Success(json!({
+    Ok(json!({
         "slept": started.elapsed().as_secs_f64(),
         "cancelled": cancelled,
     }))
@@ -64,16 +61,14 @@ struct FailArgs {
     exc_module: Option<String>,
 }
 
-async fn fail(ctx: TaskContext) -> TaskOutcome {
-    match bind::<FailArgs>(&ctx.call, &["exc_type", "message", "exc_module"]) {
-        Ok(a) => TaskOutcome::Failure(ExceptionInfo::raised(
-            &a.exc_type,
-            a.exc_module.as_deref().unwrap_or("builtins"),
-            &a.message,
-            &ctx.call.name,
-        )),
-        Err(e) => TaskOutcome::Failure(e),
-    }
+async fn fail(ctx: TaskContext) -> TaskResult {
+    let a: FailArgs = bind(&ctx.call, &["exc_type", "message", "exc_module"])?;
+    Err(TaskError::Permanent(ExceptionInfo::raised(
+        &a.exc_type,
+        a.exc_module.as_deref().unwrap_or("builtins"),
+        &a.message,
+        &ctx.call.name,
+    )))
 }
 
 /// `orbit.debug.flaky(failures, countdown=None)`: asks for a retry until it has been retried
@@ -95,21 +90,20 @@ struct FlakyArgs {
     countdown: Option<f64>,
 }
 
-async fn flaky(ctx: TaskContext) -> TaskOutcome {
-    let a: FlakyArgs = match bind(&ctx.call, &["failures", "countdown"]) {
-        Ok(a) => a,
-        Err(e) => return TaskOutcome::Failure(e),
-    };
+async fn flaky(ctx: TaskContext) -> TaskResult {
+    let a: FlakyArgs = bind(&ctx.call, &["failures", "countdown"])?;
     if ctx.call.retries >= a.failures {
-        return TaskOutcome::Success(json!({"retries": ctx.call.retries}));
+        return Ok(json!({"retries": ctx.call.retries}));
     }
-    TaskOutcome::Retry {
+    Err(TaskError::Retry {
         error: ExceptionInfo::raised(
             "KeyError",
             "builtins",
             &format!("flaky attempt {}", ctx.call.retries),
             &ctx.call.name,
         ),
-        after: a.countdown.map(|c| Duration::from_secs_f64(c.max(0.0))),
-    }
+        after: a
+            .countdown
+            .and_then(|c| Duration::try_from_secs_f64(c.max(0.0)).ok()),
+    })
 }

@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use super::{RetryPolicy, TaskContext, TaskDef, TaskOutcome, DEFAULT_LIMITS};
+use super::{RetryPolicy, TaskContext, TaskDef, TaskResult, DEFAULT_LIMITS};
 
 pub const NAME: &str = "orbit.echo";
 
@@ -13,6 +13,6 @@ pub static TASK: TaskDef = TaskDef {
     run: |ctx| Box::pin(run(ctx)),
 };
 
-async fn run(ctx: TaskContext) -> TaskOutcome {
-    TaskOutcome::Success(json!({"args": ctx.call.args, "kwargs": ctx.call.kwargs}))
+async fn run(ctx: TaskContext) -> TaskResult {
+    Ok(json!({"args": ctx.call.args, "kwargs": ctx.call.kwargs}))
 }

@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{bind, RetryPolicy, TaskContext, TaskDef, TaskOutcome, TimeLimits};
+use super::{bind, Raises, RetryPolicy, TaskContext, TaskDef, TaskResult, TimeLimits};
 use crate::answer::{answer, AnswerError, Question};
 use crate::cache::{Cache, ASK_TTL};
-use crate::celery::result::ExceptionInfo;
 
 pub const NAME: &str = "orbitpilot.generate_answer";
 const PARAMS: &[&str] = &["user_id", "question", "top_k"];
@@ -41,17 +40,14 @@ struct Args {
     top_k: usize,
 }
 
-const EXC_MODULE: &str = "orbitpilot.errors";
+const RAISES: Raises = Raises {
+    module: "orbitpilot.errors",
+    task: NAME,
+};
 
-async fn run(ctx: TaskContext) -> TaskOutcome {
-    let args: Args = match bind(&ctx.call, PARAMS) {
-        Ok(a) => a,
-        Err(e) => return TaskOutcome::Failure(e),
-    };
+async fn run(ctx: TaskContext) -> TaskResult {
+    let args: Args = bind(&ctx.call, PARAMS)?;
     let sv = &ctx.services;
-    let fail = |kind: &str, msg: &str| {
-        TaskOutcome::Failure(ExceptionInfo::raised(kind, EXC_MODULE, msg, NAME))
-    };
     let q = Question {
         user_id: args.user_id,
         question: &args.question,
@@ -60,45 +56,24 @@ async fn run(ctx: TaskContext) -> TaskOutcome {
     };
     let a = tokio::select! {
         a = answer(sv, q) => a,
-        _ = ctx.cancel.cancelled() => return TaskOutcome::Failure(ExceptionInfo::raised(
-            "SoftTimeLimitExceeded", "billiard.exceptions",
-            "the answer was not ready within the soft time limit", NAME)),
+        _ = ctx.cancel.cancelled() => return Err(Raises { module: "billiard.exceptions", task: NAME }
+            .permanent("SoftTimeLimitExceeded", "the answer was not ready within the soft time limit")),
     };
-    match a {
-        Ok(a) => {
-            let v = match serde_json::to_value(&a) {
-                Ok(v) => v,
-                Err(e) => return fail("AnswerError", &e.to_string()),
-            };
-            // The Ask page polls this key; without it the answer is lost to the user, so a
-            // cache that is down is worth a retry.
-            if let Err(e) = sv
-                .cache
-                .set(&Cache::ask_key(&ctx.call.id), &v, ASK_TTL)
-                .await
-            {
-                let error = ExceptionInfo::raised("CacheError", EXC_MODULE, &e.to_string(), NAME);
-                return if e.is_retryable() {
-                    TaskOutcome::Retry { error, after: None }
-                } else {
-                    TaskOutcome::Failure(error)
-                };
-            }
-            TaskOutcome::Success(v)
+    let a = a.map_err(|e| match e {
+        AnswerError::BadRequest(m) => Raises { module: "builtins", task: NAME }.permanent("ValueError", m),
+        e @ AnswerError::UnknownUser(_) => RAISES.permanent("UserNotFound", e),
+        AnswerError::Config(m) => RAISES.permanent("ConfigError", m),
+        AnswerError::Upstream { message, retryable: true, retry_after } => {
+            RAISES.retry("AnswerError", message, retry_after)
         }
-        Err(AnswerError::BadRequest(m)) => {
-            TaskOutcome::Failure(ExceptionInfo::raised("ValueError", "builtins", &m, NAME))
-        }
-        Err(e @ AnswerError::UnknownUser(_)) => fail("UserNotFound", &e.to_string()),
-        Err(AnswerError::Config(m)) => fail("ConfigError", &m),
-        Err(AnswerError::Upstream {
-            message,
-            retryable: true,
-            retry_after,
-        }) => TaskOutcome::Retry {
-            error: ExceptionInfo::raised("AnswerError", EXC_MODULE, &message, NAME),
-            after: retry_after,
-        },
-        Err(AnswerError::Upstream { message, .. }) => fail("AnswerError", &message),
-    }
+        AnswerError::Upstream { message, .. } => RAISES.permanent("AnswerError", message),
+    })?;
+    let v = serde_json::to_value(&a).map_err(|e| RAISES.permanent("AnswerError", e))?;
+    // The Ask page polls this key; without it the answer is lost to the user, so a cache that
+    // is down is worth a retry.
+    sv.cache
+        .set(&Cache::ask_key(&ctx.call.id), &v, ASK_TTL)
+        .await
+        .map_err(|e| RAISES.error("CacheError", &e))?;
+    Ok(v)
 }

@@ -1,5 +1,6 @@
 //! The task registry: each task in its own file with its Celery name, typed arguments, retry
-//! policy and time limits, and one dispatch table.
+//! policy and time limits, and one dispatch table. A task returns `Result<Value, TaskError>`;
+//! the worker alone decides what a failure becomes (`worker::decide`).
 
 pub mod analyse_audio;
 mod blink;
@@ -16,6 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use orbit_pipeline::retry::Backoff;
+use orbit_pipeline::Retryable;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
@@ -66,18 +69,16 @@ impl RetryPolicy {
     };
 
     /// The delay before retry number `retries + 1`: a server's `retry-after` when it gave one,
-    /// else exponential backoff with full jitter over its upper half (never a thundering herd,
-    /// never much shorter than planned).
+    /// else the shared backoff (`orbit_pipeline::retry::Backoff`).
     pub fn delay(&self, retries: u32, hint: Option<Duration>) -> Duration {
         if let Some(h) = hint {
             return h;
         }
-        let exp = self
-            .base_delay
-            .saturating_mul(1u32 << retries.min(16))
-            .min(self.max_delay);
-        let jitter: f64 = rand::random_range(0.5..=1.0);
-        exp.mul_f64(jitter)
+        Backoff {
+            base: self.base_delay,
+            max: self.max_delay,
+        }
+        .delay(retries)
     }
 }
 
@@ -99,34 +100,136 @@ pub enum AbortReason {
     Shutdown,
 }
 
+type AbortFn = Box<dyn FnOnce(AbortReason) -> BoxFuture<'static, ()> + Send>;
+
+/// What a task wants written if the worker abandons it (hard limit, shutdown). The worker runs
+/// it itself after dropping the task's future, inside the task's tracked future, so the write
+/// lands before the process exits.
+#[derive(Clone, Default)]
+pub struct AbortHook(Arc<std::sync::Mutex<Option<AbortFn>>>);
+
+impl AbortHook {
+    pub fn set<F>(&self, f: F)
+    where
+        F: FnOnce(AbortReason) -> BoxFuture<'static, ()> + Send + 'static,
+    {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(Box::new(f));
+        }
+    }
+
+    /// The task reached its own ending: nothing to write for it any more.
+    pub fn clear(&self) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = None;
+        }
+    }
+
+    pub fn take(&self) -> Option<AbortFn> {
+        self.0.lock().ok().and_then(|mut s| s.take())
+    }
+}
+
 /// What a handler gets: its call, the soft-limit (and shutdown) token, and shared services.
 pub struct TaskContext {
     pub call: Call,
     pub cancel: CancellationToken,
     pub services: Arc<Services>,
-    /// Set just before the worker drops the task's future; read by drop guards.
-    pub aborted: Arc<std::sync::OnceLock<AbortReason>>,
+    /// The task's retry limit: `is_last_attempt` for tasks that must write a final record.
+    pub max_retries: u32,
+    pub on_abort: AbortHook,
 }
 
-/// How a task ends.
-#[derive(Debug)]
-pub enum TaskOutcome {
-    Success(Value),
-    /// Try again later; `after` is a delay the failing service asked for.
+impl TaskContext {
+    /// No retry follows this run, whatever it returns.
+    pub fn is_last_attempt(&self) -> bool {
+        self.call.retries >= self.max_retries
+    }
+}
+
+/// How a task failed. The worker turns it into a result: FAILURE, or a retry while the task's
+/// policy allows one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskError {
+    /// Will fail the same way again.
+    Permanent(ExceptionInfo),
+    /// Worth another attempt, after `after` when the failing service asked for a wait.
     Retry {
         error: ExceptionInfo,
         after: Option<Duration>,
     },
-    Failure(ExceptionInfo),
+    /// The arguments do not fit the task: Python's `TypeError`, never retried.
+    BadArgs(ExceptionInfo),
 }
 
-pub type Handler = fn(TaskContext) -> BoxFuture<'static, TaskOutcome>;
+impl TaskError {
+    pub fn exception(&self) -> &ExceptionInfo {
+        match self {
+            TaskError::Permanent(e) | TaskError::BadArgs(e) => e,
+            TaskError::Retry { error, .. } => error,
+        }
+    }
+
+    /// The message the exception carries, for records and logs.
+    pub fn message(&self) -> String {
+        let e = self.exception();
+        e.exc_message
+            .first()
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+            .unwrap_or_else(|| e.exc_type.clone())
+    }
+}
+
+pub type TaskResult = Result<Value, TaskError>;
+
+/// Where a task's exceptions come from: their Python module and the task's name.
+#[derive(Debug, Clone, Copy)]
+pub struct Raises {
+    pub module: &'static str,
+    pub task: &'static str,
+}
+
+impl Raises {
+    pub fn permanent(self, kind: &str, msg: impl std::fmt::Display) -> TaskError {
+        TaskError::Permanent(ExceptionInfo::raised(kind, self.module, &msg.to_string(), self.task))
+    }
+
+    pub fn retry(
+        self,
+        kind: &str,
+        msg: impl std::fmt::Display,
+        after: Option<Duration>,
+    ) -> TaskError {
+        TaskError::Retry {
+            error: ExceptionInfo::raised(kind, self.module, &msg.to_string(), self.task),
+            after,
+        }
+    }
+
+    /// A retry when `e` says another try may help (with its hint), else permanent.
+    pub fn error<E: Retryable + std::fmt::Display>(self, kind: &str, e: &E) -> TaskError {
+        if e.is_retryable() {
+            self.retry(kind, e, e.retry_after())
+        } else {
+            self.permanent(kind, e)
+        }
+    }
+}
+
+pub type Handler = fn(TaskContext) -> BoxFuture<'static, TaskResult>;
 
 pub struct TaskDef {
     pub name: &'static str,
     pub retry: RetryPolicy,
     pub limits: TimeLimits,
     pub run: Handler,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("task {0} is registered twice")]
+    Duplicate(&'static str),
 }
 
 /// The dispatch table.
@@ -136,7 +239,7 @@ pub struct Registry {
 
 impl Registry {
     /// The production tasks, plus the `orbit.debug.*` diagnostics when asked for.
-    pub fn new(debug_tasks: bool) -> Registry {
+    pub fn new(debug_tasks: bool) -> Result<Registry, RegistryError> {
         let mut defs: Vec<&'static TaskDef> = vec![
             &echo::TASK,
             &build_memory::TASK,
@@ -149,9 +252,18 @@ impl Registry {
         if debug_tasks {
             defs.extend(debug::TASKS);
         }
-        Registry {
-            tasks: defs.into_iter().map(|d| (d.name, d)).collect(),
+        Registry::of(defs)
+    }
+
+    /// A table of `defs`; two tasks of one name are refused (one would silently shadow the other).
+    pub fn of(defs: Vec<&'static TaskDef>) -> Result<Registry, RegistryError> {
+        let mut tasks = HashMap::new();
+        for d in defs {
+            if tasks.insert(d.name, d).is_some() {
+                return Err(RegistryError::Duplicate(d.name));
+            }
         }
+        Ok(Registry { tasks })
     }
 
     pub fn get(&self, name: &str) -> Option<&'static TaskDef> {
@@ -167,8 +279,10 @@ impl Registry {
 
 /// Binds positional and keyword arguments to named parameters as Python would, then into the
 /// task's typed arguments. A mismatch is the `TypeError` a Python task would raise.
-pub fn bind<T: DeserializeOwned>(call: &Call, params: &[&str]) -> Result<T, ExceptionInfo> {
-    let type_error = |msg: String| ExceptionInfo::raised("TypeError", "builtins", &msg, &call.name);
+pub fn bind<T: DeserializeOwned>(call: &Call, params: &[&str]) -> Result<T, TaskError> {
+    let type_error = |msg: String| {
+        TaskError::BadArgs(ExceptionInfo::raised("TypeError", "builtins", &msg, &call.name))
+    };
     if call.args.len() > params.len() {
         return Err(type_error(format!(
             "{}() takes {} positional arguments but {} were given",
@@ -235,14 +349,30 @@ mod tests {
         let a: A = bind(&call(json!([]), json!({"user_id": 7, "build_id": 9})), &p).unwrap();
         assert_eq!(a.build_id, Some(9));
         let e = bind::<A>(&call(json!([1, 2, 3]), json!({})), &p).unwrap_err();
-        assert_eq!(e.exc_type, "TypeError");
+        assert!(matches!(&e, TaskError::BadArgs(x) if x.exc_type == "TypeError"), "{e:?}");
         let e = bind::<A>(&call(json!([1]), json!({"user_id": 1})), &p).unwrap_err();
-        assert!(e.exc_message[0]
-            .as_str()
-            .unwrap()
-            .contains("multiple values"));
+        assert!(e.message().contains("multiple values"));
         let e = bind::<A>(&call(json!(["x"]), json!({})), &p).unwrap_err();
-        assert!(e.exc_message[0].as_str().unwrap().contains("bad arguments"));
+        assert!(e.message().contains("bad arguments"));
+    }
+
+    #[test]
+    fn the_registry_refuses_a_name_twice() {
+        assert!(Registry::new(true).is_ok());
+        let e = Registry::of(vec![&echo::TASK, &build_memory::TASK, &echo::TASK]).err();
+        assert!(matches!(e, Some(RegistryError::Duplicate("orbit.echo"))), "{e:?}");
+    }
+
+    #[test]
+    fn errors_become_retries_only_when_retryable() {
+        let r = Raises {
+            module: "m",
+            task: "t",
+        };
+        let http = |s| orbit_pipeline::http_call::CallError::from_status(s, "{}", Some(Duration::from_secs(7)));
+        assert!(matches!(r.error("E", &http(503)), TaskError::Retry { after: Some(d), .. } if d == Duration::from_secs(7)));
+        assert!(matches!(r.error("E", &http(400)), TaskError::Permanent(_)));
+        assert!(matches!(r.error("E", &http(501)), TaskError::Permanent(_)));
     }
 
     #[test]

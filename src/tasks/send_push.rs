@@ -14,8 +14,9 @@ use web_push::{
     VapidSignatureBuilder, WebPushMessageBuilder,
 };
 
-use super::{bind, RetryPolicy, TaskContext, TaskDef, TaskOutcome, TimeLimits};
-use crate::celery::result::ExceptionInfo;
+use orbit_pipeline::http_call::{classify_status, redact, retry_hint, StatusClass};
+
+use super::{bind, Raises, RetryPolicy, TaskContext, TaskDef, TaskResult, TimeLimits};
 use crate::db::PushSubscription;
 
 pub const NAME: &str = "notifications.send_push";
@@ -207,16 +208,13 @@ async fn deliver(
         Ok(r) => r,
         Err(e) => {
             return Delivery::Retry(
-                format!(
-                    "push service unreachable: {}",
-                    orbit_pipeline::embed::without_url(&e)
-                ),
+                format!("push service unreachable: {}", redact(&e)),
                 None,
             )
         }
     };
     let status = resp.status().as_u16();
-    let hint = orbit_pipeline::embed::retry_after(resp.headers());
+    let hint = retry_hint(resp.headers());
     let body: String = resp
         .text()
         .await
@@ -224,14 +222,17 @@ async fn deliver(
         .chars()
         .take(200)
         .collect();
-    match status {
-        200..=299 => Delivery::Sent,
-        404 | 410 => Delivery::Gone,
-        429 => Delivery::Retry(format!("push service rate limit (429) {body}"), hint),
-        500..=599 => Delivery::Retry(format!("push service error {status} {body}"), hint),
-        413 => Delivery::GiveUp(format!(
+    // Push services speak plain HTTP: the shared status table, plus what 404/410/413 mean here.
+    match (status, classify_status(status, "")) {
+        (_, StatusClass::Success) => Delivery::Sent,
+        (404 | 410, _) => Delivery::Gone,
+        (413, _) => Delivery::GiveUp(format!(
             "payload too large for the push service (413) {body}"
         )),
+        (429, _) => Delivery::Retry(format!("push service rate limit (429) {body}"), hint),
+        (_, StatusClass::Retryable) => {
+            Delivery::Retry(format!("push service error {status} {body}"), hint)
+        }
         _ => Delivery::GiveUp(format!("push service refused it ({status}) {body}")),
     }
 }
@@ -240,19 +241,14 @@ fn served_key(task_id: &str) -> String {
     format!("orbit:push:served:{task_id}")
 }
 
-async fn run(ctx: TaskContext) -> TaskOutcome {
-    let args: Args = match bind(&ctx.call, PARAMS) {
-        Ok(a) => a,
-        Err(e) => return TaskOutcome::Failure(e),
-    };
-    let fail = |kind: &str, msg: &str| {
-        TaskOutcome::Failure(ExceptionInfo::raised(
-            kind,
-            "notifications.errors",
-            msg,
-            NAME,
-        ))
-    };
+const RAISES: Raises = Raises {
+    module: "notifications.errors",
+    task: NAME,
+};
+
+async fn run(ctx: TaskContext) -> TaskResult {
+    let args: Args = bind(&ctx.call, PARAMS)?;
+    let fail = |kind: &str, msg: &str| -> TaskResult { Err(RAISES.permanent(kind, msg)) };
     let sv = ctx.services.clone();
     let Some(db) = &sv.db else {
         return fail(
@@ -267,20 +263,10 @@ async fn run(ctx: TaskContext) -> TaskOutcome {
         Ok(v) => v,
         Err(e) => return fail("ConfigError", &e),
     };
-    let subs = match db.push_subscriptions(args.user_id).await {
-        Ok(s) => s,
-        Err(e) => {
-            return TaskOutcome::Retry {
-                error: ExceptionInfo::raised(
-                    "DatabaseError",
-                    "notifications.errors",
-                    &e.to_string(),
-                    NAME,
-                ),
-                after: None,
-            }
-        }
-    };
+    let subs = db
+        .push_subscriptions(args.user_id)
+        .await
+        .map_err(|e| RAISES.error("DatabaseError", &e))?;
     // What earlier attempts of this call did, per subscription: those are not sent again, and
     // the final counts include them.
     let key = served_key(&ctx.call.id);
@@ -322,7 +308,7 @@ async fn run(ctx: TaskContext) -> TaskOutcome {
             Delivery::Retry(why, after) => {
                 tracing::warn!(subscription = sub.id, host = %host, reason = %why, "push not delivered: will retry");
                 retry.push((why.clone(), after));
-                if ctx.call.retries >= TASK.retry.max_retries {
+                if ctx.is_last_attempt() {
                     new_outcomes.push((sub.id, format!("failed:{why}")));
                 }
             }
@@ -338,27 +324,22 @@ async fn run(ctx: TaskContext) -> TaskOutcome {
         }
     }
     outcomes.extend(new_outcomes);
-    let last = ctx.call.retries >= TASK.retry.max_retries;
-    if !retry.is_empty() && !last {
+    if !retry.is_empty() && !ctx.is_last_attempt() {
         let after = retry.iter().filter_map(|r| r.1).max();
         let why = retry
             .iter()
             .map(|r| r.0.as_str())
             .collect::<Vec<_>>()
             .join("; ");
-        return TaskOutcome::Retry {
-            error: ExceptionInfo::raised(
-                "PushRetry",
-                "notifications.errors",
-                &format!(
-                    "{} of {} subscriptions to retry: {why}",
-                    retry.len(),
-                    subs.len()
-                ),
-                NAME,
+        return Err(RAISES.retry(
+            "PushRetry",
+            format!(
+                "{} of {} subscriptions to retry: {why}",
+                retry.len(),
+                subs.len()
             ),
             after,
-        };
+        ));
     }
     let count = |what: &str| outcomes.values().filter(|o| o.as_str() == what).count();
     let errors: Vec<serde_json::Value> = outcomes
@@ -368,7 +349,7 @@ async fn run(ctx: TaskContext) -> TaskOutcome {
                 .map(|w| json!({"subscription": id, "error": w}))
         })
         .collect();
-    TaskOutcome::Success(json!({
+    Ok(json!({
         "user_id": args.user_id,
         "sent": count("sent"),
         "removed": count("removed"),

@@ -10,12 +10,14 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{bind, RetryPolicy, TaskContext, TaskDef, TaskOutcome, TimeLimits};
-use crate::celery::result::ExceptionInfo;
+use super::{bind, Raises, RetryPolicy, TaskContext, TaskDef, TaskResult, TimeLimits};
 
 pub const NAME: &str = "config.send_verification_email";
 const PARAMS: &[&str] = &["user_id", "verify_url"];
-const EXC_MODULE: &str = "config.errors";
+const RAISES: Raises = Raises {
+    module: "config.errors",
+    task: NAME,
+};
 
 /// Mail servers greylist for minutes: retries spread over about half an hour.
 pub static TASK: TaskDef = TaskDef {
@@ -90,18 +92,10 @@ fn mask(email: &str) -> String {
     }
 }
 
-async fn run(ctx: TaskContext) -> TaskOutcome {
-    let args: Args = match bind(&ctx.call, PARAMS) {
-        Ok(a) => a,
-        Err(e) => return TaskOutcome::Failure(e),
-    };
-    let fail = |kind: &str, msg: &str| {
-        TaskOutcome::Failure(ExceptionInfo::raised(kind, EXC_MODULE, msg, NAME))
-    };
-    let retry = |msg: &str| TaskOutcome::Retry {
-        error: ExceptionInfo::raised("SMTPError", EXC_MODULE, msg, NAME),
-        after: None,
-    };
+async fn run(ctx: TaskContext) -> TaskResult {
+    let args: Args = bind(&ctx.call, PARAMS)?;
+    let fail = |kind: &str, msg: &str| -> TaskResult { Err(RAISES.permanent(kind, msg)) };
+    let retry = |msg: &str| -> TaskResult { Err(RAISES.retry("SMTPError", msg, None)) };
     let sv = &ctx.services;
     let s = &sv.settings;
     if !(args.verify_url.starts_with("https://") || args.verify_url.starts_with("http://")) {
@@ -167,7 +161,7 @@ async fn run(ctx: TaskContext) -> TaskOutcome {
         )),
         Ok(Ok(resp)) => {
             tracing::info!(user_id = args.user_id, to = %to_log, code = %resp.code(), "verification email sent");
-            TaskOutcome::Success(json!({
+            Ok(json!({
                 "user_id": args.user_id,
                 "to": to_log,
                 "smtp_code": resp.code().to_string(),

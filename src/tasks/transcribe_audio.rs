@@ -10,10 +10,11 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::blink::{finish, load_audio, End, EXC_MODULE};
-use super::{bind, RetryPolicy, TaskContext, TaskDef, TaskOutcome, TimeLimits};
-use crate::celery::result::ExceptionInfo;
-use crate::chat::classify;
+use orbit_pipeline::http_call::{call_with_retry, redact, retry_hint, CallError, CallPolicy};
+use orbit_pipeline::Retryable;
+
+use super::blink::{load_audio, raises, run_step};
+use super::{bind, Raises, RetryPolicy, TaskContext, TaskDef, TaskError, TaskResult, TimeLimits};
 use crate::db::{BlinkStep, Db, UsageRow};
 
 pub const NAME: &str = "blink.transcribe_audio";
@@ -78,7 +79,10 @@ fn media_path(root: &Path, rel: &str) -> Result<PathBuf, String> {
 }
 
 /// The recording's bytes, refusing anything over the upload limit before reading it all.
-async fn load(ctx: &TaskContext, file: &str) -> Result<(String, Vec<u8>), End> {
+/// The exceptions of this task.
+const R: Raises = raises(NAME);
+
+async fn load(ctx: &TaskContext, file: &str) -> Result<(String, Vec<u8>), TaskError> {
     let name = file
         .rsplit('/')
         .next()
@@ -88,7 +92,7 @@ async fn load(ctx: &TaskContext, file: &str) -> Result<(String, Vec<u8>), End> {
         .unwrap_or("audio")
         .to_string();
     let too_big = |n: u64| {
-        End::Failed(
+        R.permanent(
             "FileTooLarge",
             format!(
                 "the recording is {:.1} MiB; the transcription API takes at most 25 MiB",
@@ -105,20 +109,20 @@ async fn load(ctx: &TaskContext, file: &str) -> Result<(String, Vec<u8>), End> {
             .send()
             .await
             .map_err(|e| {
-                End::Retry(
+                R.retry("TranscriptionError", 
                     format!(
                         "cannot download the recording: {}",
-                        orbit_pipeline::embed::without_url(&e)
+                        redact(&e)
                     ),
                     None,
                 )
             })?;
         let st = resp.status();
         if st.is_server_error() {
-            return Err(End::Retry(format!("recording download: HTTP {st}"), None));
+            return Err(R.retry("TranscriptionError", format!("recording download: HTTP {st}"), None));
         }
         if !st.is_success() {
-            return Err(End::Failed(
+            return Err(R.permanent(
                 "AudioNotFound",
                 format!("recording download: HTTP {st}"),
             ));
@@ -129,7 +133,7 @@ async fn load(ctx: &TaskContext, file: &str) -> Result<(String, Vec<u8>), End> {
         let mut out = Vec::new();
         let mut body = resp.bytes_stream();
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| End::Retry(format!("recording download: {e}"), None))?;
+            let chunk = chunk.map_err(|e| R.retry("TranscriptionError", format!("recording download: {e}"), None))?;
             out.extend_from_slice(&chunk);
             if out.len() as u64 > MAX_UPLOAD_BYTES {
                 return Err(too_big(out.len() as u64));
@@ -138,99 +142,90 @@ async fn load(ctx: &TaskContext, file: &str) -> Result<(String, Vec<u8>), End> {
         return Ok((name, out));
     }
     let path = media_path(&ctx.services.settings.media_root, file)
-        .map_err(|e| End::Failed("AudioNotFound", e))?;
+        .map_err(|e| R.permanent("AudioNotFound", e))?;
     let meta = tokio::fs::metadata(&path)
         .await
-        .map_err(|e| End::Failed("AudioNotFound", format!("recording {file}: {e}")))?;
+        .map_err(|e| R.permanent("AudioNotFound", format!("recording {file}: {e}")))?;
     if meta.len() > MAX_UPLOAD_BYTES {
         return Err(too_big(meta.len()));
     }
     let bytes = tokio::fs::read(&path)
         .await
-        .map_err(|e| End::Failed("AudioNotFound", format!("recording {file}: {e}")))?;
+        .map_err(|e| R.permanent("AudioNotFound", format!("recording {file}: {e}")))?;
     Ok((name, bytes))
 }
 
-async fn transcribe(ctx: &TaskContext, db: &Db, audio_id: i64) -> End {
+async fn transcribe(ctx: &TaskContext, db: &Db, audio_id: i64) -> TaskResult {
     let sv = &ctx.services;
     let s = &sv.settings;
-    let audio = match load_audio(db, audio_id).await {
-        Ok(a) => a,
-        Err(end) => return end,
-    };
+    let audio = load_audio(db, R, "TranscriptionError", audio_id).await?;
     if audio.audio_file.trim().is_empty() {
-        return End::Failed("AudioNotFound", "the recording has no file".into());
+        return Err(R.permanent("AudioNotFound", "the recording has no file"));
     }
     let ext = extension(&audio.audio_file).unwrap_or_default();
     if !FORMATS.contains(&ext.as_str()) {
-        return End::Failed(
+        return Err(R.permanent(
             "UnsupportedFormat",
             format!("audio format {:?} is not supported (flac, mp3, mp4, mpeg, mpga, m4a, ogg, wav, webm)", ext),
-        );
+        ));
     }
     if let Err(e) = db
         .set_blink_status(audio_id, BlinkStep::Transcription, "processing", "")
         .await
     {
-        return End::Retry(e.to_string(), None);
+        return Err(R.retry("TranscriptionError", e.to_string(), None));
     }
-    let (name, bytes) = match load(ctx, &audio.audio_file).await {
-        Ok(x) => x,
-        Err(e) => return e,
-    };
-    let part = match reqwest::multipart::Part::bytes(bytes)
-        .file_name(name)
-        .mime_str("application/octet-stream")
-    {
-        Ok(p) => p,
-        Err(e) => return End::Failed("TranscriptionError", e.to_string()),
-    };
-    let form = reqwest::multipart::Form::new()
-        .part("file", part)
-        .text("model", s.transcribe_model.clone())
-        .text("response_format", "verbose_json")
-        .text("timestamp_granularities[]", "segment");
+    let (name, bytes) = load(ctx, &audio.audio_file).await?;
     let url = format!(
         "{}/audio/transcriptions",
         s.transcribe_base_url.trim_end_matches('/')
     );
-    let mut req = sv
-        .http
-        .post(url)
-        .timeout(s.transcribe_timeout)
-        .multipart(form);
-    if !s.openai_api_key.is_empty() {
-        req = req.bearer_auth(s.openai_api_key.expose());
-    }
-    // One attempt per task run: an upload of minutes is retried by the task layer alone.
-    let resp = match req.send().await {
-        Ok(r) => r,
-        Err(e) => {
-            return End::Retry(
-                format!(
-                    "transcription API unreachable: {}",
-                    orbit_pipeline::embed::without_url(&e)
-                ),
-                None,
-            )
+    let upload = || async {
+        let part = reqwest::multipart::Part::bytes(bytes.clone())
+            .file_name(name.clone())
+            .mime_str("application/octet-stream")
+            .map_err(|e| CallError::Decode(e.to_string()))?;
+        let form = reqwest::multipart::Form::new()
+            .part("file", part)
+            .text("model", s.transcribe_model.clone())
+            .text("response_format", "verbose_json")
+            .text("timestamp_granularities[]", "segment");
+        let mut req = sv
+            .http
+            .post(&url)
+            .timeout(s.transcribe_timeout)
+            .multipart(form);
+        if !s.openai_api_key.is_empty() {
+            req = req.bearer_auth(s.openai_api_key.expose());
         }
+        let resp = req.send().await.map_err(|e| CallError::transport(&e))?;
+        let status = resp.status().as_u16();
+        let hint = retry_hint(resp.headers());
+        let text = resp.text().await.map_err(|e| CallError::transport(&e))?;
+        if !(200..300).contains(&status) {
+            return Err(CallError::from_status(status, &text, hint));
+        }
+        Ok(text)
     };
-    let status = resp.status().as_u16();
-    let hint = orbit_pipeline::embed::retry_after(resp.headers());
-    let text = resp.text().await.unwrap_or_default();
-    if !(200..300).contains(&status) {
-        return match classify(status, &text, hint) {
-            crate::chat::ChatError::Config(m) => {
-                End::Failed("ConfigError", format!("transcription API: {m}"))
-            }
-            e if e.is_retryable() => End::Retry(format!("transcription API: {e}"), e.retry_after()),
-            e => End::Failed("TranscriptionError", format!("transcription API: {e}")),
-        };
-    }
-    let v: Verbose = match serde_json::from_str(&text) {
-        Ok(v) => v,
-        Err(e) => return End::Retry(format!("transcription answer malformed: {e}"), None),
-    };
+    // One attempt per task run: an upload of minutes is retried by the task layer alone.
+    let text = call_with_retry(&CallPolicy::TASK_LAYER, "transcription upload", upload)
+        .await
+        .map_err(|e| match e {
+            e if e.is_config() => R.permanent("ConfigError", format!("transcription API: {e}")),
+            e if e.is_retryable() => R.retry(
+                "TranscriptionError",
+                format!("transcription API {e}"),
+                e.retry_after(),
+            ),
+            e => R.permanent("TranscriptionError", format!("transcription API {e}")),
+        })?;
+    let v: Verbose = serde_json::from_str(&text).map_err(|e| {
+        R.retry(
+            "TranscriptionError",
+            format!("transcription answer malformed: {e}"),
+            None,
+        )
+    })?;
     let segments = v.segments.clone().unwrap_or(Value::Array(vec![]));
     let seconds = v
         .usage
@@ -248,7 +243,7 @@ async fn transcribe(ctx: &TaskContext, db: &Db, audio_id: i64) -> End {
         )
         .await
     {
-        return End::Retry(e.to_string(), None);
+        return Err(R.retry("TranscriptionError", e.to_string(), None));
     }
     sv.log_usage(UsageRow {
         user_id: Some(audio.owner_id),
@@ -260,7 +255,7 @@ async fn transcribe(ctx: &TaskContext, db: &Db, audio_id: i64) -> End {
         ..Default::default()
     })
     .await;
-    End::Done(json!({
+    Ok(json!({
         "audio_id": audio_id,
         "status": "completed",
         "duration": v.duration,
@@ -270,28 +265,18 @@ async fn transcribe(ctx: &TaskContext, db: &Db, audio_id: i64) -> End {
     }))
 }
 
-async fn run(ctx: TaskContext) -> TaskOutcome {
-    let args: Args = match bind(&ctx.call, PARAMS) {
-        Ok(a) => a,
-        Err(e) => return TaskOutcome::Failure(e),
-    };
+async fn run(ctx: TaskContext) -> TaskResult {
+    let args: Args = bind(&ctx.call, PARAMS)?;
     let Some(db) = ctx.services.db.clone() else {
-        return TaskOutcome::Failure(ExceptionInfo::raised(
-            "ConfigError",
-            EXC_MODULE,
-            "DATABASE_URL is not set",
-            NAME,
-        ));
+        return Err(R.permanent("ConfigError", "DATABASE_URL is not set"));
     };
     let id = args.audio_id;
-    let work = transcribe(&ctx, &db, id);
-    finish(
+    run_step(
         &ctx,
-        &TASK,
+        NAME,
         BlinkStep::Transcription,
         id,
-        "TranscriptionError",
-        work,
+        transcribe(&ctx, &db, id),
     )
     .await
 }

@@ -14,7 +14,13 @@ use super::Shared;
 use crate::celery::message::{queue_key, retry_envelope, DecodeError, TaskMessage};
 use crate::celery::redis::dead_letter_record;
 use crate::celery::result::{encode_meta, ExceptionInfo, Outcome};
-use crate::tasks::{AbortReason, Call, TaskContext, TaskDef, TaskOutcome};
+use crate::tasks::TimeLimits;
+use super::decide::{decide, Decision, Ending};
+use crate::tasks::{AbortHook, AbortReason, Call, TaskContext, TaskDef, TaskError};
+
+/// How long the worker waits for an abandoned task's own last write (its build record): a dead
+/// database must not hold a shutdown for ever.
+const ABORT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Longest result text in a `succeeded in` log line, as Celery shortens its repr.
 const LOG_RESULT_CHARS: usize = 200;
@@ -100,12 +106,6 @@ fn base_queue(list: &str) -> &str {
     list.split("\x06\x16").next().unwrap_or(list)
 }
 
-enum Ending {
-    Finished(TaskOutcome),
-    HardLimit,
-    Abandoned,
-}
-
 async fn run(
     sh: Arc<Shared>,
     mut msg: TaskMessage,
@@ -153,67 +153,84 @@ async fn run(
     }
 
     let limits = def.limits.with_overrides(msg.hard_limit, msg.soft_limit);
-    let cancel = CancellationToken::new();
-    let aborted: Arc<std::sync::OnceLock<AbortReason>> = Arc::default();
-    let ctx = TaskContext {
-        aborted: aborted.clone(),
-        call: Call {
-            id: msg.id.clone(),
-            name: msg.name.clone(),
-            args: std::mem::take(&mut msg.args),
-            kwargs: std::mem::take(&mut msg.kwargs),
-            retries: msg.retries,
-        },
-        cancel: cancel.clone(),
-        services: sh.services.clone(),
+    let call = Call {
+        id: msg.id.clone(),
+        name: msg.name.clone(),
+        args: std::mem::take(&mut msg.args),
+        kwargs: std::mem::take(&mut msg.kwargs),
+        retries: msg.retries,
     };
     let started = Instant::now();
     let metrics = sh.services.metrics.clone();
     metrics.task_started(def.name);
+    let ending = execute(&sh, def, call, limits).await;
+    let runtime = started.elapsed();
+    drop(_slot);
+    let decision = decide(ending, msg.retries, &def.retry);
+    metrics.task_finished(def.name, decision.state(), Some(runtime.as_secs_f64()));
+    settle(&sh, msg, def, &queue, decision, runtime, permit).await;
+}
+
+/// Runs the task within its limits: the soft limit fires its token, the hard limit and a
+/// shutdown past the grace period drop it, after which the task's abort hook writes its record.
+async fn execute(sh: &Shared, def: &'static TaskDef, call: Call, limits: TimeLimits) -> Ending {
+    let cancel = CancellationToken::new();
+    let on_abort = AbortHook::default();
+    let id = call.id.clone();
+    let ctx = TaskContext {
+        call,
+        cancel: cancel.clone(),
+        services: sh.services.clone(),
+        max_retries: def.retry.max_retries,
+        on_abort: on_abort.clone(),
+    };
     let mut handle = tokio::spawn((def.run)(ctx));
     let soft_at = tokio::time::Instant::now() + limits.soft;
     let hard_at = tokio::time::Instant::now() + limits.hard;
     let mut soft_fired = false;
-    let ending = loop {
+    let (ending, reason) = loop {
         tokio::select! {
-            r = &mut handle => break Ending::Finished(match r {
-                Ok(o) => o,
-                Err(e) => TaskOutcome::Failure(ExceptionInfo::raised(
-                    "PanicError", "orbit_worker.errors", &panic_text(e), def.name)),
-            }),
+            r = &mut handle => return Ending::Finished(r.unwrap_or_else(|e| Err(TaskError::Permanent(
+                ExceptionInfo::raised("PanicError", "orbit_worker.errors", &panic_text(e), def.name))))),
             _ = tokio::time::sleep_until(soft_at), if !soft_fired => {
                 soft_fired = true;
-                tracing::warn!("Soft time limit ({}s) exceeded for {}[{}]", secs(limits.soft), def.name, msg.id);
+                tracing::warn!("Soft time limit ({}s) exceeded for {}[{}]", secs(limits.soft), def.name, id);
                 cancel.cancel();
             }
             _ = tokio::time::sleep_until(hard_at) => {
-                let _ = aborted.set(AbortReason::HardTimeLimit);
-                handle.abort();
-                break Ending::HardLimit;
+                tracing::error!("Hard time limit ({}s) exceeded for {}[{}]", secs(limits.hard), def.name, id);
+                break (Ending::HardLimit(limits.hard), AbortReason::HardTimeLimit);
             }
             _ = sh.abandon.cancelled() => {
-                let _ = aborted.set(AbortReason::Shutdown);
                 cancel.cancel();
-                handle.abort();
-                break Ending::Abandoned;
+                break (Ending::Abandoned, AbortReason::Shutdown);
             }
         }
     };
-    let runtime = started.elapsed();
-    drop(_slot);
-    let state = match &ending {
-        Ending::Abandoned => "abandoned",
-        Ending::HardLimit | Ending::Finished(TaskOutcome::Failure(_)) => "failed",
-        Ending::Finished(TaskOutcome::Success(_)) => "succeeded",
-        Ending::Finished(TaskOutcome::Retry { .. }) if msg.retries >= def.retry.max_retries => {
-            "failed"
+    handle.abort();
+    // Wait for the drop to finish, so the hook does not race the task's last steps.
+    let _ = (&mut handle).await;
+    if let Some(write) = on_abort.take() {
+        if tokio::time::timeout(ABORT_WRITE_TIMEOUT, write(reason)).await.is_err() {
+            tracing::error!("Task {}[{}]: its record could not be written after the abort", def.name, id);
         }
-        Ending::Finished(TaskOutcome::Retry { .. }) => "retried",
-    };
-    metrics.task_finished(def.name, state, Some(runtime.as_secs_f64()));
+    }
+    ending
+}
 
-    let outcome = match ending {
-        Ending::Abandoned => {
+/// Turns the decision into a result, an ack, a re-publish or a give-back, with the log line a
+/// Celery user expects.
+async fn settle(
+    sh: &Shared,
+    msg: TaskMessage,
+    def: &'static TaskDef,
+    queue: &str,
+    decision: Decision,
+    runtime: Duration,
+    permit: Option<OwnedSemaphorePermit>,
+) {
+    let outcome = match decision {
+        Decision::GiveBack => {
             tracing::warn!(
                 "Task {}[{}] abandoned at shutdown after {:.3}s: giving it back",
                 def.name,
@@ -222,18 +239,7 @@ async fn run(
             );
             return sh.give_back(msg.delivery_tag, permit).await;
         }
-        Ending::HardLimit => {
-            tracing::error!(
-                "Hard time limit ({}s) exceeded for {}[{}]",
-                secs(limits.hard),
-                def.name,
-                msg.id
-            );
-            Outcome::Failure(ExceptionInfo::time_limit_exceeded(
-                limits.hard.as_secs_f64(),
-            ))
-        }
-        Ending::Finished(TaskOutcome::Success(v)) => {
+        Decision::Succeed(v) => {
             tracing::info!(
                 "Task {}[{}] succeeded in {:.6}s: {}",
                 def.name,
@@ -243,8 +249,9 @@ async fn run(
             );
             Outcome::Success(v)
         }
-        Ending::Finished(TaskOutcome::Failure(e)) => {
+        Decision::Fail(e) => {
             tracing::error!(
+                retries = msg.retries,
                 "Task {}[{}] raised unexpected: {}",
                 def.name,
                 msg.id,
@@ -252,19 +259,8 @@ async fn run(
             );
             Outcome::Failure(e)
         }
-        Ending::Finished(TaskOutcome::Retry { error, after }) => {
-            if msg.retries >= def.retry.max_retries {
-                tracing::error!(
-                    max_retries = def.retry.max_retries,
-                    "Task {}[{}] raised unexpected: {}",
-                    def.name,
-                    msg.id,
-                    error.repr()
-                );
-                Outcome::Failure(error)
-            } else {
-                return retry(&sh, msg, def, &queue, error, after, permit).await;
-            }
+        Decision::Retry { error, hint } => {
+            return retry(sh, msg, def, queue, error, hint, permit).await;
         }
     };
     let result = result_of(&msg, &outcome);

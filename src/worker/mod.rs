@@ -1,6 +1,7 @@
 //! The Celery-compatible worker: fetches from Redis, runs tasks with bounded concurrency, settles
 //! results and acks, restores abandoned messages, and shuts down without losing any.
 
+mod decide;
 mod lifecycle;
 mod settle;
 
@@ -157,7 +158,7 @@ pub async fn run(
 ) -> Result<()> {
     let broker = Broker::open(opts.broker_url.expose(), BRPOP_TIMEOUT)?;
     let backend = Backend::open(opts.backend_url.expose(), opts.result_expires)?;
-    let registry = Registry::new(opts.debug_tasks);
+    let registry = Registry::new(opts.debug_tasks)?;
     let (settle_tx, settle_rx) = mpsc::channel(SETTLE_QUEUE);
     let sh = Arc::new(Shared {
         shared_redis: opts.broker_url.expose() == opts.backend_url.expose(),

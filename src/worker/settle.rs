@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use super::Shared;
-use crate::celery::redis::{BrokerError, Settlement};
+use crate::celery::redis::Settlement;
 
 /// Finished messages settled per round trip. Large enough that a burst of short tasks costs a
 /// few round trips in all, small enough that one transaction stays well under a millisecond.
@@ -48,10 +48,11 @@ pub enum SettleMsg {
 
 /// Runs `op` until it succeeds, with backoff, and an error line every few seconds so an outage
 /// is never silent.
-pub async fn persist<T, F, Fut>(what: &str, mut op: F) -> T
+pub async fn persist<T, E, F, Fut>(what: &str, mut op: F) -> T
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, BrokerError>>,
+    Fut: Future<Output = Result<T, E>>,
+    E: std::fmt::Display + Sync,
 {
     let mut backoff = Backoff::default();
     loop {
@@ -86,7 +87,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(5);
 
 impl Backoff {
-    pub async fn wait(&mut self, what: &str, e: &BrokerError) {
+    pub async fn wait(&mut self, what: &str, e: &(dyn std::fmt::Display + Sync)) {
         self.failures += 1;
         if self.last_log.is_none_or(|t| t.elapsed() >= ERROR_LOG_EVERY) {
             tracing::error!(

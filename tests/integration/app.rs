@@ -234,6 +234,7 @@ fn build_records_failure_soft_limit_and_retry_through_the_queue() {
     let mut env = api.embedder_env();
     // One request at a time, so a scripted reply lands on the request it is meant for.
     env.push(("ORBIT_EMBED_IN_FLIGHT", "1".into()));
+    env.push(("ORBIT_HTTP_MAX_INLINE_WAIT", "0.5".into()));
     let _w = worker(&redis, &db, &q, &[], &env);
 
     // A rejected key: failed at once, with a readable message and no secret.
@@ -277,10 +278,38 @@ fn build_records_failure_soft_limit_and_retry_through_the_queue() {
     assert_eq!(row[0], "failed");
     assert!(row[5].contains("soft time limit"), "{row:?}");
 
-    // Rate limited past the call layer's five attempts: the task retries and the record counts
-    // the second attempt.
-    let limited = Reply::Status(429, vec![("retry-after", "0")], json!({"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}).to_string());
-    api.script_embeddings(vec![limited; 5]);
+    // A 503 storm is retried in one layer only: the call layer's three attempts, then "gave up",
+    // which the task does not retry (the count at the double proves it).
+    let down = Reply::Status(503, vec![], json!({"error": {"message": "overloaded", "type": "server_error"}}).to_string());
+    api.script_embeddings(vec![down; 6]);
+    let before = api.embedding_requests();
+    let id = new_build(&db, 3);
+    let r = call(
+        &redis,
+        &q,
+        "orbitpilot.build_memory",
+        json!([3, id.parse::<i64>().unwrap()]),
+        json!({}),
+        json!({}),
+    );
+    assert_eq!(r["state"], "FAILURE", "{r}");
+    assert_eq!(
+        api.embedding_requests() - before,
+        3,
+        "the inline budget, and not one request more"
+    );
+    let row = build_row(&db, &id);
+    assert_eq!((row[0].as_str(), row[1].as_str()), ("failed", "1"), "{row:?}");
+    assert!(row[5].contains("gave up after 3 attempts"), "{row:?}");
+    // Forget what the storm left unused, so the next case starts clean.
+    api.clear_embeddings();
+
+    // Rate limited with a wait longer than the inline budget (set to half a second here): the
+    // call does not sleep on it; the task retries with that ETA and the record counts the second
+    // attempt.
+    let limited = Reply::Status(429, vec![("retry-after", "1")], json!({"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}).to_string());
+    api.script_embeddings(vec![limited]);
+    let before = api.embedding_requests();
     let id = new_build(&db, 3);
     let r = call(
         &redis,
@@ -298,6 +327,10 @@ fn build_records_failure_soft_limit_and_retry_through_the_queue() {
         "{row:?}"
     );
     assert_eq!(row[5], "", "a completed build carries no error");
+    assert!(
+        api.embedding_requests() - before > 1,
+        "the rate-limited request was not retried inline"
+    );
     // The paid embedding calls of the build that completed: one usage row, in tokens.
     let usage = db.sql(&format!(
         "SELECT feature, model, prompt_tokens > 0, cost_usd > 0 FROM orbitpilot_aiusagelog WHERE task_id = '{}'",
@@ -652,6 +685,21 @@ fn generate_answer_through_the_queue_cites_only_the_askers_rows_and_caches_for_d
         json!({}),
     );
     assert_eq!(r["state"], "SUCCESS", "{r}");
+    // A storm: the call layer's three attempts, then "gave up"; the task does not retry it.
+    let before = api.chats().len();
+    api.script_chat(vec![Reply::Status(503, vec![], "upstream down".into()); 5]);
+    let r = call(
+        &redis,
+        &qc,
+        "orbitpilot.generate_answer",
+        json!([101, question]),
+        json!({}),
+        json!({}),
+    );
+    assert_eq!(r["state"], "FAILURE", "{r}");
+    assert!(r["raised"]["str"].as_str().unwrap().contains("gave up after 3 attempts"), "{r}");
+    assert_eq!(api.chats().len() - before, 3, "retried in one layer only");
+    api.clear_chat();
     api.script_chat(vec![Reply::Body("<html>gateway</html>".into())]);
     let r = call(
         &redis,
@@ -764,4 +812,40 @@ fn healthz_names_the_failing_part() {
         http_get(&addr, "/orbitpilot/build/status/?user_id=1", Some("")).0,
         401
     );
+}
+
+/// A warm shutdown that abandons a running build (the embedding API stalls past the grace
+/// period): the worker itself writes the record final, failed with the reason, before it exits,
+/// and the message goes back to its queue for the next worker.
+#[test]
+fn a_warm_shutdown_that_abandons_a_build_leaves_its_record_final() {
+    let redis = RedisServer::start(false);
+    let db = PgDb::seeded(&fixture("sample.jsonl"));
+    let api = ApiDouble::start();
+    let q = unique_queue("buildstop");
+    let mut env = api.embedder_env();
+    env.push(("ORBIT_EMBED_IN_FLIGHT", "1".into()));
+    let mut w = worker(&redis, &db, &q, &["--shutdown-grace", "1"], &env);
+    api.script_embeddings(vec![Reply::Stall]);
+    let id = new_build(&db, 1);
+    let task = send(
+        &redis,
+        &q,
+        json!([{"name": "orbitpilot.build_memory", "args": [1, id.parse::<i64>().unwrap()]}]),
+    )[0]
+    .clone();
+    wait_for("the build to run", Duration::from_secs(60), || {
+        (build_row(&db, &id)[0] == "running" && api.embedding_requests() > 0).then_some(())
+    });
+    w.signal("TERM");
+    assert_eq!(w.wait_exit(Duration::from_secs(30)), Some(0), "{}", w.log());
+    // Read only after the process is gone: the write landed before it exited.
+    let row = build_row(&db, &id);
+    assert_eq!(row[0], "failed", "{row:?}");
+    assert!(row[5].contains("worker shut down"), "{row:?}");
+    assert_eq!(row[7], "t", "finished_at");
+    assert!(w.log().contains("abandoned at shutdown"), "{}", w.log());
+    assert!(meta(&redis, &task).is_none(), "no result: the task runs again");
+    assert_eq!(unacked_len(&redis), 0, "given back, not left in unacked");
+    assert_eq!(list(&redis, &q).len(), 1, "back on its queue");
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use orbit_pipeline::embed::HashingEmbedder;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::celery_harness::{worker_bin, RedisServer};
 use crate::helpers::{embedding_inputs, python, read_raw, repo};
@@ -122,6 +122,8 @@ struct DoubleState {
     embedded: Vec<String>,
     /// Every chat request body.
     chats: Vec<Value>,
+    /// Requests to `/v1/embeddings`, answered or not.
+    embedding_requests: usize,
     auths: Vec<Option<String>>,
 }
 
@@ -169,8 +171,23 @@ impl ApiDouble {
         self.state.lock().unwrap().embeddings.extend(replies);
     }
 
+    /// Forgets the embedding replies not used yet.
+    pub fn clear_embeddings(&self) {
+        self.state.lock().unwrap().embeddings.clear();
+    }
+
+    /// Forgets the chat replies not used yet.
+    pub fn clear_chat(&self) {
+        self.state.lock().unwrap().chat.clear();
+    }
+
     pub fn script_chat(&self, replies: Vec<Reply>) {
         self.state.lock().unwrap().chat.extend(replies);
+    }
+
+    /// Forgets the transcription replies not used yet.
+    pub fn clear_transcriptions(&self) {
+        self.state.lock().unwrap().transcriptions.clear();
     }
 
     pub fn script_transcriptions(&self, replies: Vec<Reply>) {
@@ -183,6 +200,10 @@ impl ApiDouble {
 
     pub fn embedded(&self) -> Vec<String> {
         self.state.lock().unwrap().embedded.clone()
+    }
+
+    pub fn embedding_requests(&self) -> usize {
+        self.state.lock().unwrap().embedding_requests
     }
 
     pub fn chats(&self) -> Vec<Value> {
@@ -222,6 +243,7 @@ async fn serve(mut sock: tokio::net::TcpStream, st: Arc<Mutex<DoubleState>>) {
                 s.uploads.push(u.clone());
                 s.transcriptions.pop_front()
             } else {
+                s.embedding_requests += 1;
                 s.embeddings.pop_front()
             }
         }

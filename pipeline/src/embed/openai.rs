@@ -11,8 +11,8 @@ use super::{EmbedError, EmbedLimits, Embedder};
 use crate::http_call::{call_with_retry, retry_hint, CallError, CallPolicy};
 use crate::secret::Secret;
 
-/// The longest wait slept inside one embedding call: a build has 270 s, and a longer hint is
-/// better spent re-published with an ETA than holding a worker slot.
+/// The longest wait slept inside one call (`ORBIT_HTTP_MAX_INLINE_WAIT` in the worker): a task has
+/// 270 s, and a longer hint is better spent re-published with an ETA than holding a slot.
 pub const EMBED_MAX_INLINE_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
