@@ -9,9 +9,9 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::chat::{ChatError, Message};
-use orbit_pipeline::Retryable;
 use crate::db::UsageRow;
 use crate::services::Services;
+use orbit_pipeline::Retryable;
 
 /// Passages a question may ask for: enough context for a model, never the whole memory.
 pub const MAX_TOP_K: usize = 50;
@@ -131,10 +131,10 @@ pub async fn answer(sv: &Services, q: Question<'_>) -> Result<Answer, AnswerErro
         return Err(AnswerError::BadRequest("the question is empty".into()));
     }
     let tokens = Encoding::Cl100kBase.count(question);
-    if tokens > sv.settings.max_question_tokens {
+    if tokens > sv.settings.chat.max_question_tokens {
         return Err(AnswerError::BadRequest(format!(
             "the question is {tokens} tokens long; at most {} are allowed",
-            sv.settings.max_question_tokens
+            sv.settings.chat.max_question_tokens
         )));
     }
     if q.top_k == 0 || q.top_k > MAX_TOP_K {
@@ -162,7 +162,7 @@ pub async fn answer(sv: &Services, q: Question<'_>) -> Result<Answer, AnswerErro
         .await
         .map_err(|e| AnswerError::upstream(e.to_string(), e.is_retryable()))?;
     let qv = vectors.pop().unwrap_or_default();
-    if sv.settings.resolved_embedder() == crate::config::EmbedderKind::OpenAi {
+    if sv.settings.pipeline.resolved_embedder() == crate::config::EmbedderKind::OpenAi {
         let model = embedder.model_id().to_string();
         sv.log_usage(UsageRow {
             user_id: Some(q.user_id),
@@ -208,7 +208,7 @@ pub async fn answer(sv: &Services, q: Question<'_>) -> Result<Answer, AnswerErro
 /// Whether the user has used this month's chat tokens (read through the `usage:` cache, which
 /// every usage row invalidates). An unreadable count never blocks an answer.
 async fn over_budget(sv: &Services, user_id: i64) -> bool {
-    let (Some(limit), Some(db)) = (sv.settings.monthly_token_limit, &sv.db) else {
+    let (Some(limit), Some(db)) = (sv.settings.chat.monthly_token_limit, &sv.db) else {
         return false;
     };
     match sv.cache.month_usage(db, user_id).await {

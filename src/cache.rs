@@ -8,8 +8,8 @@ use chrono::{Datelike, TimeZone, Utc};
 use redis::AsyncCommands;
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::redis_conn::RedisConn;
 use crate::db::{Db, MonthUsage, SnapshotCounts};
+use crate::redis_conn::RedisConn;
 
 /// `usage:{user_pk}:{YYYY-MM}`: the seed's five minutes.
 pub const USAGE_TTL: Duration = Duration::from_secs(300);

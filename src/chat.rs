@@ -75,7 +75,7 @@ pub struct Completion {
 pub struct ChatClient {
     http: reqwest::Client,
     url: String,
-    key: Secret,
+    key: Option<Secret>,
     pub model: String,
     timeout: Duration,
     policy: CallPolicy,
@@ -85,7 +85,7 @@ impl ChatClient {
     pub fn new(
         http: reqwest::Client,
         base_url: &str,
-        key: Secret,
+        key: Option<Secret>,
         model: &str,
         timeout: Duration,
         max_inline_wait: Duration,
@@ -123,8 +123,8 @@ impl ChatClient {
 
     async fn attempt(&self, body: &Value) -> Result<Completion, CallError> {
         let mut req = self.http.post(&self.url).timeout(self.timeout).json(body);
-        if !self.key.is_empty() {
-            req = req.bearer_auth(self.key.expose());
+        if let Some(key) = &self.key {
+            req = req.bearer_auth(key.expose());
         }
         let resp = req.send().await.map_err(|e| CallError::transport(&e))?;
         let status = resp.status().as_u16();
@@ -139,7 +139,9 @@ impl ChatClient {
 
 fn parse(text: &str) -> Result<Completion, String> {
     let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
-    let choice = v["choices"].get(0).ok_or_else(|| "no choices".to_string())?;
+    let choice = v["choices"]
+        .get(0)
+        .ok_or_else(|| "no choices".to_string())?;
     let msg = &choice["message"];
     let usage = serde_json::from_value(v["usage"].clone()).unwrap_or_default();
     Ok(Completion {
@@ -168,10 +170,16 @@ mod tests {
         assert!(!map(400, "{}").is_retryable());
         assert!(!map(501, "{}").is_retryable());
         assert!(matches!(
-            map(429, r#"{"error":{"code":"insufficient_quota","message":"q"}}"#),
+            map(
+                429,
+                r#"{"error":{"code":"insufficient_quota","message":"q"}}"#
+            ),
             ChatError::Config(_)
         ));
-        let gave_up = ChatError::from(CallError::GaveUp { attempts: 3, last: "HTTP 503".into() });
+        let gave_up = ChatError::from(CallError::GaveUp {
+            attempts: 3,
+            last: "HTTP 503".into(),
+        });
         assert!(!gave_up.is_retryable() && gave_up.to_string().contains("gave up"));
     }
 }

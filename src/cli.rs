@@ -1,4 +1,5 @@
-//! The command line: `build` and `search` over the configured source, embedder and store.
+//! The command line: `worker` (the Celery worker), `build`, `search` and `ask` over the
+//! configured source, embedder and store, `db` (migrate, seed) and `health`.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -8,8 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use orbit_pipeline::stages::extract::ProgressFn;
 use orbit_pipeline::source::JsonlSource;
+use orbit_pipeline::stages::extract::ProgressFn;
 use orbit_pipeline::{BuildReport, BuildScope};
 use tokio_util::sync::CancellationToken;
 
@@ -343,7 +344,7 @@ async fn signals(warm: CancellationToken) {
 async fn build(mut settings: Settings, a: BuildArgs) -> Result<()> {
     // --source names files; without it, the app's Postgres when DATABASE_URL is set.
     let sv = if !a.source.is_empty() {
-        settings.source_paths = a.source.clone();
+        settings.pipeline.source_paths = a.source.clone();
         settings.database_url = None;
         Services::new(settings)?
     } else {
@@ -475,7 +476,7 @@ async fn search(settings: Settings, a: SearchArgs) -> Result<()> {
     if a.query.trim().is_empty() {
         bail!("empty query");
     }
-    let data_dir = settings.data_dir.clone();
+    let data_dir = settings.pipeline.data_dir.clone();
     let sv = Services::new(settings)?;
     let embedder = sv.embedder().await?;
     let store = sv.store().await?;

@@ -1,11 +1,104 @@
-//! Settings: read from the environment once at start-up, validated into typed values.
+//! Settings: read from the environment (the variables Django already uses where there is one)
+//! once at start-up, one validated block per concern. Every block is checked before anything
+//! runs: a bad VAPID key or SMTP URL stops `orbit-worker worker` at once, naming the variable.
+//! Optional secrets are `Option<Secret>`: unset is `None`, never an empty string.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
 use orbit_pipeline::chunk::ChunkSettings;
 use orbit_pipeline::secret::Secret;
 use orbit_pipeline::tokenize::Encoding;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{name}: {reason}")]
+    Var { name: &'static str, reason: String },
+}
+
+fn bad(name: &'static str, reason: impl std::fmt::Display) -> ConfigError {
+    ConfigError::Var {
+        name,
+        reason: reason.to_string(),
+    }
+}
+
+type Result<T> = std::result::Result<T, ConfigError>;
+
+/// Where settings come from: the process environment, or a table in tests.
+pub trait Vars {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct Env;
+
+impl Vars for Env {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+/// A fixed table of variables (tests).
+pub struct Table<'a>(pub &'a [(&'a str, &'a str)]);
+
+impl Vars for Table<'_> {
+    fn get(&self, name: &str) -> Option<String> {
+        self.0
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_string())
+    }
+}
+
+/// A set, non-blank variable.
+fn var(v: &dyn Vars, name: &str) -> Option<String> {
+    v.get(name).filter(|s| !s.trim().is_empty())
+}
+
+fn secret(v: &dyn Vars, name: &str) -> Option<Secret> {
+    var(v, name).map(Secret::new)
+}
+
+fn parse<T: std::str::FromStr>(v: &dyn Vars, name: &'static str) -> Result<Option<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    match var(v, name) {
+        None => Ok(None),
+        Some(s) => s
+            .trim()
+            .parse::<T>()
+            .map(Some)
+            .map_err(|e| bad(name, format!("{s:?}: {e}"))),
+    }
+}
+
+/// A duration in seconds; negative, NaN or absurd values are a start-up error, not a panic.
+fn seconds(v: &dyn Vars, name: &'static str, default: f64) -> Result<Duration> {
+    let s: f64 = parse(v, name)?.unwrap_or(default);
+    Duration::try_from_secs_f64(s).map_err(|_| bad(name, format!("{s}: not a number of seconds")))
+}
+
+/// Like `seconds`, and more than zero.
+fn positive_seconds(v: &dyn Vars, name: &'static str, default: f64) -> Result<Duration> {
+    let d = seconds(v, name, default)?;
+    if d.is_zero() {
+        return Err(bad(name, "must be positive"));
+    }
+    Ok(d)
+}
+
+/// `https://api.openai.com/v1` unless `name` (or `OPENAI_BASE_URL`) says otherwise; http(s) only.
+fn api_base(v: &dyn Vars, name: &'static str) -> Result<String> {
+    let url = var(v, name)
+        .or_else(|| var(v, "OPENAI_BASE_URL"))
+        .unwrap_or_else(|| "https://api.openai.com/v1".into());
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(bad(name, format!("{url:?} is not an http(s) URL")));
+    }
+    Ok(url)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EmbedderKind {
@@ -18,24 +111,31 @@ pub enum EmbedderKind {
 }
 
 impl std::str::FromStr for EmbedderKind {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
         Ok(match s {
             "auto" | "" => EmbedderKind::Auto,
             "local" => EmbedderKind::Local,
             "openai" => EmbedderKind::OpenAi,
             "hashing" => EmbedderKind::Hashing,
-            other => bail!("unknown embedder {other:?} (auto, local, openai, hashing)"),
+            other => {
+                return Err(format!(
+                    "unknown embedder {other:?} (auto, local, openai, hashing)"
+                ))
+            }
         })
     }
 }
 
+/// The memory pipeline: where builds read, how they chunk and embed, where vectors live.
 #[derive(Debug, Clone)]
-pub struct Settings {
+pub struct PipelineConfig {
     pub data_dir: PathBuf,
     pub source_paths: Vec<PathBuf>,
+    /// A JSON file replacing some of the Postgres source's per-kind queries.
+    pub source_queries: Option<PathBuf>,
     pub embedder: EmbedderKind,
-    pub openai_api_key: Secret,
+    pub openai_api_key: Option<Secret>,
     pub openai_base_url: String,
     pub embed_model: String,
     pub model_dir: PathBuf,
@@ -48,174 +148,61 @@ pub struct Settings {
     pub embed_in_flight: Option<usize>,
     pub embed_batch_inputs: Option<usize>,
     pub embed_batch_tokens: Option<usize>,
-    /// The longest wait the HTTP call layer sleeps inside one call; a longer hint from the
-    /// server is handed to the task layer (re-published with that ETA).
-    pub http_max_inline_wait: std::time::Duration,
-    /// The app's Postgres; when set, builds read it (the Postgres source) and write records.
-    pub database_url: Option<Secret>,
-    /// A JSON file replacing some of the Postgres source's per-kind queries.
-    pub source_queries: Option<PathBuf>,
-    /// The chat model for answers; None gives extractive answers.
-    pub chat_model: Option<String>,
-    pub chat_base_url: String,
-    pub chat_timeout: std::time::Duration,
-    /// Django's cache: its Redis, KEY_PREFIX and VERSION.
-    pub cache_url: Secret,
-    pub cache_key_prefix: String,
-    pub cache_version: i64,
     /// How long a build lock lives without renewal (a dead worker's lock frees itself).
-    pub build_lock_ttl: std::time::Duration,
-    pub prices: crate::pricing::PriceTable,
-    /// The bearer token of the HTTP status endpoints; empty refuses every request.
-    pub http_token: Secret,
-    /// Questions longer than this (in cl100k tokens) are refused.
-    pub max_question_tokens: usize,
-    /// A user's chat tokens per calendar month; past it, answers are extractive. None: no cap.
-    pub monthly_token_limit: Option<i64>,
-    /// VAPID (RFC 8292): the application server's P-256 private key (PEM, or the raw 32 bytes
-    /// base64url) and the `sub` claim (`mailto:` or `https:`).
-    pub vapid_private_key: Secret,
-    pub vapid_subject: String,
-    pub push_timeout: std::time::Duration,
-    /// `smtp://host:1025`, `smtps://user:pass@host:465`, `smtp://…?tls=required`.
-    pub smtp_url: Secret,
-    pub smtp_from: String,
-    pub smtp_timeout: std::time::Duration,
-    /// Where Blink audio paths are relative to.
-    pub media_root: PathBuf,
-    pub transcribe_model: String,
-    pub transcribe_base_url: String,
-    pub transcribe_timeout: std::time::Duration,
-    pub analysis_model: String,
+    pub build_lock_ttl: Duration,
 }
 
-fn var(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
-
-fn parse<T: std::str::FromStr>(name: &str) -> Result<Option<T>>
-where
-    T::Err: std::fmt::Display,
-{
-    match var(name) {
-        None => Ok(None),
-        Some(v) => v
-            .trim()
-            .parse::<T>()
-            .map(Some)
-            .map_err(|e| anyhow::anyhow!("{name}={v:?}: {e}")),
-    }
-}
-
-/// A duration in seconds; negative, NaN or absurd values are a start-up error, not a panic.
-fn seconds(name: &str, default: f64) -> Result<std::time::Duration> {
-    let v: f64 = parse(name)?.unwrap_or(default);
-    std::time::Duration::try_from_secs_f64(v)
-        .map_err(|_| anyhow::anyhow!("{name}={v}: not a number of seconds"))
-}
-
-/// Where `make model` puts all-MiniLM-L6-v2.
-pub fn default_model_dir() -> PathBuf {
-    let cache = var("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from(".cache"));
-    cache.join("orbit-worker/models/all-MiniLM-L6-v2")
-}
-
-impl Settings {
-    pub fn from_env() -> Result<Self> {
-        let s = Settings {
-            data_dir: var("ORBIT_DATA_DIR")
+impl PipelineConfig {
+    fn from_vars(v: &dyn Vars) -> Result<Self> {
+        let c = PipelineConfig {
+            data_dir: var(v, "ORBIT_DATA_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("./data")),
-            source_paths: var("ORBIT_SOURCE")
-                .map(|v| v.split(',').map(|p| PathBuf::from(p.trim())).collect())
+            source_paths: var(v, "ORBIT_SOURCE")
+                .map(|s| s.split(',').map(|p| PathBuf::from(p.trim())).collect())
                 .unwrap_or_default(),
-            embedder: parse("ORBIT_EMBEDDER")?.unwrap_or(EmbedderKind::Auto),
-            openai_api_key: Secret::new(var("OPENAI_API_KEY").unwrap_or_default()),
-            openai_base_url: var("OPENAI_BASE_URL")
-                .unwrap_or_else(|| "https://api.openai.com/v1".into()),
-            embed_model: var("ORBIT_EMBED_MODEL")
+            source_queries: var(v, "ORBIT_SOURCE_QUERIES").map(PathBuf::from),
+            embedder: parse(v, "ORBIT_EMBEDDER")?.unwrap_or(EmbedderKind::Auto),
+            openai_api_key: secret(v, "OPENAI_API_KEY"),
+            openai_base_url: api_base(v, "OPENAI_BASE_URL")?,
+            embed_model: var(v, "ORBIT_EMBED_MODEL")
                 .unwrap_or_else(|| "text-embedding-3-small".into()),
-            model_dir: var("ORBIT_MODEL_DIR")
+            model_dir: var(v, "ORBIT_MODEL_DIR")
                 .map(PathBuf::from)
-                .unwrap_or_else(default_model_dir),
-            hashing_dim: parse("ORBIT_HASHING_DIM")?.unwrap_or(384),
-            chunk_tokens: parse("ORBIT_CHUNK_TOKENS")?,
-            chunk_overlap: parse("ORBIT_CHUNK_OVERLAP")?,
-            encoding: parse::<Encoding>("ORBIT_ENCODING")?.unwrap_or_default(),
-            cpu_threads: parse("ORBIT_CPU_THREADS")?.unwrap_or_else(|| {
+                .unwrap_or_else(|| default_model_dir(v)),
+            hashing_dim: parse(v, "ORBIT_HASHING_DIM")?.unwrap_or(384),
+            chunk_tokens: parse(v, "ORBIT_CHUNK_TOKENS")?,
+            chunk_overlap: parse(v, "ORBIT_CHUNK_OVERLAP")?,
+            encoding: parse::<Encoding>(v, "ORBIT_ENCODING")?.unwrap_or_default(),
+            cpu_threads: parse(v, "ORBIT_CPU_THREADS")?.unwrap_or_else(|| {
                 std::thread::available_parallelism()
                     .map(|n| n.get())
                     .unwrap_or(2)
             }),
-            embed_in_flight: parse("ORBIT_EMBED_IN_FLIGHT")?,
-            embed_batch_inputs: parse("ORBIT_EMBED_BATCH_INPUTS")?,
-            embed_batch_tokens: parse("ORBIT_EMBED_BATCH_TOKENS")?,
-            http_max_inline_wait: seconds(
-                "ORBIT_HTTP_MAX_INLINE_WAIT",
-                orbit_pipeline::embed::EMBED_MAX_INLINE_WAIT.as_secs_f64(),
-            )?,
-            database_url: var("DATABASE_URL").map(Secret::new),
-            source_queries: var("ORBIT_SOURCE_QUERIES").map(PathBuf::from),
-            chat_model: var("ORBIT_CHAT_MODEL").filter(|m| m != "none"),
-            chat_base_url: var("ORBIT_CHAT_BASE_URL")
-                .or_else(|| var("OPENAI_BASE_URL"))
-                .unwrap_or_else(|| "https://api.openai.com/v1".into()),
-            chat_timeout: seconds("ORBIT_CHAT_TIMEOUT", 60.0)?,
-            cache_url: Secret::new(
-                var("ORBIT_CACHE_URL")
-                    .or_else(|| var("REDIS_URL"))
-                    .unwrap_or_else(|| "redis://127.0.0.1:6379/0".into()),
-            ),
-            cache_key_prefix: std::env::var("ORBIT_CACHE_KEY_PREFIX").unwrap_or_default(),
-            cache_version: parse("ORBIT_CACHE_VERSION")?.unwrap_or(1),
-            build_lock_ttl: seconds("ORBIT_BUILD_LOCK_TTL", 60.0)?,
-            prices: crate::pricing::PriceTable::with_overrides(
-                var("ORBIT_PRICE_TABLE").as_deref(),
-            )?,
-            http_token: Secret::new(var("ORBIT_HTTP_TOKEN").unwrap_or_default()),
-            max_question_tokens: parse("ORBIT_MAX_QUESTION_TOKENS")?.unwrap_or(8192),
-            monthly_token_limit: parse("ORBIT_MONTHLY_TOKEN_LIMIT")?,
-            vapid_private_key: Secret::new(var("VAPID_PRIVATE_KEY").unwrap_or_default()),
-            vapid_subject: var("VAPID_SUBJECT")
-                .unwrap_or_else(|| "mailto:admin@orbitingfox.app".into()),
-            push_timeout: seconds("ORBIT_PUSH_TIMEOUT", 10.0)?,
-            smtp_url: Secret::new(var("SMTP_URL").unwrap_or_default()),
-            smtp_from: var("SMTP_FROM")
-                .or_else(|| var("DEFAULT_FROM_EMAIL"))
-                .unwrap_or_else(|| "OrbitingFox <no-reply@orbitingfox.app>".into()),
-            smtp_timeout: seconds("ORBIT_SMTP_TIMEOUT", 30.0)?,
-            media_root: var("MEDIA_ROOT")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("./media")),
-            transcribe_model: var("ORBIT_TRANSCRIBE_MODEL").unwrap_or_else(|| "whisper-1".into()),
-            transcribe_base_url: var("ORBIT_TRANSCRIBE_BASE_URL")
-                .or_else(|| var("OPENAI_BASE_URL"))
-                .unwrap_or_else(|| "https://api.openai.com/v1".into()),
-            transcribe_timeout: seconds("ORBIT_TRANSCRIBE_TIMEOUT", 600.0)?,
-            analysis_model: var("ORBIT_ANALYSIS_MODEL")
-                .unwrap_or_else(|| "gpt-4o-2024-08-06".into()),
+            embed_in_flight: parse(v, "ORBIT_EMBED_IN_FLIGHT")?,
+            embed_batch_inputs: parse(v, "ORBIT_EMBED_BATCH_INPUTS")?,
+            embed_batch_tokens: parse(v, "ORBIT_EMBED_BATCH_TOKENS")?,
+            build_lock_ttl: seconds(v, "ORBIT_BUILD_LOCK_TTL", 60.0)?,
         };
-        if s.build_lock_ttl < std::time::Duration::from_secs(3) {
-            bail!("ORBIT_BUILD_LOCK_TTL must be at least 3 seconds");
+        if c.build_lock_ttl < Duration::from_secs(3) {
+            return Err(bad("ORBIT_BUILD_LOCK_TTL", "must be at least 3 seconds"));
         }
-        if s.chat_timeout.is_zero() {
-            bail!("ORBIT_CHAT_TIMEOUT must be positive");
+        if c.cpu_threads == 0 {
+            return Err(bad("ORBIT_CPU_THREADS", "must be at least 1"));
         }
-        if s.cpu_threads == 0 {
-            bail!("ORBIT_CPU_THREADS must be at least 1");
+        if c.hashing_dim == 0 {
+            return Err(bad("ORBIT_HASHING_DIM", "must be at least 1"));
         }
-        if s.embedder == EmbedderKind::OpenAi && s.openai_api_key.is_empty() {
-            bail!("ORBIT_EMBEDDER=openai needs OPENAI_API_KEY");
+        if c.embedder == EmbedderKind::OpenAi && c.openai_api_key.is_none() {
+            return Err(bad("OPENAI_API_KEY", "ORBIT_EMBEDDER=openai needs it"));
         }
-        Ok(s)
+        c.chunk_settings(None)?;
+        Ok(c)
     }
 
     pub fn resolved_embedder(&self) -> EmbedderKind {
         match self.embedder {
-            EmbedderKind::Auto if !self.openai_api_key.is_empty() => EmbedderKind::OpenAi,
+            EmbedderKind::Auto if self.openai_api_key.is_some() => EmbedderKind::OpenAi,
             EmbedderKind::Auto => EmbedderKind::Local,
             k => k,
         }
@@ -236,9 +223,231 @@ impl Settings {
             c.overlap_tokens = o;
         }
         c.validate()
-            .context("ORBIT_CHUNK_TOKENS / ORBIT_CHUNK_OVERLAP")?;
+            .map_err(|e| bad("ORBIT_CHUNK_TOKENS / ORBIT_CHUNK_OVERLAP", e))?;
         Ok(c)
     }
+}
+
+/// Django's cache: its Redis, KEY_PREFIX and VERSION. Build locks live on the same Redis.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub url: Secret,
+    pub key_prefix: String,
+    pub version: i64,
+}
+
+impl CacheConfig {
+    fn from_vars(v: &dyn Vars) -> Result<Self> {
+        let url = var(v, "ORBIT_CACHE_URL")
+            .or_else(|| var(v, "REDIS_URL"))
+            .unwrap_or_else(|| "redis://127.0.0.1:6379/0".into());
+        redis_url("ORBIT_CACHE_URL", &url)?;
+        Ok(CacheConfig {
+            url: Secret::new(url),
+            key_prefix: v.get("ORBIT_CACHE_KEY_PREFIX").unwrap_or_default(),
+            version: parse(v, "ORBIT_CACHE_VERSION")?.unwrap_or(1),
+        })
+    }
+}
+
+fn redis_url(name: &'static str, url: &str) -> Result<()> {
+    if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://"))
+    {
+        return Err(bad(
+            name,
+            "must be a redis:// URL (only Redis is supported)",
+        ));
+    }
+    Ok(())
+}
+
+/// The chat model: OrbitPilot's answers and Blink's analysis.
+#[derive(Debug, Clone)]
+pub struct ChatConfig {
+    /// The model for answers; None gives extractive answers.
+    pub model: Option<String>,
+    pub analysis_model: String,
+    pub base_url: String,
+    pub api_key: Option<Secret>,
+    pub timeout: Duration,
+    /// Questions longer than this (in cl100k tokens) are refused.
+    pub max_question_tokens: usize,
+    /// A user's chat tokens per calendar month; past it, answers are extractive. None: no cap.
+    pub monthly_token_limit: Option<i64>,
+}
+
+impl ChatConfig {
+    fn from_vars(v: &dyn Vars) -> Result<Self> {
+        Ok(ChatConfig {
+            model: var(v, "ORBIT_CHAT_MODEL").filter(|m| m != "none"),
+            analysis_model: var(v, "ORBIT_ANALYSIS_MODEL")
+                .unwrap_or_else(|| "gpt-4o-2024-08-06".into()),
+            base_url: api_base(v, "ORBIT_CHAT_BASE_URL")?,
+            api_key: secret(v, "OPENAI_API_KEY"),
+            timeout: positive_seconds(v, "ORBIT_CHAT_TIMEOUT", 60.0)?,
+            max_question_tokens: parse(v, "ORBIT_MAX_QUESTION_TOKENS")?.unwrap_or(8192),
+            monthly_token_limit: parse(v, "ORBIT_MONTHLY_TOKEN_LIMIT")?,
+        })
+    }
+}
+
+/// Web Push: the VAPID key (RFC 8292), checked to be a P-256 private key at start-up.
+#[derive(Debug, Clone)]
+pub struct PushConfig {
+    /// PEM, or the raw 32 bytes base64url. None: `send_push` fails as misconfigured.
+    pub vapid_private_key: Option<Secret>,
+    /// The `sub` claim: `mailto:` or `https:`.
+    pub vapid_subject: String,
+    pub timeout: Duration,
+}
+
+impl PushConfig {
+    fn from_vars(v: &dyn Vars) -> Result<Self> {
+        let c = PushConfig {
+            vapid_private_key: secret(v, "VAPID_PRIVATE_KEY"),
+            vapid_subject: var(v, "VAPID_SUBJECT")
+                .unwrap_or_else(|| "mailto:admin@orbitingfox.app".into()),
+            timeout: positive_seconds(v, "ORBIT_PUSH_TIMEOUT", 10.0)?,
+        };
+        if let Some(k) = &c.vapid_private_key {
+            crate::tasks::send_push::vapid_key(k.expose())
+                .map_err(|e| bad("VAPID_PRIVATE_KEY", e))?;
+        }
+        if !(c.vapid_subject.starts_with("mailto:") || c.vapid_subject.starts_with("https:")) {
+            return Err(bad("VAPID_SUBJECT", "must start with mailto: or https:"));
+        }
+        Ok(c)
+    }
+}
+
+/// Email over SMTP: the URL (checked by the transport's own parser) and the sender.
+#[derive(Debug, Clone)]
+pub struct SmtpConfig {
+    /// `smtp://host:1025`, `smtps://user:pass@host:465`, `smtp://…?tls=required`.
+    pub url: Option<Secret>,
+    pub from: lettre::message::Mailbox,
+    pub timeout: Duration,
+}
+
+impl SmtpConfig {
+    fn from_vars(v: &dyn Vars) -> Result<Self> {
+        let url = secret(v, "SMTP_URL");
+        if let Some(u) = &url {
+            // The parser's message never includes the URL (it may hold a password).
+            lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(u.expose())
+                .map_err(|e| bad("SMTP_URL", format!("not a usable SMTP URL: {e}")))?;
+        }
+        let from = var(v, "SMTP_FROM")
+            .or_else(|| var(v, "DEFAULT_FROM_EMAIL"))
+            .unwrap_or_else(|| "OrbitingFox <no-reply@orbitingfox.app>".into());
+        Ok(SmtpConfig {
+            url,
+            from: from
+                .parse()
+                .map_err(|e| bad("SMTP_FROM", format!("{from:?} is not an address: {e}")))?,
+            timeout: positive_seconds(v, "ORBIT_SMTP_TIMEOUT", 30.0)?,
+        })
+    }
+}
+
+/// Blink transcription: an OpenAI-compatible `/v1/audio/transcriptions`.
+#[derive(Debug, Clone)]
+pub struct TranscriptionConfig {
+    /// Where Blink audio paths are relative to.
+    pub media_root: PathBuf,
+    pub model: String,
+    pub base_url: String,
+    pub api_key: Option<Secret>,
+    pub timeout: Duration,
+}
+
+impl TranscriptionConfig {
+    fn from_vars(v: &dyn Vars) -> Result<Self> {
+        Ok(TranscriptionConfig {
+            media_root: var(v, "MEDIA_ROOT")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("./media")),
+            model: var(v, "ORBIT_TRANSCRIBE_MODEL").unwrap_or_else(|| "whisper-1".into()),
+            base_url: api_base(v, "ORBIT_TRANSCRIBE_BASE_URL")?,
+            api_key: secret(v, "OPENAI_API_KEY"),
+            timeout: positive_seconds(v, "ORBIT_TRANSCRIBE_TIMEOUT", 600.0)?,
+        })
+    }
+}
+
+/// HTTP: the status endpoints' token and the outgoing call layer's inline budget.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// The bearer token of the HTTP status endpoints; None refuses every request.
+    pub token: Option<Secret>,
+    /// The longest wait the call layer sleeps inside one call; a longer hint from the server
+    /// goes to the task layer (re-published with that ETA).
+    pub max_inline_wait: Duration,
+}
+
+impl HttpConfig {
+    fn from_vars(v: &dyn Vars) -> Result<Self> {
+        Ok(HttpConfig {
+            token: secret(v, "ORBIT_HTTP_TOKEN"),
+            max_inline_wait: seconds(
+                v,
+                "ORBIT_HTTP_MAX_INLINE_WAIT",
+                orbit_pipeline::embed::EMBED_MAX_INLINE_WAIT.as_secs_f64(),
+            )?,
+        })
+    }
+}
+
+/// Every block, each validated. Tasks read their own block only.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub pipeline: PipelineConfig,
+    /// The app's Postgres; when set, builds read it (the Postgres source) and write records.
+    pub database_url: Option<Secret>,
+    pub cache: CacheConfig,
+    pub chat: ChatConfig,
+    pub push: PushConfig,
+    pub smtp: SmtpConfig,
+    pub transcription: TranscriptionConfig,
+    pub http: HttpConfig,
+    /// Prices of the paid models, for usage rows (`ORBIT_PRICE_TABLE` adds or replaces).
+    pub prices: crate::pricing::PriceTable,
+}
+
+impl Settings {
+    pub fn from_env() -> Result<Self> {
+        Self::from_vars(&Env)
+    }
+
+    pub fn from_vars(v: &dyn Vars) -> Result<Self> {
+        Ok(Settings {
+            pipeline: PipelineConfig::from_vars(v)?,
+            database_url: secret(v, "DATABASE_URL"),
+            cache: CacheConfig::from_vars(v)?,
+            chat: ChatConfig::from_vars(v)?,
+            push: PushConfig::from_vars(v)?,
+            smtp: SmtpConfig::from_vars(v)?,
+            transcription: TranscriptionConfig::from_vars(v)?,
+            http: HttpConfig::from_vars(v)?,
+            prices: crate::pricing::PriceTable::with_overrides(
+                var(v, "ORBIT_PRICE_TABLE").as_deref(),
+            )
+            .map_err(|e| bad("ORBIT_PRICE_TABLE", format!("{e:#}")))?,
+        })
+    }
+}
+
+/// Where `make model` puts all-MiniLM-L6-v2.
+pub fn default_model_dir_env() -> PathBuf {
+    default_model_dir(&Env)
+}
+
+fn default_model_dir(v: &dyn Vars) -> PathBuf {
+    let cache = var(v, "XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| var(v, "HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    cache.join("orbit-worker/models/all-MiniLM-L6-v2")
 }
 
 /// Where the worker meets Django: the broker, the result backend and result expiry, named as the
@@ -248,31 +457,124 @@ pub struct CelerySettings {
     /// URLs may carry a password.
     pub broker_url: Secret,
     pub backend_url: Secret,
-    pub result_expires: std::time::Duration,
+    pub result_expires: Duration,
 }
 
 impl CelerySettings {
     pub fn from_env() -> Result<Self> {
-        let broker = var("CELERY_BROKER_URL")
-            .or_else(|| var("REDIS_URL"))
+        Self::from_vars(&Env)
+    }
+
+    pub fn from_vars(v: &dyn Vars) -> Result<Self> {
+        let broker = var(v, "CELERY_BROKER_URL")
+            .or_else(|| var(v, "REDIS_URL"))
             .unwrap_or_else(|| "redis://127.0.0.1:6379/0".into());
-        let backend = var("CELERY_RESULT_BACKEND").unwrap_or_else(|| broker.clone());
-        for (name, url) in [("broker", &broker), ("result backend", &backend)] {
-            if !(url.starts_with("redis://")
-                || url.starts_with("rediss://")
-                || url.starts_with("unix://"))
-            {
-                bail!("the {name} must be a redis:// URL (only Redis is supported)");
-            }
-        }
-        let expires: f64 = parse("CELERY_RESULT_EXPIRES")?.unwrap_or(3600.0);
+        let backend = var(v, "CELERY_RESULT_BACKEND").unwrap_or_else(|| broker.clone());
+        redis_url("CELERY_BROKER_URL", &broker)?;
+        redis_url("CELERY_RESULT_BACKEND", &backend)?;
+        let expires: f64 = parse(v, "CELERY_RESULT_EXPIRES")?.unwrap_or(3600.0);
         if !(expires.is_finite() && expires >= 1.0) {
-            bail!("CELERY_RESULT_EXPIRES must be at least 1 second");
+            return Err(bad("CELERY_RESULT_EXPIRES", "must be at least 1 second"));
         }
         Ok(CelerySettings {
             broker_url: Secret::new(broker),
             backend_url: Secret::new(backend),
-            result_expires: std::time::Duration::from_secs_f64(expires),
+            result_expires: Duration::from_secs_f64(expires),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A P-256 private key as VAPID tools print it (base64url of the 32 raw bytes).
+    const VAPID_KEY: &str = "IQ9Ur0ykXoHS9gzfYX0aBjy9lvdrjx_PFUXmie9YRcY";
+
+    fn settings(vars: &[(&str, &str)]) -> Result<Settings> {
+        Settings::from_vars(&Table(vars))
+    }
+
+    fn refused(vars: &[(&str, &str)]) -> String {
+        match settings(vars) {
+            Ok(_) => panic!("{vars:?} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn defaults_need_nothing_and_optional_secrets_are_none() {
+        let s = settings(&[]).unwrap();
+        assert!(s.pipeline.openai_api_key.is_none());
+        assert!(s.push.vapid_private_key.is_none());
+        assert!(s.smtp.url.is_none());
+        assert!(s.http.token.is_none());
+        assert!(s.database_url.is_none());
+        assert_eq!(s.pipeline.resolved_embedder(), EmbedderKind::Local);
+        assert_eq!(s.chat.base_url, "https://api.openai.com/v1");
+        // Blank is unset, as Django's settings read it.
+        let s = settings(&[("OPENAI_API_KEY", "  "), ("SMTP_URL", "")]).unwrap();
+        assert!(s.pipeline.openai_api_key.is_none() && s.smtp.url.is_none());
+        let s = settings(&[("OPENAI_API_KEY", "sk-x")]).unwrap();
+        assert_eq!(s.pipeline.resolved_embedder(), EmbedderKind::OpenAi);
+    }
+
+    #[test]
+    fn each_bad_value_names_its_variable() {
+        let table: &[(&[(&str, &str)], &str)] = &[
+            (&[("VAPID_PRIVATE_KEY", "not-a-key")], "VAPID_PRIVATE_KEY"),
+            (&[("VAPID_SUBJECT", "admin@x")], "VAPID_SUBJECT"),
+            (&[("SMTP_URL", "ftp://mail")], "SMTP_URL"),
+            (&[("SMTP_FROM", "nobody")], "SMTP_FROM"),
+            (&[("ORBIT_BUILD_LOCK_TTL", "1")], "ORBIT_BUILD_LOCK_TTL"),
+            (&[("ORBIT_BUILD_LOCK_TTL", "-5")], "ORBIT_BUILD_LOCK_TTL"),
+            (&[("ORBIT_CHAT_TIMEOUT", "0")], "ORBIT_CHAT_TIMEOUT"),
+            (&[("ORBIT_CPU_THREADS", "0")], "ORBIT_CPU_THREADS"),
+            (&[("ORBIT_EMBEDDER", "magic")], "ORBIT_EMBEDDER"),
+            (&[("ORBIT_EMBEDDER", "openai")], "OPENAI_API_KEY"),
+            (&[("ORBIT_CHUNK_TOKENS", "4")], "ORBIT_CHUNK_TOKENS"),
+            (&[("ORBIT_CACHE_URL", "memcached://x")], "ORBIT_CACHE_URL"),
+            (&[("OPENAI_BASE_URL", "api.openai.com")], "OPENAI_BASE_URL"),
+            (
+                &[("ORBIT_HTTP_MAX_INLINE_WAIT", "NaN")],
+                "ORBIT_HTTP_MAX_INLINE_WAIT",
+            ),
+            (&[("ORBIT_PRICE_TABLE", "{")], "ORBIT_PRICE_TABLE"),
+        ];
+        for (vars, name) in table {
+            let e = refused(vars);
+            assert!(e.starts_with(name), "{vars:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn valid_push_and_smtp_settings_are_accepted_and_secrets_stay_hidden() {
+        let s = settings(&[
+            ("VAPID_PRIVATE_KEY", VAPID_KEY),
+            ("SMTP_URL", "smtps://user:hunter2@mail.example:465"),
+            ("SMTP_FROM", "OrbitingFox <no-reply@orbitingfox.app>"),
+        ])
+        .unwrap();
+        assert!(s.push.vapid_private_key.is_some());
+        assert_eq!(s.smtp.from.email.to_string(), "no-reply@orbitingfox.app");
+        let shown = format!("{s:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains(VAPID_KEY),
+            "{shown}"
+        );
+        let e = refused(&[("SMTP_URL", "smtps://user:hunter2@:465:x")]);
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn celery_urls() {
+        let c = CelerySettings::from_vars(&Table(&[("REDIS_URL", "redis://r:1/2")][..])).unwrap();
+        assert_eq!(c.backend_url.expose(), "redis://r:1/2");
+        let e = CelerySettings::from_vars(&Table(&[("CELERY_BROKER_URL", "amqp://x")][..]))
+            .unwrap_err();
+        assert!(e.to_string().starts_with("CELERY_BROKER_URL"), "{e}");
+        let e =
+            CelerySettings::from_vars(&Table(&[("CELERY_RESULT_EXPIRES", "0")][..])).unwrap_err();
+        assert!(e.to_string().starts_with("CELERY_RESULT_EXPIRES"), "{e}");
     }
 }

@@ -9,15 +9,20 @@ use orbit_pipeline::embed::{
 };
 use orbit_pipeline::store::{SqliteStore, VectorStore};
 
-use crate::config::{EmbedderKind, Settings};
+use crate::config::{EmbedderKind, PipelineConfig};
 
 /// `http`: the process's shared client (its connection pool); each request sets its own timeout.
-pub fn embedder(s: &Settings, http: reqwest::Client) -> Result<Arc<dyn Embedder>> {
+/// `max_inline_wait`: the HTTP call layer's budget (`ORBIT_HTTP_MAX_INLINE_WAIT`).
+pub fn embedder(
+    s: &PipelineConfig,
+    http: reqwest::Client,
+    max_inline_wait: std::time::Duration,
+) -> Result<Arc<dyn Embedder>> {
     let base: Arc<dyn Embedder> = match s.resolved_embedder() {
         EmbedderKind::OpenAi => {
             let mut cfg =
                 OpenAiSettings::new(&s.openai_base_url, s.openai_api_key.clone(), &s.embed_model);
-            cfg.policy.max_inline_wait = s.http_max_inline_wait;
+            cfg.policy.max_inline_wait = max_inline_wait;
             Arc::new(OpenAiEmbedder::new(cfg, http)?)
         }
         EmbedderKind::Hashing => Arc::new(HashingEmbedder::new(s.hashing_dim)),
@@ -35,7 +40,7 @@ pub fn embedder(s: &Settings, http: reqwest::Client) -> Result<Arc<dyn Embedder>
     Ok(Arc::new(WithLimits::new(base, limits)))
 }
 
-pub async fn store(s: &Settings) -> Result<Arc<dyn VectorStore>> {
+pub async fn store(s: &PipelineConfig) -> Result<Arc<dyn VectorStore>> {
     Ok(Arc::new(
         SqliteStore::open(&s.data_dir)
             .await

@@ -136,7 +136,11 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn authorized(st: &HttpState, headers: &HeaderMap) -> bool {
-    let want = st.services.settings.http_token.expose().as_bytes();
+    // No token configured: every request is refused.
+    let Some(want) = &st.services.settings.http.token else {
+        return false;
+    };
+    let want = want.expose().as_bytes();
     let got = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

@@ -184,7 +184,11 @@ impl Drop for BuildLock {
             return; // released already
         }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(release(self.conn.clone(), self.user, std::mem::take(&mut self.value)));
+            rt.spawn(release(
+                self.conn.clone(),
+                self.user,
+                std::mem::take(&mut self.value),
+            ));
         }
     }
 }

@@ -19,6 +19,7 @@ pub struct Metrics {
     running: IntGauge,
     stage_items: IntCounterVec,
     stage_bytes: IntCounterVec,
+    stage_requests: IntCounterVec,
     stage_busy: prometheus::CounterVec,
     stage_wait: prometheus::CounterVec,
     stage_rate: GaugeVec,
@@ -63,11 +64,19 @@ impl Metrics {
         let stage_bytes = IntCounterVec::new(
             Opts::new(
                 "orbit_pipeline_stage_bytes_total",
-                "Bytes each pipeline stage produced",
+                "Bytes of text each pipeline stage handed on (embed: the text it sent to the embedder)",
             ),
             &["stage"],
         )
         .expect("valid metric");
+        let stage_requests = IntCounterVec::new(
+            Opts::new(
+                "orbit_pipeline_stage_requests_total",
+                "Requests each pipeline stage made to an outside service (embedding calls, store lookups and transactions)",
+            ),
+            &["stage"],
+        )
+        .expect("metric");
         let stage_busy = prometheus::CounterVec::new(
             Opts::new(
                 "orbit_pipeline_stage_busy_seconds_total",
@@ -121,6 +130,7 @@ impl Metrics {
             Box::new(running.clone()),
             Box::new(stage_items.clone()),
             Box::new(stage_bytes.clone()),
+            Box::new(stage_requests.clone()),
             Box::new(stage_busy.clone()),
             Box::new(stage_wait.clone()),
             Box::new(stage_rate.clone()),
@@ -138,6 +148,7 @@ impl Metrics {
             running,
             stage_items,
             stage_bytes,
+            stage_requests,
             stage_busy,
             stage_wait,
             stage_rate,
@@ -177,6 +188,9 @@ impl Metrics {
             self.stage_bytes
                 .with_label_values(&[s.name])
                 .inc_by(s.bytes_out);
+            self.stage_requests
+                .with_label_values(&[s.name])
+                .inc_by(s.requests);
             self.stage_busy
                 .with_label_values(&[s.name])
                 .inc_by(s.busy_ms / 1000.0);

@@ -98,4 +98,3 @@ impl RedisConn {
         self.note(r).await.map(|_| ())
     }
 }
-

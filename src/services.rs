@@ -13,12 +13,12 @@ use orbit_pipeline::{Pipeline, PipelineSettings};
 use tokio::sync::OnceCell;
 
 use crate::cache::Cache;
-use crate::redis_conn::RedisConn;
 use crate::chat::ChatClient;
 use crate::config::Settings;
 use crate::db::Db;
 use crate::embedders;
 use crate::metrics::Metrics;
+use crate::redis_conn::RedisConn;
 
 /// Replies from the cache's Redis: its commands are single-key and quick.
 const CACHE_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -51,29 +51,30 @@ impl Services {
             .map(Db::connect_lazy)
             .transpose()?;
         let cache_conn = Arc::new(RedisConn::open(
-            settings.cache_url.expose(),
+            settings.cache.url.expose(),
             CACHE_REPLY_TIMEOUT,
         )?);
         let cache = Cache::new(
             cache_conn.clone(),
-            settings.cache_key_prefix.clone(),
-            settings.cache_version,
+            settings.cache.key_prefix.clone(),
+            settings.cache.version,
         );
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .build()
             .context("building HTTP client")?;
-        let chat = settings.chat_model.as_ref().map(|m| {
+        let chat = settings.chat.model.as_ref().map(|m| {
             ChatClient::new(
                 http.clone(),
-                &settings.chat_base_url,
-                settings.openai_api_key.clone(),
+                &settings.chat.base_url,
+                settings.chat.api_key.clone(),
                 m,
-                settings.chat_timeout,
-                settings.http_max_inline_wait,
+                settings.chat.timeout,
+                settings.http.max_inline_wait,
             )
         });
-        let source_queries = crate::db::source_queries(settings.source_queries.as_deref())?;
+        let source_queries =
+            crate::db::source_queries(settings.pipeline.source_queries.as_deref())?;
         Ok(Services {
             source_queries,
             settings,
@@ -94,8 +95,12 @@ impl Services {
         self.embedder
             .get_or_try_init(|| async move {
                 // Loading the model is CPU work: keep it off the runtime's threads.
-                let (s, http) = (s.clone(), self.http.clone());
-                tokio::task::spawn_blocking(move || embedders::embedder(&s, http)).await?
+                let (p, http, wait) = (
+                    s.pipeline.clone(),
+                    self.http.clone(),
+                    s.http.max_inline_wait,
+                );
+                tokio::task::spawn_blocking(move || embedders::embedder(&p, http, wait)).await?
             })
             .await
             .cloned()
@@ -109,10 +114,11 @@ impl Services {
                 self.source_queries.clone(),
             )));
         }
-        if self.settings.source_paths.is_empty() {
+        let paths = &self.settings.pipeline.source_paths;
+        if paths.is_empty() {
             anyhow::bail!("no memory source configured: set DATABASE_URL or ORBIT_SOURCE");
         }
-        Ok(Arc::new(JsonlSource::new(&self.settings.source_paths)?))
+        Ok(Arc::new(JsonlSource::new(paths)?))
     }
 
     /// A pipeline over `source` with the shared embedder and store and the configured chunking.
@@ -121,8 +127,9 @@ impl Services {
         let store = self.store().await?;
         let chunk = self
             .settings
+            .pipeline
             .chunk_settings(embedder.preferred_chunk_tokens())?;
-        let threads = self.settings.cpu_threads;
+        let threads = self.settings.pipeline.cpu_threads;
         let pool = self
             .cpu_pool
             .get_or_try_init(|| async { orbit_pipeline::cpu_pool(threads) })
@@ -158,7 +165,7 @@ impl Services {
 
     pub async fn store(&self) -> Result<Arc<dyn VectorStore>> {
         self.store
-            .get_or_try_init(|| embedders::store(&self.settings))
+            .get_or_try_init(|| embedders::store(&self.settings.pipeline))
             .await
             .cloned()
     }

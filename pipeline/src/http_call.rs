@@ -369,14 +369,28 @@ mod tests {
     fn the_decision_after_a_failure() {
         let p = CallPolicy::short(Duration::from_secs(10));
         // Not retryable: returned as is, whatever the attempt.
-        assert!(matches!(next_step(&p, 1, status(400, None)), Next::Stop(CallError::Status { status: 400, .. })));
-        assert!(matches!(next_step(&p, 1, status(501, None)), Next::Stop(CallError::Status { status: 501, .. })));
+        assert!(matches!(
+            next_step(&p, 1, status(400, None)),
+            Next::Stop(CallError::Status { status: 400, .. })
+        ));
+        assert!(matches!(
+            next_step(&p, 1, status(501, None)),
+            Next::Stop(CallError::Status { status: 501, .. })
+        ));
         // Retryable within the budget: waits the hint, or the backoff.
-        assert_eq!(next_step(&p, 1, status(429, Some(2))), Next::Wait(Duration::from_secs(2)));
-        assert!(matches!(next_step(&p, 2, status(503, None)), Next::Wait(d) if d <= Duration::from_secs(1)));
+        assert_eq!(
+            next_step(&p, 1, status(429, Some(2))),
+            Next::Wait(Duration::from_secs(2))
+        );
+        assert!(
+            matches!(next_step(&p, 2, status(503, None)), Next::Wait(d) if d <= Duration::from_secs(1))
+        );
         // Out of attempts: gave up, which nobody retries.
         let gave_up = next_step(&p, 3, status(503, None));
-        assert!(matches!(&gave_up, Next::Stop(e @ CallError::GaveUp { attempts: 3, .. }) if !e.is_retryable()), "{gave_up:?}");
+        assert!(
+            matches!(&gave_up, Next::Stop(e @ CallError::GaveUp { attempts: 3, .. }) if !e.is_retryable()),
+            "{gave_up:?}"
+        );
         // A hint over the inline budget: not slept on, handed to the task layer with its ETA.
         match next_step(&p, 1, status(429, Some(60))) {
             Next::Stop(e @ CallError::Later { .. }) => {
@@ -386,7 +400,9 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // The task layer's policy: a retryable error goes up unchanged.
-        assert!(matches!(next_step(&CallPolicy::TASK_LAYER, 1, status(503, None)), Next::Stop(e) if e.is_retryable()));
+        assert!(
+            matches!(next_step(&CallPolicy::TASK_LAYER, 1, status(503, None)), Next::Stop(e) if e.is_retryable())
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -400,6 +416,9 @@ mod tests {
         .await;
         assert_eq!(n.load(Ordering::SeqCst), p.max_attempts);
         let e = r.unwrap_err();
-        assert!(!e.is_retryable() && e.to_string().starts_with("gave up after 3 attempts"), "{e}");
+        assert!(
+            !e.is_retryable() && e.to_string().starts_with("gave up after 3 attempts"),
+            "{e}"
+        );
     }
 }

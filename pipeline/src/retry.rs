@@ -25,7 +25,8 @@ pub struct Backoff {
 impl Backoff {
     /// The wait after `failures` failed attempts (0 for the first retry).
     pub fn delay(&self, failures: u32) -> Duration {
-        self.ceiling(failures).mul_f64(rand::random_range(0.5..=1.0))
+        self.ceiling(failures)
+            .mul_f64(rand::random_range(0.5..=1.0))
     }
 
     /// The delay before jitter: `base · 2ⁿ` capped at `max`.

@@ -67,23 +67,73 @@ impl Pipeline {
         let (store_tx, store_rx) = mpsc::channel(STORE_QUEUE_BATCHES);
 
         let stream = self.source.documents(&scope);
-        let extract = stages::extract::run(stream, docs_tx, stop.clone(), progress, StageMeter::new("extract"));
+        let extract = stages::extract::run(
+            stream,
+            docs_tx,
+            stop.clone(),
+            progress,
+            StageMeter::new("extract"),
+        );
         let (pool, s) = (self.pool.clone(), stop.clone());
-        let cpu = tokio::task::spawn_blocking(move || stages::clean_chunk::run(chunker, pool, docs_rx, chunks_tx, s));
-        let cpu = async { cpu.await.map_err(|e| PipelineError::Internal(e.to_string()))? };
+        let cpu = tokio::task::spawn_blocking(move || {
+            stages::clean_chunk::run(chunker, pool, docs_rx, chunks_tx, s)
+        });
+        let cpu = async {
+            cpu.await
+                .map_err(|e| PipelineError::Internal(e.to_string()))?
+        };
         let reuse_from = self.settings.reuse_vectors.then(|| self.store.clone());
-        let reuse = stages::reuse::run(reuse_from, chunks_rx, embed_tx, store_tx.clone(), stop.clone(), StageMeter::new("reuse"));
-        let embed = stages::embed::run(self.embedder.clone(), embed_rx, store_tx, stop.clone(), StageMeter::new("embed"));
-        let store = stages::store::run(self.store.clone(), gen, store_rx, stop.clone(), StageMeter::new("store"));
+        let reuse = stages::reuse::run(
+            reuse_from,
+            chunks_rx,
+            embed_tx,
+            store_tx.clone(),
+            stop.clone(),
+            StageMeter::new("reuse"),
+        );
+        let embed = stages::embed::run(
+            self.embedder.clone(),
+            embed_rx,
+            store_tx,
+            stop.clone(),
+            StageMeter::new("embed"),
+        );
+        let store = stages::store::run(
+            self.store.clone(),
+            gen,
+            store_rx,
+            stop.clone(),
+            StageMeter::new("store"),
+        );
 
         let (x, c, r, e, s) = tokio::join!(
-            guard(&stop, extract), guard(&stop, cpu), guard(&stop, reuse), guard(&stop, embed), guard(&stop, store),
+            guard(&stop, extract),
+            guard(&stop, cpu),
+            guard(&stop, reuse),
+            guard(&stop, embed),
+            guard(&stop, store),
         );
         // Report the root cause, not the "cancelled" it caused in the other stages.
-        let errors = [x.as_ref().err(), c.as_ref().err(), r.as_ref().err(), e.as_ref().err(), s.as_ref().err()];
+        let errors = [
+            x.as_ref().err(),
+            c.as_ref().err(),
+            r.as_ref().err(),
+            e.as_ref().err(),
+            s.as_ref().err(),
+        ];
         if errors.iter().any(|e| e.is_some()) || cancel.is_cancelled() {
-            let root = [x.err(), c.err(), r.err(), e.err(), s.err()].into_iter().flatten();
-            return Err(root.reduce(|a, b| if matches!(a, PipelineError::Cancelled) { b } else { a }).unwrap_or(PipelineError::Cancelled));
+            let root = [x.err(), c.err(), r.err(), e.err(), s.err()]
+                .into_iter()
+                .flatten();
+            return Err(root
+                .reduce(|a, b| {
+                    if matches!(a, PipelineError::Cancelled) {
+                        b
+                    } else {
+                        a
+                    }
+                })
+                .unwrap_or(PipelineError::Cancelled));
         }
         let (x, c, r, e, s) = (x?, c?, r?, e?, s?);
         let points_deleted = self.store.finish_build(gen, &scope).await?;

@@ -117,11 +117,11 @@ async fn analyse(ctx: &TaskContext, audio_id: i64) -> TaskResult {
         .collect();
     let chat = ChatClient::new(
         sv.http.clone(),
-        &s.chat_base_url,
-        s.openai_api_key.clone(),
-        &s.analysis_model,
-        s.chat_timeout,
-        s.http_max_inline_wait,
+        &s.chat.base_url,
+        s.chat.api_key.clone(),
+        &s.chat.analysis_model,
+        s.chat.timeout,
+        s.http.max_inline_wait,
     );
     let format = json!({"response_format": {"type": "json_schema", "json_schema": {
         "name": "blink_analysis", "strict": true, "schema": schema()}}});
@@ -137,11 +137,13 @@ async fn analyse(ctx: &TaskContext, audio_id: i64) -> TaskResult {
     ];
     let done = match chat.complete(&messages, ANALYSIS_MAX_TOKENS, format).await {
         Ok(d) => d,
-        Err(ChatError::Config(m)) => return Err(R.permanent("ConfigError", format!("chat model: {m}"))),
+        Err(ChatError::Config(m)) => {
+            return Err(R.permanent("ConfigError", format!("chat model: {m}")))
+        }
         Err(e) => return Err(R.error("AnalysisError", &e)),
     };
     let model = if done.model.is_empty() {
-        s.analysis_model.clone()
+        s.chat.analysis_model.clone()
     } else {
         done.model.clone()
     };
@@ -177,7 +179,9 @@ async fn analyse(ctx: &TaskContext, audio_id: i64) -> TaskResult {
     let a = match parsed {
         Ok(a) => a,
         // Malformed JSON is worth one more try (the task's retry); then it fails.
-        Err(m) if ctx.call.retries == 0 => return Err(R.retry("AnalysisError", m, Some(Duration::ZERO))),
+        Err(m) if ctx.call.retries == 0 => {
+            return Err(R.retry("AnalysisError", m, Some(Duration::ZERO)))
+        }
         Err(m) => return Err(R.permanent("AnalysisMalformed", m)),
     };
     if let Err(e) = db.blink_analysed(audio_id, &a).await {

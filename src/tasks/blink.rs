@@ -61,7 +61,12 @@ pub async fn on_failure(ctx: &TaskContext, step: BlinkStep, audio_id: i64, e: &T
 }
 
 /// The recording's row: a missing row is permanent, a database error is worth another attempt.
-pub async fn load_audio(db: &Db, r: Raises, kind: &str, audio_id: i64) -> Result<BlinkAudio, TaskError> {
+pub async fn load_audio(
+    db: &Db,
+    r: Raises,
+    kind: &str,
+    audio_id: i64,
+) -> Result<BlinkAudio, TaskError> {
     match db.blink_audio(audio_id).await {
         Ok(Some(a)) => Ok(a),
         Ok(None) => Err(r.permanent(

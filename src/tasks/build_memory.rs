@@ -71,15 +71,28 @@ async fn run(ctx: TaskContext) -> TaskResult {
     // The record: the app's, the one an earlier attempt of this task made, or a new one.
     let record_id = match &sv.db {
         None => None,
-        Some(db) => Some((db.clone(), find_record(db, uid, args.build_id, &task_id).await?)),
+        Some(db) => Some((
+            db.clone(),
+            find_record(db, uid, args.build_id, &task_id).await?,
+        )),
     };
-    let build_id = record_id.as_ref().map(|r| r.1).or(args.build_id).unwrap_or(0);
-    let ttl = sv.settings.build_lock_ttl;
+    let build_id = record_id
+        .as_ref()
+        .map(|r| r.1)
+        .or(args.build_id)
+        .unwrap_or(0);
+    let ttl = sv.settings.pipeline.build_lock_ttl;
 
     let lock = match lock::acquire(&sv.locks, uid, build_id, ttl).await {
         Ok(Acquired::Lock(l)) => l,
         Ok(Acquired::HeldBy(other)) => return coalesce(&ctx, uid, record_id, other).await,
-        Err(e) => return Err(RAISES.retry("BuildError", format!("cannot take the build lock: {e}"), None)),
+        Err(e) => {
+            return Err(RAISES.retry(
+                "BuildError",
+                format!("cannot take the build lock: {e}"),
+                None,
+            ))
+        }
     };
     let record = record_id.map(|(db, id)| Record {
         db,
@@ -122,7 +135,7 @@ async fn coalesce(
     running: i64,
 ) -> TaskResult {
     let sv = &ctx.services;
-    lock::request_again(&sv.locks, uid, sv.settings.build_lock_ttl)
+    lock::request_again(&sv.locks, uid, sv.settings.pipeline.build_lock_ttl)
         .await
         .map_err(|e| {
             RAISES.retry(
@@ -152,7 +165,11 @@ async fn coalesce(
 /// planned → running under this run's fence, and what to write should the worker abandon it.
 async fn start_record(ctx: &TaskContext, r: &Record) -> Result<(), TaskError> {
     let attempt = ctx.call.retries + 1;
-    match r.db.build_running(r.id, &ctx.call.id, attempt, r.fence).await {
+    match r
+        .db
+        .build_running(r.id, &ctx.call.id, attempt, r.fence)
+        .await
+    {
         Ok(true) => {}
         Ok(false) => {
             return Err(RAISES.permanent(
@@ -179,7 +196,12 @@ async fn start_record(ctx: &TaskContext, r: &Record) -> Result<(), TaskError> {
 
 /// The build's bookkeeping when it completed: the record, the usage row of its paid embedding
 /// calls, the snapshot cache; and the task's result.
-async fn on_success(ctx: &TaskContext, uid: i64, record: Option<&Record>, report: BuildReport) -> Value {
+async fn on_success(
+    ctx: &TaskContext,
+    uid: i64,
+    record: Option<&Record>,
+    report: BuildReport,
+) -> Value {
     let sv = &ctx.services;
     sv.metrics.build("completed", Some(&report));
     let counts = BuildCounts {
@@ -195,7 +217,9 @@ async fn on_success(ctx: &TaskContext, uid: i64, record: Option<&Record>, report
         }
     }
     let embed_tokens = report.stage("embed").map(|s| s.tokens).unwrap_or(0);
-    if embed_tokens > 0 && sv.settings.resolved_embedder() == crate::config::EmbedderKind::OpenAi {
+    if embed_tokens > 0
+        && sv.settings.pipeline.resolved_embedder() == crate::config::EmbedderKind::OpenAi
+    {
         // One row per build for its paid embedding calls (reused chunks cost nothing).
         let model = report.model.clone();
         sv.log_usage(crate::db::UsageRow {
@@ -267,10 +291,9 @@ async fn find_record(
                 "BuildNotFound",
                 format!("memory build {id} belongs to another user"),
             )),
-            None => Err(RAISES.permanent(
-                "BuildNotFound",
-                format!("memory build {id} does not exist"),
-            )),
+            None => {
+                Err(RAISES.permanent("BuildNotFound", format!("memory build {id} does not exist")))
+            }
         };
     }
     match db.build_by_task(uid, task_id).await.map_err(db_err)? {

@@ -60,12 +60,18 @@ async fn run(ctx: TaskContext) -> TaskResult {
             .permanent("SoftTimeLimitExceeded", "the answer was not ready within the soft time limit")),
     };
     let a = a.map_err(|e| match e {
-        AnswerError::BadRequest(m) => Raises { module: "builtins", task: NAME }.permanent("ValueError", m),
+        AnswerError::BadRequest(m) => Raises {
+            module: "builtins",
+            task: NAME,
+        }
+        .permanent("ValueError", m),
         e @ AnswerError::UnknownUser(_) => RAISES.permanent("UserNotFound", e),
         AnswerError::Config(m) => RAISES.permanent("ConfigError", m),
-        AnswerError::Upstream { message, retryable: true, retry_after } => {
-            RAISES.retry("AnswerError", message, retry_after)
-        }
+        AnswerError::Upstream {
+            message,
+            retryable: true,
+            retry_after,
+        } => RAISES.retry("AnswerError", message, retry_after),
         AnswerError::Upstream { message, .. } => RAISES.permanent("AnswerError", message),
     })?;
     let v = serde_json::to_value(&a).map_err(|e| RAISES.permanent("AnswerError", e))?;

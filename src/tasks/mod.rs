@@ -192,7 +192,12 @@ pub struct Raises {
 
 impl Raises {
     pub fn permanent(self, kind: &str, msg: impl std::fmt::Display) -> TaskError {
-        TaskError::Permanent(ExceptionInfo::raised(kind, self.module, &msg.to_string(), self.task))
+        TaskError::Permanent(ExceptionInfo::raised(
+            kind,
+            self.module,
+            &msg.to_string(),
+            self.task,
+        ))
     }
 
     pub fn retry(
@@ -281,7 +286,12 @@ impl Registry {
 /// task's typed arguments. A mismatch is the `TypeError` a Python task would raise.
 pub fn bind<T: DeserializeOwned>(call: &Call, params: &[&str]) -> Result<T, TaskError> {
     let type_error = |msg: String| {
-        TaskError::BadArgs(ExceptionInfo::raised("TypeError", "builtins", &msg, &call.name))
+        TaskError::BadArgs(ExceptionInfo::raised(
+            "TypeError",
+            "builtins",
+            &msg,
+            &call.name,
+        ))
     };
     if call.args.len() > params.len() {
         return Err(type_error(format!(
@@ -349,7 +359,10 @@ mod tests {
         let a: A = bind(&call(json!([]), json!({"user_id": 7, "build_id": 9})), &p).unwrap();
         assert_eq!(a.build_id, Some(9));
         let e = bind::<A>(&call(json!([1, 2, 3]), json!({})), &p).unwrap_err();
-        assert!(matches!(&e, TaskError::BadArgs(x) if x.exc_type == "TypeError"), "{e:?}");
+        assert!(
+            matches!(&e, TaskError::BadArgs(x) if x.exc_type == "TypeError"),
+            "{e:?}"
+        );
         let e = bind::<A>(&call(json!([1]), json!({"user_id": 1})), &p).unwrap_err();
         assert!(e.message().contains("multiple values"));
         let e = bind::<A>(&call(json!(["x"]), json!({})), &p).unwrap_err();
@@ -360,7 +373,10 @@ mod tests {
     fn the_registry_refuses_a_name_twice() {
         assert!(Registry::new(true).is_ok());
         let e = Registry::of(vec![&echo::TASK, &build_memory::TASK, &echo::TASK]).err();
-        assert!(matches!(e, Some(RegistryError::Duplicate("orbit.echo"))), "{e:?}");
+        assert!(
+            matches!(e, Some(RegistryError::Duplicate("orbit.echo"))),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -369,8 +385,12 @@ mod tests {
             module: "m",
             task: "t",
         };
-        let http = |s| orbit_pipeline::http_call::CallError::from_status(s, "{}", Some(Duration::from_secs(7)));
-        assert!(matches!(r.error("E", &http(503)), TaskError::Retry { after: Some(d), .. } if d == Duration::from_secs(7)));
+        let http = |s| {
+            orbit_pipeline::http_call::CallError::from_status(s, "{}", Some(Duration::from_secs(7)))
+        };
+        assert!(
+            matches!(r.error("E", &http(503)), TaskError::Retry { after: Some(d), .. } if d == Duration::from_secs(7))
+        );
         assert!(matches!(r.error("E", &http(400)), TaskError::Permanent(_)));
         assert!(matches!(r.error("E", &http(501)), TaskError::Permanent(_)));
     }

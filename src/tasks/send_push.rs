@@ -140,7 +140,7 @@ enum Delivery {
     GiveUp(String),
 }
 
-fn vapid_key(pem_or_b64: &str) -> Result<PartialVapidSignatureBuilder, String> {
+pub fn vapid_key(pem_or_b64: &str) -> Result<PartialVapidSignatureBuilder, String> {
     let k = pem_or_b64.trim();
     let r = if k.starts_with("-----BEGIN") {
         VapidSignatureBuilder::from_pem_no_sub(k.as_bytes())
@@ -165,7 +165,7 @@ async fn deliver(
         sub.auth.as_str(),
     );
     let mut sig = vapid.clone().add_sub_info(&info);
-    sig.add_claim("sub", s.vapid_subject.as_str());
+    sig.add_claim("sub", s.push.vapid_subject.as_str());
     let sig = match sig.build() {
         Ok(s) => s,
         Err(e) => return Delivery::GiveUp(format!("VAPID signature: {e}")),
@@ -187,7 +187,7 @@ async fn deliver(
         .services
         .http
         .post(msg.endpoint.to_string())
-        .timeout(s.push_timeout)
+        .timeout(s.push.timeout)
         .header("TTL", msg.ttl.to_string());
     if let Some(u) = msg.urgency {
         req = req.header("Urgency", u.to_string());
@@ -207,10 +207,7 @@ async fn deliver(
     let resp = match req.send().await {
         Ok(r) => r,
         Err(e) => {
-            return Delivery::Retry(
-                format!("push service unreachable: {}", redact(&e)),
-                None,
-            )
+            return Delivery::Retry(format!("push service unreachable: {}", redact(&e)), None)
         }
     };
     let status = resp.status().as_u16();
@@ -256,10 +253,10 @@ async fn run(ctx: TaskContext) -> TaskResult {
             "DATABASE_URL is not set: push subscriptions live there",
         );
     };
-    if sv.settings.vapid_private_key.is_empty() {
+    let Some(key) = &sv.settings.push.vapid_private_key else {
         return fail("ConfigError", "VAPID_PRIVATE_KEY is not set");
-    }
-    let vapid = match vapid_key(sv.settings.vapid_private_key.expose()) {
+    };
+    let vapid = match vapid_key(key.expose()) {
         Ok(v) => v,
         Err(e) => return fail("ConfigError", &e),
     };

@@ -101,9 +101,9 @@ async fn run(ctx: TaskContext) -> TaskResult {
     if !(args.verify_url.starts_with("https://") || args.verify_url.starts_with("http://")) {
         return fail("ValueError", "verify_url must be an http(s) URL");
     }
-    if s.smtp_url.is_empty() {
+    let Some(smtp_url) = &s.smtp.url else {
         return fail("ConfigError", "SMTP_URL is not set");
-    }
+    };
     let Some(db) = &sv.db else {
         return fail(
             "ConfigError",
@@ -138,26 +138,23 @@ async fn run(ctx: TaskContext) -> TaskResult {
             );
         }
     };
-    let from: Mailbox = match s.smtp_from.parse() {
-        Ok(m) => m,
-        Err(e) => return fail("ConfigError", &format!("SMTP_FROM is not an address: {e}")),
-    };
-    let msg = match message(&from, to, &args.verify_url) {
+    let from = &s.smtp.from;
+    let msg = match message(from, to, &args.verify_url) {
         Ok(m) => m,
         Err(e) => return fail("ValueError", &e),
     };
-    let transport = match AsyncSmtpTransport::<Tokio1Executor>::from_url(s.smtp_url.expose()) {
-        Ok(b) => b.timeout(Some(s.smtp_timeout)).build(),
+    let transport = match AsyncSmtpTransport::<Tokio1Executor>::from_url(smtp_url.expose()) {
+        Ok(b) => b.timeout(Some(s.smtp.timeout)).build(),
         Err(e) => return fail("ConfigError", &format!("SMTP_URL: {e}")),
     };
     // lettre's timeout covers only the connect: a server that accepts and never greets would
     // hold the task for ever without this one.
-    let sent = tokio::time::timeout(s.smtp_timeout, transport.send(msg)).await;
+    let sent = tokio::time::timeout(s.smtp.timeout, transport.send(msg)).await;
     let to_log = mask(&email);
     match sent {
         Err(_) => retry(&format!(
             "the SMTP server did not answer within {:?}",
-            s.smtp_timeout
+            s.smtp.timeout
         )),
         Ok(Ok(resp)) => {
             tracing::info!(user_id = args.user_id, to = %to_log, code = %resp.code(), "verification email sent");

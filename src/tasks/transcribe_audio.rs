@@ -109,23 +109,22 @@ async fn load(ctx: &TaskContext, file: &str) -> Result<(String, Vec<u8>), TaskEr
             .send()
             .await
             .map_err(|e| {
-                R.retry("TranscriptionError", 
-                    format!(
-                        "cannot download the recording: {}",
-                        redact(&e)
-                    ),
+                R.retry(
+                    "TranscriptionError",
+                    format!("cannot download the recording: {}", redact(&e)),
                     None,
                 )
             })?;
         let st = resp.status();
         if st.is_server_error() {
-            return Err(R.retry("TranscriptionError", format!("recording download: HTTP {st}"), None));
+            return Err(R.retry(
+                "TranscriptionError",
+                format!("recording download: HTTP {st}"),
+                None,
+            ));
         }
         if !st.is_success() {
-            return Err(R.permanent(
-                "AudioNotFound",
-                format!("recording download: HTTP {st}"),
-            ));
+            return Err(R.permanent("AudioNotFound", format!("recording download: HTTP {st}")));
         }
         if let Some(n) = resp.content_length().filter(|n| *n > MAX_UPLOAD_BYTES) {
             return Err(too_big(n));
@@ -133,7 +132,13 @@ async fn load(ctx: &TaskContext, file: &str) -> Result<(String, Vec<u8>), TaskEr
         let mut out = Vec::new();
         let mut body = resp.bytes_stream();
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| R.retry("TranscriptionError", format!("recording download: {e}"), None))?;
+            let chunk = chunk.map_err(|e| {
+                R.retry(
+                    "TranscriptionError",
+                    format!("recording download: {e}"),
+                    None,
+                )
+            })?;
             out.extend_from_slice(&chunk);
             if out.len() as u64 > MAX_UPLOAD_BYTES {
                 return Err(too_big(out.len() as u64));
@@ -141,7 +146,7 @@ async fn load(ctx: &TaskContext, file: &str) -> Result<(String, Vec<u8>), TaskEr
         }
         return Ok((name, out));
     }
-    let path = media_path(&ctx.services.settings.media_root, file)
+    let path = media_path(&ctx.services.settings.transcription.media_root, file)
         .map_err(|e| R.permanent("AudioNotFound", e))?;
     let meta = tokio::fs::metadata(&path)
         .await
@@ -178,7 +183,7 @@ async fn transcribe(ctx: &TaskContext, db: &Db, audio_id: i64) -> TaskResult {
     let (name, bytes) = load(ctx, &audio.audio_file).await?;
     let url = format!(
         "{}/audio/transcriptions",
-        s.transcribe_base_url.trim_end_matches('/')
+        s.transcription.base_url.trim_end_matches('/')
     );
     let upload = || async {
         let part = reqwest::multipart::Part::bytes(bytes.clone())
@@ -187,16 +192,16 @@ async fn transcribe(ctx: &TaskContext, db: &Db, audio_id: i64) -> TaskResult {
             .map_err(|e| CallError::Decode(e.to_string()))?;
         let form = reqwest::multipart::Form::new()
             .part("file", part)
-            .text("model", s.transcribe_model.clone())
+            .text("model", s.transcription.model.clone())
             .text("response_format", "verbose_json")
             .text("timestamp_granularities[]", "segment");
         let mut req = sv
             .http
             .post(&url)
-            .timeout(s.transcribe_timeout)
+            .timeout(s.transcription.timeout)
             .multipart(form);
-        if !s.openai_api_key.is_empty() {
-            req = req.bearer_auth(s.openai_api_key.expose());
+        if let Some(key) = &s.transcription.api_key {
+            req = req.bearer_auth(key.expose());
         }
         let resp = req.send().await.map_err(|e| CallError::transport(&e))?;
         let status = resp.status().as_u16();
@@ -248,9 +253,9 @@ async fn transcribe(ctx: &TaskContext, db: &Db, audio_id: i64) -> TaskResult {
     sv.log_usage(UsageRow {
         user_id: Some(audio.owner_id),
         feature: "blink_transcription",
-        model: s.transcribe_model.clone(),
+        model: s.transcription.model.clone(),
         audio_seconds: seconds,
-        cost_usd: s.prices.cost(&s.transcribe_model, 0, 0, seconds),
+        cost_usd: s.prices.cost(&s.transcription.model, 0, 0, seconds),
         task_id: ctx.call.id.clone(),
         ..Default::default()
     })

@@ -53,9 +53,7 @@ pub fn decide(ending: Ending, retries: u32, policy: &RetryPolicy) -> Decision {
             Decision::Fail(ExceptionInfo::time_limit_exceeded(limit.as_secs_f64()))
         }
         Ending::Finished(Ok(v)) => Decision::Succeed(v),
-        Ending::Finished(Err(TaskError::Permanent(e) | TaskError::BadArgs(e))) => {
-            Decision::Fail(e)
-        }
+        Ending::Finished(Err(TaskError::Permanent(e) | TaskError::BadArgs(e))) => Decision::Fail(e),
         Ending::Finished(Err(TaskError::Retry { error, .. })) if retries >= policy.max_retries => {
             Decision::Fail(error)
         }
@@ -81,15 +79,50 @@ mod tests {
             base_delay: Duration::from_secs(1),
             max_delay: Duration::from_secs(4),
         };
-        let retry = |after| Ending::Finished(Err(TaskError::Retry { error: exc("E"), after }));
+        let retry = |after| {
+            Ending::Finished(Err(TaskError::Retry {
+                error: exc("E"),
+                after,
+            }))
+        };
         let hint = Some(Duration::from_secs(9));
         let table: Vec<(Ending, u32, Decision)> = vec![
-            (Ending::Finished(Ok(json!(1))), 0, Decision::Succeed(json!(1))),
-            (Ending::Finished(Ok(json!(1))), 5, Decision::Succeed(json!(1))),
-            (Ending::Finished(Err(TaskError::Permanent(exc("P")))), 0, Decision::Fail(exc("P"))),
-            (Ending::Finished(Err(TaskError::BadArgs(exc("TypeError")))), 0, Decision::Fail(exc("TypeError"))),
-            (retry(None), 0, Decision::Retry { error: exc("E"), hint: None }),
-            (retry(hint), 1, Decision::Retry { error: exc("E"), hint }),
+            (
+                Ending::Finished(Ok(json!(1))),
+                0,
+                Decision::Succeed(json!(1)),
+            ),
+            (
+                Ending::Finished(Ok(json!(1))),
+                5,
+                Decision::Succeed(json!(1)),
+            ),
+            (
+                Ending::Finished(Err(TaskError::Permanent(exc("P")))),
+                0,
+                Decision::Fail(exc("P")),
+            ),
+            (
+                Ending::Finished(Err(TaskError::BadArgs(exc("TypeError")))),
+                0,
+                Decision::Fail(exc("TypeError")),
+            ),
+            (
+                retry(None),
+                0,
+                Decision::Retry {
+                    error: exc("E"),
+                    hint: None,
+                },
+            ),
+            (
+                retry(hint),
+                1,
+                Decision::Retry {
+                    error: exc("E"),
+                    hint,
+                },
+            ),
             // The limit: the last attempt's retryable failure is final.
             (retry(hint), 2, Decision::Fail(exc("E"))),
             (retry(None), 7, Decision::Fail(exc("E"))),
@@ -105,6 +138,9 @@ mod tests {
             assert_eq!(decide(ending, retries, &policy), want, "row {i}");
         }
         // A task without retries never retries.
-        assert!(matches!(decide(retry(None), 0, &RetryPolicy::NONE), Decision::Fail(_)));
+        assert!(matches!(
+            decide(retry(None), 0, &RetryPolicy::NONE),
+            Decision::Fail(_)
+        ));
     }
 }

@@ -9,13 +9,13 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::decide::{decide, Decision, Ending};
 use super::settle::{persist, Action, Completion};
 use super::Shared;
 use crate::celery::message::{queue_key, retry_envelope, DecodeError, TaskMessage};
 use crate::celery::redis::dead_letter_record;
 use crate::celery::result::{encode_meta, ExceptionInfo, Outcome};
 use crate::tasks::TimeLimits;
-use super::decide::{decide, Decision, Ending};
 use crate::tasks::{AbortHook, AbortReason, Call, TaskContext, TaskDef, TaskError};
 
 /// How long the worker waits for an abandoned task's own last write (its build record): a dead
@@ -211,8 +211,15 @@ async fn execute(sh: &Shared, def: &'static TaskDef, call: Call, limits: TimeLim
     // Wait for the drop to finish, so the hook does not race the task's last steps.
     let _ = (&mut handle).await;
     if let Some(write) = on_abort.take() {
-        if tokio::time::timeout(ABORT_WRITE_TIMEOUT, write(reason)).await.is_err() {
-            tracing::error!("Task {}[{}]: its record could not be written after the abort", def.name, id);
+        if tokio::time::timeout(ABORT_WRITE_TIMEOUT, write(reason))
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                "Task {}[{}]: its record could not be written after the abort",
+                def.name,
+                id
+            );
         }
     }
     ending

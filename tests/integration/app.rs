@@ -225,6 +225,78 @@ fn prometheus_parse(text: &str) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// The sample of `name` with `labels` in a parsed /metrics page.
+fn metric(parsed: &Value, name: &str, labels: Value) -> Option<f64> {
+    parsed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| {
+            s["name"] == name
+                && labels
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .all(|(k, v)| &s["labels"][k] == v)
+        })
+        .and_then(|s| s["value"].as_f64())
+}
+
+/// The embed stage counts requests and bytes apart, in its report and on /metrics, and both
+/// agree with what the API double itself received.
+#[test]
+fn the_embed_stage_reports_requests_and_bytes_as_the_api_saw_them() {
+    let redis = RedisServer::start(false);
+    let db = PgDb::seeded(&fixture("sample.jsonl"));
+    let api = ApiDouble::start();
+    let q = unique_queue("embedcount");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut env = api.embedder_env();
+    env.push(("ORBIT_EMBED_BATCH_INPUTS", "16".into()));
+    let _w = worker(&redis, &db, &q, &["--http", &addr], &env);
+    let r = call(
+        &redis,
+        &q,
+        "orbitpilot.build_memory",
+        json!([1]),
+        json!({}),
+        json!({}),
+    );
+    assert_eq!(r["state"], "SUCCESS", "{r}");
+    let embed = r["result"]["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "embed")
+        .unwrap()
+        .clone();
+    let requests = api.embedding_requests() as u64;
+    let bytes: u64 = api.embedded().iter().map(|t| t.len() as u64).sum();
+    assert!(requests > 1, "{requests}");
+    assert_eq!(embed["requests"].as_u64(), Some(requests), "{embed}");
+    assert_eq!(embed["bytes_out"].as_u64(), Some(bytes), "{embed}");
+    assert_eq!(
+        embed["items_out"].as_u64(),
+        Some(api.embedded().len() as u64)
+    );
+    let (code, text) = http_get(&addr, "/metrics", None);
+    assert_eq!(code, 200);
+    let parsed = prometheus_parse(&text);
+    let stage = json!({"stage": "embed"});
+    assert_eq!(
+        metric(
+            &parsed,
+            "orbit_pipeline_stage_requests_total",
+            stage.clone()
+        ),
+        Some(requests as f64)
+    );
+    assert_eq!(
+        metric(&parsed, "orbit_pipeline_stage_bytes_total", stage),
+        Some(bytes as f64)
+    );
+}
+
 #[test]
 fn build_records_failure_soft_limit_and_retry_through_the_queue() {
     let redis = RedisServer::start(false);
@@ -280,7 +352,11 @@ fn build_records_failure_soft_limit_and_retry_through_the_queue() {
 
     // A 503 storm is retried in one layer only: the call layer's three attempts, then "gave up",
     // which the task does not retry (the count at the double proves it).
-    let down = Reply::Status(503, vec![], json!({"error": {"message": "overloaded", "type": "server_error"}}).to_string());
+    let down = Reply::Status(
+        503,
+        vec![],
+        json!({"error": {"message": "overloaded", "type": "server_error"}}).to_string(),
+    );
     api.script_embeddings(vec![down; 6]);
     let before = api.embedding_requests();
     let id = new_build(&db, 3);
@@ -299,7 +375,11 @@ fn build_records_failure_soft_limit_and_retry_through_the_queue() {
         "the inline budget, and not one request more"
     );
     let row = build_row(&db, &id);
-    assert_eq!((row[0].as_str(), row[1].as_str()), ("failed", "1"), "{row:?}");
+    assert_eq!(
+        (row[0].as_str(), row[1].as_str()),
+        ("failed", "1"),
+        "{row:?}"
+    );
     assert!(row[5].contains("gave up after 3 attempts"), "{row:?}");
     // Forget what the storm left unused, so the next case starts clean.
     api.clear_embeddings();
@@ -697,7 +777,13 @@ fn generate_answer_through_the_queue_cites_only_the_askers_rows_and_caches_for_d
         json!({}),
     );
     assert_eq!(r["state"], "FAILURE", "{r}");
-    assert!(r["raised"]["str"].as_str().unwrap().contains("gave up after 3 attempts"), "{r}");
+    assert!(
+        r["raised"]["str"]
+            .as_str()
+            .unwrap()
+            .contains("gave up after 3 attempts"),
+        "{r}"
+    );
     assert_eq!(api.chats().len() - before, 3, "retried in one layer only");
     api.clear_chat();
     api.script_chat(vec![Reply::Body("<html>gateway</html>".into())]);
@@ -845,7 +931,10 @@ fn a_warm_shutdown_that_abandons_a_build_leaves_its_record_final() {
     assert!(row[5].contains("worker shut down"), "{row:?}");
     assert_eq!(row[7], "t", "finished_at");
     assert!(w.log().contains("abandoned at shutdown"), "{}", w.log());
-    assert!(meta(&redis, &task).is_none(), "no result: the task runs again");
+    assert!(
+        meta(&redis, &task).is_none(),
+        "no result: the task runs again"
+    );
     assert_eq!(unacked_len(&redis), 0, "given back, not left in unacked");
     assert_eq!(list(&redis, &q).len(), 1, "back on its queue");
 }

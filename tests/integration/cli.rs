@@ -99,7 +99,8 @@ fn build_json_then_search() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(report["chunks"].as_u64().unwrap() > 100);
     assert_eq!(report["vectors_upserted"], report["chunks"]);
-    assert_eq!(report["stages"].as_array().unwrap().len(), 5);
+    // extract, clean, chunk, reuse, embed, store
+    assert_eq!(report["stages"].as_array().unwrap().len(), 6);
 
     let out = cmd(d.path())
         .args([

@@ -764,11 +764,22 @@ fn transcription_and_analysis_through_the_queue() {
     // A 503 storm on the upload: never retried inside the call (an upload of minutes), only at
     // the task layer, once per allowed retry: 1 + 3 uploads, then failed.
     let storm = api.uploads().len();
-    api.script_transcriptions(vec![Reply::Status(503, vec![("retry-after", "0")], "{}".into()); 6]);
+    api.script_transcriptions(vec![
+        Reply::Status(
+            503,
+            vec![("retry-after", "0")],
+            "{}".into()
+        );
+        6
+    ]);
     let id = blink("blink/ana.wav");
     let r = run("blink.transcribe_audio", id);
     assert_eq!(r["state"], "FAILURE", "{r}");
-    assert_eq!(api.uploads().len() - storm, 4, "one upload per task attempt");
+    assert_eq!(
+        api.uploads().len() - storm,
+        4,
+        "one upload per task attempt"
+    );
     assert!(status(id).starts_with("failed|"), "{}", status(id));
     api.clear_transcriptions();
 

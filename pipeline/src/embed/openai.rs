@@ -19,7 +19,8 @@ pub const EMBED_MAX_INLINE_WAIT: Duration = Duration::from_secs(10);
 pub struct OpenAiSettings {
     /// Up to and including `/v1`, e.g. `https://api.openai.com/v1`.
     pub base_url: String,
-    pub api_key: Secret,
+    /// None for a local server that takes no key.
+    pub api_key: Option<Secret>,
     pub model: String,
     pub dimension: usize,
     pub limits: EmbedLimits,
@@ -29,7 +30,11 @@ pub struct OpenAiSettings {
 }
 
 impl OpenAiSettings {
-    pub fn new(base_url: impl Into<String>, api_key: Secret, model: impl Into<String>) -> Self {
+    pub fn new(
+        base_url: impl Into<String>,
+        api_key: Option<Secret>,
+        model: impl Into<String>,
+    ) -> Self {
         let model = model.into();
         let dimension = match model.as_str() {
             "text-embedding-3-large" => 3072,
@@ -82,8 +87,8 @@ impl OpenAiEmbedder {
             .post(&self.url)
             .timeout(self.settings.timeout)
             .json(&serde_json::json!({"model": self.settings.model, "input": texts, "encoding_format": "float"}));
-        if !self.settings.api_key.is_empty() {
-            req = req.bearer_auth(self.settings.api_key.expose());
+        if let Some(key) = &self.settings.api_key {
+            req = req.bearer_auth(key.expose());
         }
         let resp = req.send().await.map_err(|e| CallError::transport(&e))?;
         let status = resp.status();

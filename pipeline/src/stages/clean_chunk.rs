@@ -149,16 +149,30 @@ mod tests {
 
     #[test]
     fn cleans_dedups_and_chunks_over_channels() {
-        let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap());
+        let pool = Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(2)
+                .build()
+                .unwrap(),
+        );
         let chunker = Chunker::new(ChunkSettings::default()).unwrap();
         let (in_tx, in_rx) = mpsc::channel(2);
         let (out_tx, mut out_rx) = mpsc::channel(16);
-        let long = "The ferry to Cacilhas leaves every twenty minutes from Cais do Sodré. ".repeat(200);
+        let long =
+            "The ferry to Cacilhas leaves every twenty minutes from Cais do Sodré. ".repeat(200);
         let batch = SourceBatch {
             docs: vec![
-                doc(1, "a", "Pickles takes half a tablet of methimazole twice a day."),
+                doc(
+                    1,
+                    "a",
+                    "Pickles takes half a tablet of methimazole twice a day.",
+                ),
                 doc(1, "b", "   "),
-                doc(1, "c", "Pickles takes half a tablet of methimazole twice a day."),
+                doc(
+                    1,
+                    "c",
+                    "Pickles takes half a tablet of methimazole twice a day.",
+                ),
                 doc(1, "d", &long),
             ],
             bytes: 100,
@@ -187,7 +201,12 @@ mod tests {
 
     #[test]
     fn a_stopped_build_ends_the_stage() {
-        let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap());
+        let pool = Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap(),
+        );
         let chunker = Chunker::new(ChunkSettings::default()).unwrap();
         let (_in_tx, in_rx) = mpsc::channel(1);
         let (out_tx, _out_rx) = mpsc::channel(1);

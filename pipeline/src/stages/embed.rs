@@ -52,7 +52,13 @@ pub async fn run(
             until_stopped(&stop, pending.next()).await?
         } else if pending.is_empty() {
             let got = meter.recv(&mut rx, &stop).await?;
-            feed(got, &mut batcher, &mut ready, &mut upstream_done, &mut meter);
+            feed(
+                got,
+                &mut batcher,
+                &mut ready,
+                &mut upstream_done,
+                &mut meter,
+            );
             None
         } else if pending.len() < in_flight {
             // Room for another request: take whichever comes first, an answer or more chunks.
@@ -171,7 +177,10 @@ mod tests {
         }
         // 10 chunks at 3 per request: 4 requests; bytes are the texts' own.
         assert_eq!(r.requests, 4);
-        assert_eq!(r.bytes_out, texts.iter().map(|t| t.len() as u64).sum::<u64>());
+        assert_eq!(
+            r.bytes_out,
+            texts.iter().map(|t| t.len() as u64).sum::<u64>()
+        );
         assert_eq!(r.tokens, 30);
         assert_eq!((r.items_in, r.items_out), (10, 10));
     }
@@ -202,7 +211,14 @@ mod tests {
         let (otx, _orx) = mpsc::channel(1);
         tx.send(vec![chunk(1, "x")]).await.unwrap();
         drop(tx);
-        let r = run(Arc::new(Broken), rx, otx, CancellationToken::new(), StageMeter::new("embed")).await;
+        let r = run(
+            Arc::new(Broken),
+            rx,
+            otx,
+            CancellationToken::new(),
+            StageMeter::new("embed"),
+        )
+        .await;
         assert!(
             matches!(r, Err(PipelineError::Embed(EmbedError::Decode(_)))),
             "{r:?}"

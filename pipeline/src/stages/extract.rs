@@ -82,7 +82,14 @@ mod tests {
             Err(SourceError::Query("connection reset".into())),
         ]));
         let (tx, rx) = mpsc::channel(4);
-        let r = run(stream, tx, CancellationToken::new(), None, StageMeter::new("extract")).await;
+        let r = run(
+            stream,
+            tx,
+            CancellationToken::new(),
+            None,
+            StageMeter::new("extract"),
+        )
+        .await;
         assert!(matches!(r, Err(PipelineError::Source(_))), "{r:?}");
         assert_eq!(drain(rx).await.len(), 1);
     }

@@ -105,20 +105,34 @@ mod tests {
         let (etx, erx) = mpsc::channel(4);
         let (stx, srx) = mpsc::channel(4);
         // The same text of another user is that user's to embed: never another user's vector.
-        tx.send(vec![known.clone(), chunk(1, "new text"), chunk(2, "already embedded")])
-            .await
-            .unwrap();
+        tx.send(vec![
+            known.clone(),
+            chunk(1, "new text"),
+            chunk(2, "already embedded"),
+        ])
+        .await
+        .unwrap();
         drop(tx);
         let dyn_store: Arc<dyn VectorStore> = store;
-        let r = run(Some(dyn_store), rx, etx, stx, CancellationToken::new(), StageMeter::new("reuse"))
-            .await
-            .unwrap();
+        let r = run(
+            Some(dyn_store),
+            rx,
+            etx,
+            stx,
+            CancellationToken::new(),
+            StageMeter::new("reuse"),
+        )
+        .await
+        .unwrap();
         let to_embed: Vec<Chunk> = drain(erx).await.into_iter().flatten().collect();
         let to_store: Vec<EmbeddedChunk> = drain(srx).await.into_iter().flatten().collect();
         assert_eq!(to_store.len(), 1);
         assert_eq!(to_store[0].vector, vector);
         assert_eq!(
-            to_embed.iter().map(|c| (c.user_id, c.text.as_str())).collect::<Vec<_>>(),
+            to_embed
+                .iter()
+                .map(|c| (c.user_id, c.text.as_str()))
+                .collect::<Vec<_>>(),
             [(1, "new text"), (2, "already embedded")]
         );
         assert_eq!((r.items_in, r.items_out, r.requests), (3, 1, 1));
@@ -131,9 +145,16 @@ mod tests {
         let (stx, srx) = mpsc::channel(4);
         tx.send(vec![chunk(1, "a"), chunk(1, "b")]).await.unwrap();
         drop(tx);
-        let r = run(None, rx, etx, stx, CancellationToken::new(), StageMeter::new("reuse"))
-            .await
-            .unwrap();
+        let r = run(
+            None,
+            rx,
+            etx,
+            stx,
+            CancellationToken::new(),
+            StageMeter::new("reuse"),
+        )
+        .await
+        .unwrap();
         assert_eq!(drain(erx).await.concat().len(), 2);
         assert!(drain(srx).await.is_empty());
         assert_eq!((r.items_in, r.items_out, r.requests), (2, 0, 0));

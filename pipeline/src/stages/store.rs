@@ -70,7 +70,13 @@ mod tests {
         store.ensure_model("m", 8).await.unwrap();
         let (tx, rx) = mpsc::channel(4);
         let tx2 = tx.clone();
-        let stage = tokio::spawn(run(store, 1, rx, CancellationToken::new(), StageMeter::new("store")));
+        let stage = tokio::spawn(run(
+            store,
+            1,
+            rx,
+            CancellationToken::new(),
+            StageMeter::new("store"),
+        ));
         tx.send(points(STORE_BATCH_POINTS + 10, 8)).await.unwrap();
         drop(tx);
         tx2.send(points(5, 8)).await.unwrap();
@@ -87,9 +93,22 @@ mod tests {
         let (tx, rx) = mpsc::channel(1);
         tx.send(points(3, 8)).await.unwrap();
         drop(tx);
-        let r = run(store, 1, rx, CancellationToken::new(), StageMeter::new("store")).await;
+        let r = run(
+            store,
+            1,
+            rx,
+            CancellationToken::new(),
+            StageMeter::new("store"),
+        )
+        .await;
         assert!(
-            matches!(r, Err(PipelineError::Store(StoreError::Dimension { got: 8, want: 4 }))),
+            matches!(
+                r,
+                Err(PipelineError::Store(StoreError::Dimension {
+                    got: 8,
+                    want: 4
+                }))
+            ),
             "{r:?}"
         );
     }

@@ -137,7 +137,7 @@ async fn double(script: Vec<Reply>) -> Double {
 fn embedder(d: &Double, timeout: Duration, attempts: u32) -> OpenAiEmbedder {
     let mut s = OpenAiSettings::new(
         &d.base_url,
-        Secret::new("sk-test-123"),
+        Some(Secret::new("sk-test-123")),
         "text-embedding-3-small",
     );
     s.dimension = DIM;

@@ -6,9 +6,9 @@ use async_trait::async_trait;
 use orbit_pipeline::embed::{EmbedError, EmbedLimits, Embedder, HashingEmbedder};
 use orbit_pipeline::hash::point_id;
 use orbit_pipeline::http_call::CallError;
-use orbit_pipeline::{PipelineError, Retryable};
 use orbit_pipeline::store::{StoreError, VectorStore};
 use orbit_pipeline::{BuildScope, ChunkSettings};
+use orbit_pipeline::{PipelineError, Retryable};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -254,7 +254,10 @@ async fn the_report_accounts_for_every_stage() {
     assert_eq!(r.stage("reuse").unwrap().items_in, r.chunks);
     let embed = r.stage("embed").unwrap();
     assert_eq!(embed.items_in, r.chunks_embedded);
-    assert!(embed.requests > 0 && embed.bytes_out > embed.requests, "{embed:?}");
+    assert!(
+        embed.requests > 0 && embed.bytes_out > embed.requests,
+        "{embed:?}"
+    );
     assert!(r.tokens > 0 && r.bytes_read > 1_000_000);
     assert!(r
         .stages
