@@ -97,7 +97,9 @@ demo: tools model release
 test: tools postgres model venv tiktoken-cache node-servers
 	cargo test --workspace --all-targets --no-fail-fast
 
-lint:
+lint: tools
+	@cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+	@cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 

@@ -162,3 +162,105 @@ async fn guard<T>(
     }
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::embed::HashingEmbedder;
+    use crate::source::{SourceBatch, SourceError, SourceStream};
+    use crate::store::NullStore;
+    use crate::types::{DocKind, RawDocument};
+
+    /// A source of fixed batches, ending in `fail` when given.
+    struct Fixed {
+        docs: Vec<RawDocument>,
+        fail: bool,
+    }
+
+    impl Source for Fixed {
+        fn documents(&self, _scope: &BuildScope) -> SourceStream {
+            let mut items = vec![Ok(SourceBatch {
+                bytes: self.docs.iter().map(|d| d.text.len() as u64).sum(),
+                docs: self.docs.clone(),
+                ..Default::default()
+            })];
+            if self.fail {
+                items.push(Err(SourceError::Query("connection reset".into())));
+            }
+            Box::pin(futures::stream::iter(items))
+        }
+        fn describe(&self) -> String {
+            "fixed".into()
+        }
+    }
+
+    fn pipeline(fail: bool) -> Pipeline {
+        let docs = (0..40)
+            .map(|i| RawDocument {
+                user_id: 1,
+                kind: DocKind::Note,
+                source_id: format!("n{i}"),
+                text: format!("Note {i}: the ferry leaves at {i} past the hour from the pier."),
+                created_at: chrono::DateTime::UNIX_EPOCH,
+                conversation_id: None,
+                title: None,
+                author: None,
+                meta: None,
+            })
+            .collect();
+        Pipeline {
+            source: Arc::new(Fixed { docs, fail }),
+            embedder: Arc::new(HashingEmbedder::new(16)),
+            store: Arc::new(NullStore::default()),
+            settings: PipelineSettings {
+                cpu_threads: 1,
+                ..Default::default()
+            },
+            pool: cpu_pool(1).unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn wires_every_stage_and_reports_in_one_piece() {
+        let p = pipeline(false);
+        let r = p
+            .run(BuildScope::User(1), CancellationToken::new(), None)
+            .await
+            .unwrap();
+        let names: Vec<&str> = r.stages.iter().map(|s| s.name).collect();
+        assert_eq!(
+            names,
+            ["extract", "clean", "chunk", "reuse", "embed", "store"]
+        );
+        assert_eq!(r.documents_read, 40);
+        assert_eq!(r.vectors_upserted, r.chunks);
+        assert_eq!(r.stage("embed").unwrap().items_in, r.chunks);
+        assert_eq!(r.chunks_reused, 0, "a NullStore remembers nothing");
+        assert_eq!(r.model, "orbit-hashing-v1-16");
+        // The pool is the pipeline's: a second build reuses it.
+        let again = p
+            .run(BuildScope::User(1), CancellationToken::new(), None)
+            .await
+            .unwrap();
+        assert_eq!(again.chunks, r.chunks);
+    }
+
+    #[tokio::test]
+    async fn the_root_cause_is_reported_not_the_cancellations_it_caused() {
+        let err = pipeline(true)
+            .run(BuildScope::User(1), CancellationToken::new(), None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, PipelineError::Source(SourceError::Query(_))),
+            "{err}"
+        );
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let err = pipeline(false)
+            .run(BuildScope::User(1), cancel, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PipelineError::Cancelled), "{err}");
+    }
+}

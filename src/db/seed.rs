@@ -185,8 +185,30 @@ async fn put(
     };
     let line_key = format!("{}:{}:{}", d.kind.as_str(), d.user_id, d.source_id);
     let existing = lookup(tx, &line_key).await?;
-    let title = d.title.clone().unwrap_or_default();
-    // The parent a chat document belongs to, made and joined as needed.
+    let parent = parent_of(tx, cache, d).await?;
+    let sender = author.unwrap_or(d.user_id);
+    let id = match d.kind {
+        DocKind::Message => put_message(tx, d, parent, sender, existing).await?,
+        DocKind::ChannelPost | DocKind::GroupPost => {
+            put_post(tx, d, parent, sender, existing).await?
+        }
+        DocKind::BlinkTranscript | DocKind::BlinkAnalysis => {
+            put_blink(tx, cache, d, &line_key, existing).await?
+        }
+        DocKind::Note => put_note(tx, d, existing).await?,
+    };
+    if existing.is_none() {
+        remember(tx, &line_key, id).await?;
+    }
+    Ok(existing.is_none())
+}
+
+/// The conversation, channel or group a chat document belongs to, made and joined as needed.
+async fn parent_of(
+    tx: &mut Tx<'_>,
+    cache: &mut Cache,
+    d: &RawDocument,
+) -> Result<Option<i64>, DbError> {
     let (parent_sql, member_sql, parent_prefix) = match d.kind {
         DocKind::Message => (
             "INSERT INTO messaging_conversation (title) VALUES ($1) RETURNING id",
@@ -205,35 +227,42 @@ async fn put(
         ),
         _ => ("", "", ""),
     };
-    let parent = if parent_prefix.is_empty() {
-        None
-    } else {
-        let name = d
-            .conversation_id
-            .clone()
-            .unwrap_or_else(|| format!("{parent_prefix}-of-user-{}", d.user_id));
-        let key = format!("{parent_prefix}:{name}");
-        let shown = d.title.clone().unwrap_or_else(|| name.clone());
-        let id = keyed(tx, cache, &key, parent_sql, &shown, None).await?;
-        if cache
-            .keys
-            .insert(format!("member:{parent_prefix}:{id}:{}", d.user_id), id)
-            .is_none()
-        {
-            sqlx::query(member_sql)
-                .bind(id)
-                .bind(d.user_id)
-                .execute(&mut **tx)
-                .await?;
-        }
-        Some(id)
-    };
-    let sender = author.unwrap_or(d.user_id);
-    let id: i64 = match (d.kind, existing) {
-        (DocKind::Message, None) => {
+    if parent_prefix.is_empty() {
+        return Ok(None);
+    }
+    let name = d
+        .conversation_id
+        .clone()
+        .unwrap_or_else(|| format!("{parent_prefix}-of-user-{}", d.user_id));
+    let key = format!("{parent_prefix}:{name}");
+    let shown = d.title.clone().unwrap_or_else(|| name.clone());
+    let id = keyed(tx, cache, &key, parent_sql, &shown, None).await?;
+    if cache
+        .keys
+        .insert(format!("member:{parent_prefix}:{id}:{}", d.user_id), id)
+        .is_none()
+    {
+        sqlx::query(member_sql)
+            .bind(id)
+            .bind(d.user_id)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(Some(id))
+}
+
+async fn put_message(
+    tx: &mut Tx<'_>,
+    d: &RawDocument,
+    parent: Option<i64>,
+    sender: i64,
+    existing: Option<i64>,
+) -> Result<i64, DbError> {
+    Ok(match existing {
+        None => {
             sqlx::query_scalar(
                 "INSERT INTO messaging_message (conversation_id, sender_id, content, created_at) \
-                 VALUES ($1, $2, $3, $4) RETURNING id",
+             VALUES ($1, $2, $3, $4) RETURNING id",
             )
             .bind(parent)
             .bind(sender)
@@ -242,10 +271,10 @@ async fn put(
             .fetch_one(&mut **tx)
             .await?
         }
-        (DocKind::Message, Some(id)) => {
+        Some(id) => {
             sqlx::query(
                 "UPDATE messaging_message SET content = $2, created_at = $3, is_deleted = FALSE, \
-                 edited_at = CASE WHEN content <> $2 THEN now() ELSE edited_at END WHERE id = $1",
+             edited_at = CASE WHEN content <> $2 THEN now() ELSE edited_at END WHERE id = $1",
             )
             .bind(id)
             .bind(&d.text)
@@ -254,85 +283,106 @@ async fn put(
             .await?;
             id
         }
-        (DocKind::ChannelPost | DocKind::GroupPost, existing) => {
-            let table = if d.kind == DocKind::ChannelPost {
-                ("channels_channelpost", "channel_id")
-            } else {
-                ("groups_grouppost", "group_id")
-            };
-            match existing {
-                None => {
-                    let sql = format!(
-                        "INSERT INTO {} ({}, author_id, content, created_at) VALUES ($1, $2, $3, $4) RETURNING id",
-                        table.0, table.1
-                    );
-                    sqlx::query_scalar(&sql)
-                        .bind(parent)
-                        .bind(sender)
-                        .bind(&d.text)
-                        .bind(d.created_at)
-                        .fetch_one(&mut **tx)
-                        .await?
-                }
-                Some(id) => {
-                    let sql = format!(
-                        "UPDATE {} SET content = $2, created_at = $3 WHERE id = $1",
-                        table.0
-                    );
-                    sqlx::query(&sql)
-                        .bind(id)
-                        .bind(&d.text)
-                        .bind(d.created_at)
-                        .execute(&mut **tx)
-                        .await?;
-                    id
-                }
-            }
+    })
+}
+
+async fn put_post(
+    tx: &mut Tx<'_>,
+    d: &RawDocument,
+    parent: Option<i64>,
+    sender: i64,
+    existing: Option<i64>,
+) -> Result<i64, DbError> {
+    let table = if d.kind == DocKind::ChannelPost {
+        ("channels_channelpost", "channel_id")
+    } else {
+        ("groups_grouppost", "group_id")
+    };
+    Ok(match existing {
+        None => {
+            let sql = format!(
+                    "INSERT INTO {} ({}, author_id, content, created_at) VALUES ($1, $2, $3, $4) RETURNING id",
+                    table.0, table.1
+                );
+            sqlx::query_scalar(&sql)
+                .bind(parent)
+                .bind(sender)
+                .bind(&d.text)
+                .bind(d.created_at)
+                .fetch_one(&mut **tx)
+                .await?
         }
-        (DocKind::BlinkTranscript | DocKind::BlinkAnalysis, existing) => {
-            // A transcript and its analysis share one recording: `meta.audio_id` names it when
-            // the corpus has one, else each line is its own recording.
-            let audio = d
-                .meta
-                .as_ref()
-                .and_then(|m| m.get("audio_id"))
-                .map(|v| v.to_string().trim_matches('"').to_string());
-            let id = match (existing, audio) {
-                (Some(id), _) => id,
-                (None, Some(a)) => {
-                    blink_row(
-                        tx,
-                        cache,
-                        d.user_id,
-                        &format!("blink:{}:{a}", d.user_id),
-                        &title,
-                    )
-                    .await?
-                }
-                (None, None) => blink_row(tx, cache, d.user_id, &line_key, &title).await?,
-            };
-            let sql = if d.kind == DocKind::BlinkTranscript {
-                "UPDATE blink_blinkaudio SET transcript = $2, transcription_status = 'completed', \
-                 created_at = $3, updated_at = now(), title = CASE WHEN $4 = '' THEN title ELSE $4 END \
-                 WHERE id = $1"
-            } else {
-                "UPDATE blink_blinkaudio SET summary = $2, ai_analysis_status = 'completed', \
-                 created_at = $3, updated_at = now(), title = CASE WHEN $4 = '' THEN title ELSE $4 END \
-                 WHERE id = $1"
-            };
-            sqlx::query(sql)
+        Some(id) => {
+            let sql = format!(
+                "UPDATE {} SET content = $2, created_at = $3 WHERE id = $1",
+                table.0
+            );
+            sqlx::query(&sql)
                 .bind(id)
                 .bind(&d.text)
                 .bind(d.created_at)
-                .bind(&title)
                 .execute(&mut **tx)
                 .await?;
             id
         }
-        (DocKind::Note, None) => {
+    })
+}
+
+async fn put_blink(
+    tx: &mut Tx<'_>,
+    cache: &mut Cache,
+    d: &RawDocument,
+    line_key: &str,
+    existing: Option<i64>,
+) -> Result<i64, DbError> {
+    let title = d.title.clone().unwrap_or_default();
+    // A transcript and its analysis share one recording: `meta.audio_id` names it when
+    // the corpus has one, else each line is its own recording.
+    let audio = d
+        .meta
+        .as_ref()
+        .and_then(|m| m.get("audio_id"))
+        .map(|v| v.to_string().trim_matches('"').to_string());
+    let id = match (existing, audio) {
+        (Some(id), _) => id,
+        (None, Some(a)) => {
+            blink_row(
+                tx,
+                cache,
+                d.user_id,
+                &format!("blink:{}:{a}", d.user_id),
+                &title,
+            )
+            .await?
+        }
+        (None, None) => blink_row(tx, cache, d.user_id, line_key, &title).await?,
+    };
+    let sql = if d.kind == DocKind::BlinkTranscript {
+        "UPDATE blink_blinkaudio SET transcript = $2, transcription_status = 'completed', \
+             created_at = $3, updated_at = now(), title = CASE WHEN $4 = '' THEN title ELSE $4 END \
+             WHERE id = $1"
+    } else {
+        "UPDATE blink_blinkaudio SET summary = $2, ai_analysis_status = 'completed', \
+             created_at = $3, updated_at = now(), title = CASE WHEN $4 = '' THEN title ELSE $4 END \
+             WHERE id = $1"
+    };
+    sqlx::query(sql)
+        .bind(id)
+        .bind(&d.text)
+        .bind(d.created_at)
+        .bind(&title)
+        .execute(&mut **tx)
+        .await?;
+    Ok(id)
+}
+
+async fn put_note(tx: &mut Tx<'_>, d: &RawDocument, existing: Option<i64>) -> Result<i64, DbError> {
+    let title = d.title.clone().unwrap_or_default();
+    Ok(match existing {
+        None => {
             sqlx::query_scalar(
                 "INSERT INTO orbitpilot_note (user_id, title, content, created_at) \
-                 VALUES ($1, $2, $3, $4) RETURNING id",
+             VALUES ($1, $2, $3, $4) RETURNING id",
             )
             .bind(d.user_id)
             .bind(&title)
@@ -341,19 +391,15 @@ async fn put(
             .fetch_one(&mut **tx)
             .await?
         }
-        (DocKind::Note, Some(id)) => {
+        Some(id) => {
             sqlx::query("UPDATE orbitpilot_note SET title = $2, content = $3, created_at = $4 WHERE id = $1")
-                .bind(id)
-                .bind(&title)
-                .bind(&d.text)
-                .bind(d.created_at)
-                .execute(&mut **tx)
-                .await?;
+            .bind(id)
+            .bind(&title)
+            .bind(&d.text)
+            .bind(d.created_at)
+            .execute(&mut **tx)
+            .await?;
             id
         }
-    };
-    if existing.is_none() {
-        remember(tx, &line_key, id).await?;
-    }
-    Ok(existing.is_none())
+    })
 }

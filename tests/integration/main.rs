@@ -10,4 +10,5 @@ mod app_harness;
 mod celery;
 mod celery_harness;
 mod cli;
+mod in_process;
 mod side;

@@ -1,0 +1,122 @@
+//! The worker run in-process from the library (`orbit_worker::worker::run`) on a redis-server of
+//! the test's own, fed by the real Celery client: no child process, no log polling.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use orbit_pipeline::secret::Secret;
+use orbit_worker::config::{Settings, Table};
+use orbit_worker::services::Services;
+use orbit_worker::worker::{self, WorkerOptions};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::celery_harness::{send, unacked_len, unique_queue, wait_meta, RedisServer};
+
+fn options(redis: &RedisServer, queue: &str) -> WorkerOptions {
+    WorkerOptions {
+        broker_url: Secret::new(redis.url()),
+        backend_url: Secret::new(redis.url()),
+        result_expires: Duration::from_secs(3600),
+        concurrency: 2,
+        queues: vec![queue.to_string()],
+        hostname: "celery@in-process".into(),
+        prefetch_multiplier: 4,
+        visibility_timeout: Duration::from_secs(3600),
+        events: false,
+        shutdown_grace: Duration::from_secs(5),
+        debug_tasks: true,
+        http: None,
+    }
+}
+
+#[test]
+fn the_worker_runs_in_process_retries_and_stops_holding_nothing() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("inproc");
+    let url = redis.url();
+    let vars = [
+        ("ORBIT_CACHE_URL", url.as_str()),
+        ("ORBIT_EMBEDDER", "hashing"),
+    ];
+    let settings = Settings::from_vars(&Table(&vars)).unwrap();
+    let services = Arc::new(Services::new(settings).unwrap());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let running = rt.spawn(worker::run(options(&redis, &q), services, shutdown.clone()));
+
+    let ids = send(
+        &redis,
+        &q,
+        json!([
+            {"name": "orbit.echo", "args": [1, "two"]},
+            {"name": "orbit.debug.flaky", "args": [2], "kwargs": {"countdown": 0}},
+        ]),
+    );
+    let echo = wait_meta(&redis, &ids[0], "SUCCESS", Duration::from_secs(30));
+    assert_eq!(echo["result"]["args"], json!([1, "two"]));
+    let flaky = wait_meta(&redis, &ids[1], "SUCCESS", Duration::from_secs(30));
+    assert_eq!(
+        flaky["result"],
+        json!({"retries": 2}),
+        "retried twice, then done"
+    );
+
+    shutdown.cancel();
+    let stopped = rt.block_on(running).unwrap();
+    assert!(stopped.is_ok(), "{stopped:?}");
+    assert_eq!(unacked_len(&redis), 0, "nothing held after a warm shutdown");
+}
+
+/// The build lock on a real Redis: one holder at a time, a rising fence, the same build may take
+/// its own lock over, and dropping the lock releases it (RAII).
+#[test]
+fn the_build_lock_excludes_fences_and_releases_itself_on_drop() {
+    use orbit_worker::lock::{self, Acquired};
+    use orbit_worker::redis_conn::RedisConn;
+    let redis = RedisServer::start(false);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conn = Arc::new(RedisConn::open(&redis.url(), Duration::from_secs(5)).unwrap());
+        let ttl = Duration::from_secs(30);
+        let Acquired::Lock(first) = lock::acquire(&conn, 7, 100, ttl).await.unwrap() else {
+            panic!("a free lock was refused");
+        };
+        assert!(matches!(
+            lock::acquire(&conn, 7, 200, ttl).await.unwrap(),
+            Acquired::HeldBy(100)
+        ));
+        // Another user's builds are not affected.
+        assert!(matches!(
+            lock::acquire(&conn, 8, 300, ttl).await.unwrap(),
+            Acquired::Lock(_)
+        ));
+        let fence = first.fence;
+        drop(first);
+        // The drop's release runs in the background: the lock frees within moments.
+        let mut next = None;
+        for _ in 0..100 {
+            if let Acquired::Lock(l) = lock::acquire(&conn, 7, 200, ttl).await.unwrap() {
+                next = Some(l);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let next = next.expect("the dropped lock was never released");
+        assert!(
+            next.fence > fence,
+            "the fence rises: {} then {}",
+            fence,
+            next.fence
+        );
+        // A redelivered message of the same build takes its own lock over.
+        assert!(matches!(
+            lock::acquire(&conn, 7, 200, ttl).await.unwrap(),
+            Acquired::Lock(_)
+        ));
+    });
+}
