@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use orbit_pipeline::http_call::{call_with_retry, retry_hint, CallError, CallPolicy};
+use orbit_pipeline::http_call::{call_with_retry, send, CallError, CallPolicy};
 use orbit_pipeline::secret::Secret;
 use orbit_pipeline::Retryable;
 use serde::{Deserialize, Serialize};
@@ -122,17 +122,8 @@ impl ChatClient {
     }
 
     async fn attempt(&self, body: &Value) -> Result<Completion, CallError> {
-        let mut req = self.http.post(&self.url).timeout(self.timeout).json(body);
-        if let Some(key) = &self.key {
-            req = req.bearer_auth(key.expose());
-        }
-        let resp = req.send().await.map_err(|e| CallError::transport(&e))?;
-        let status = resp.status().as_u16();
-        let hint = retry_hint(resp.headers());
-        let text = resp.text().await.map_err(|e| CallError::transport(&e))?;
-        if !(200..300).contains(&status) {
-            return Err(CallError::from_status(status, &text, hint));
-        }
+        let req = self.http.post(&self.url).timeout(self.timeout).json(body);
+        let text = send(req, self.key.as_ref()).await?;
         parse(&text).map_err(CallError::Decode)
     }
 }

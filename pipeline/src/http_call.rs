@@ -10,6 +10,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::retry::{Backoff, Retryable};
+use crate::secret::Secret;
 
 /// What a response status means for the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +123,24 @@ pub fn redact(e: &reqwest::Error) -> String {
         s = format!("timed out: {s}");
     }
     s
+}
+
+/// One attempt: sends `req` (with `key` as its bearer token) and returns the body of a 2xx
+/// answer. Any other status is the `CallError` of the status table, with the server's hint; a
+/// transport failure is `Connect`, redacted.
+pub async fn send(req: reqwest::RequestBuilder, key: Option<&Secret>) -> Result<String, CallError> {
+    let req = match key {
+        Some(k) => req.bearer_auth(k.expose()),
+        None => req,
+    };
+    let resp = req.send().await.map_err(|e| CallError::transport(&e))?;
+    let status = resp.status().as_u16();
+    let hint = retry_hint(resp.headers());
+    let text = resp.text().await.map_err(|e| CallError::transport(&e))?;
+    if !(200..300).contains(&status) {
+        return Err(CallError::from_status(status, &text, hint));
+    }
+    Ok(text)
 }
 
 /// How one call failed.

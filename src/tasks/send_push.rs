@@ -245,32 +245,25 @@ const RAISES: Raises = Raises {
 
 async fn run(ctx: TaskContext) -> TaskResult {
     let args: Args = bind(&ctx.call, PARAMS)?;
-    let fail = |kind: &str, msg: &str| -> TaskResult { Err(RAISES.permanent(kind, msg)) };
     let sv = ctx.services.clone();
     let Some(db) = &sv.db else {
-        return fail(
+        return Err(RAISES.permanent(
             "ConfigError",
             "DATABASE_URL is not set: push subscriptions live there",
-        );
+        ));
     };
     let Some(key) = &sv.settings.push.vapid_private_key else {
-        return fail("ConfigError", "VAPID_PRIVATE_KEY is not set");
+        return Err(RAISES.permanent("ConfigError", "VAPID_PRIVATE_KEY is not set"));
     };
-    let vapid = match vapid_key(key.expose()) {
-        Ok(v) => v,
-        Err(e) => return fail("ConfigError", &e),
-    };
+    let vapid = vapid_key(key.expose()).map_err(|e| RAISES.permanent("ConfigError", e))?;
     let subs = db
         .push_subscriptions(args.user_id)
         .await
         .map_err(|e| RAISES.error("DatabaseError", &e))?;
     // What earlier attempts of this call did, per subscription: those are not sent again, and
     // the final counts include them.
-    let key = served_key(&ctx.call.id);
-    let mut outcomes: HashMap<i64, String> = match sv.locks.conn().await {
-        Ok(mut c) => c.hgetall(&key).await.unwrap_or_default(),
-        Err(_) => HashMap::new(),
-    };
+    let served = served_key(&ctx.call.id);
+    let mut outcomes = served_before(&ctx, &served).await;
     let payload = encode_payload(&args.payload);
     let topic = topic(&args.payload);
     let todo: Vec<&PushSubscription> = subs
@@ -282,44 +275,8 @@ async fn run(ctx: TaskContext) -> TaskResult {
             .map(|s| deliver(&ctx, &vapid, s, &payload, args.payload.kind, &topic)),
     )
     .await;
-    let mut retry: Vec<(String, Option<Duration>)> = Vec::new();
-    let mut new_outcomes: Vec<(i64, String)> = Vec::new();
-    for (sub, r) in todo.iter().zip(results) {
-        let host = endpoint_host(&sub.endpoint);
-        match r {
-            Delivery::Sent => {
-                new_outcomes.push((sub.id, "sent".into()));
-                let _ = db.push_delivered(sub.id).await;
-            }
-            Delivery::Gone => {
-                new_outcomes.push((sub.id, "removed".into()));
-                tracing::info!(subscription = sub.id, host = %host, "push subscription gone: deleted");
-                if let Err(e) = db.delete_push_subscription(sub.id).await {
-                    tracing::warn!(error = %e, "cannot delete the push subscription");
-                }
-            }
-            Delivery::GiveUp(why) => {
-                tracing::warn!(subscription = sub.id, host = %host, reason = %why, "push not delivered: giving up on this subscription");
-                new_outcomes.push((sub.id, format!("failed:{why}")));
-            }
-            Delivery::Retry(why, after) => {
-                tracing::warn!(subscription = sub.id, host = %host, reason = %why, "push not delivered: will retry");
-                retry.push((why.clone(), after));
-                if ctx.is_last_attempt() {
-                    new_outcomes.push((sub.id, format!("failed:{why}")));
-                }
-            }
-        }
-    }
-    if !new_outcomes.is_empty() {
-        if let Ok(mut c) = sv.locks.conn().await {
-            let _: Result<(), _> = redis::pipe()
-                .hset_multiple(&key, &new_outcomes)
-                .expire(&key, SERVED_TTL_SECS as i64)
-                .query_async(&mut c)
-                .await;
-        }
-    }
+    let (new_outcomes, retry) = record_deliveries(&ctx, db, &todo, results).await;
+    remember_served(&ctx, &served, &new_outcomes).await;
     outcomes.extend(new_outcomes);
     if !retry.is_empty() && !ctx.is_last_attempt() {
         let after = retry.iter().filter_map(|r| r.1).max();
@@ -338,6 +295,76 @@ async fn run(ctx: TaskContext) -> TaskResult {
             after,
         ));
     }
+    Ok(summary(args.user_id, &outcomes, payload.len()))
+}
+
+/// Per subscription, what earlier attempts of this call did.
+async fn served_before(ctx: &TaskContext, key: &str) -> HashMap<i64, String> {
+    match ctx.services.locks.conn().await {
+        Ok(mut c) => c.hgetall(key).await.unwrap_or_default(),
+        Err(_) => HashMap::new(),
+    }
+}
+
+async fn remember_served(ctx: &TaskContext, key: &str, outcomes: &[(i64, String)]) {
+    if outcomes.is_empty() {
+        return;
+    }
+    if let Ok(mut c) = ctx.services.locks.conn().await {
+        let _: Result<(), _> = redis::pipe()
+            .hset_multiple(key, outcomes)
+            .expire(key, SERVED_TTL_SECS as i64)
+            .query_async(&mut c)
+            .await;
+    }
+}
+
+/// What each delivery means for its row (a gone subscription is deleted) and for the call: the
+/// outcomes to remember, and the reasons (with hints) of those to retry.
+async fn record_deliveries(
+    ctx: &TaskContext,
+    db: &crate::db::Db,
+    todo: &[&PushSubscription],
+    results: Vec<Delivery>,
+) -> (Vec<(i64, String)>, Vec<(String, Option<Duration>)>) {
+    let mut retry = Vec::new();
+    let mut outcomes = Vec::new();
+    for (sub, r) in todo.iter().zip(results) {
+        let host = endpoint_host(&sub.endpoint);
+        match r {
+            Delivery::Sent => {
+                outcomes.push((sub.id, "sent".into()));
+                let _ = db.push_delivered(sub.id).await;
+            }
+            Delivery::Gone => {
+                outcomes.push((sub.id, "removed".into()));
+                tracing::info!(subscription = sub.id, host = %host, "push subscription gone: deleted");
+                if let Err(e) = db.delete_push_subscription(sub.id).await {
+                    tracing::warn!(error = %e, "cannot delete the push subscription");
+                }
+            }
+            Delivery::GiveUp(why) => {
+                tracing::warn!(subscription = sub.id, host = %host, reason = %why, "push not delivered: giving up on this subscription");
+                outcomes.push((sub.id, format!("failed:{why}")));
+            }
+            Delivery::Retry(why, after) => {
+                tracing::warn!(subscription = sub.id, host = %host, reason = %why, "push not delivered: will retry");
+                if ctx.is_last_attempt() {
+                    outcomes.push((sub.id, format!("failed:{why}")));
+                }
+                retry.push((why, after));
+            }
+        }
+    }
+    (outcomes, retry)
+}
+
+/// The task's result: counts over every attempt of this call, and each failure's reason.
+fn summary(
+    user_id: i64,
+    outcomes: &HashMap<i64, String>,
+    payload_bytes: usize,
+) -> serde_json::Value {
     let count = |what: &str| outcomes.values().filter(|o| o.as_str() == what).count();
     let errors: Vec<serde_json::Value> = outcomes
         .iter()
@@ -346,14 +373,14 @@ async fn run(ctx: TaskContext) -> TaskResult {
                 .map(|w| json!({"subscription": id, "error": w}))
         })
         .collect();
-    Ok(json!({
-        "user_id": args.user_id,
+    json!({
+        "user_id": user_id,
         "sent": count("sent"),
         "removed": count("removed"),
         "failed": errors.len(),
         "errors": errors,
-        "payload_bytes": payload.len(),
-    }))
+        "payload_bytes": payload_bytes,
+    })
 }
 
 /// The push service's host, for logs: never the endpoint path, which identifies the browser.

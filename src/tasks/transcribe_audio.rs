@@ -10,7 +10,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use orbit_pipeline::http_call::{call_with_retry, redact, retry_hint, CallError, CallPolicy};
+use orbit_pipeline::http_call::{call_with_retry, redact, send, CallError, CallPolicy};
 use orbit_pipeline::Retryable;
 
 use super::blink::{load_audio, raises, run_step};
@@ -161,59 +161,54 @@ async fn load(ctx: &TaskContext, file: &str) -> Result<(String, Vec<u8>), TaskEr
 }
 
 async fn transcribe(ctx: &TaskContext, db: &Db, audio_id: i64) -> TaskResult {
-    let sv = &ctx.services;
-    let s = &sv.settings;
     let audio = load_audio(db, R, "TranscriptionError", audio_id).await?;
-    if audio.audio_file.trim().is_empty() {
+    check_format(&audio.audio_file)?;
+    db.set_blink_status(audio_id, BlinkStep::Transcription, "processing", "")
+        .await
+        .map_err(|e| R.retry("TranscriptionError", e, None))?;
+    let (name, bytes) = load(ctx, &audio.audio_file).await?;
+    let v = upload(ctx, name, bytes).await?;
+    store(ctx, db, audio_id, audio.owner_id, v).await
+}
+
+/// A file the transcription API takes, by its extension; checked before any upload.
+fn check_format(file: &str) -> Result<(), TaskError> {
+    if file.trim().is_empty() {
         return Err(R.permanent("AudioNotFound", "the recording has no file"));
     }
-    let ext = extension(&audio.audio_file).unwrap_or_default();
+    let ext = extension(file).unwrap_or_default();
     if !FORMATS.contains(&ext.as_str()) {
         return Err(R.permanent(
             "UnsupportedFormat",
             format!("audio format {:?} is not supported (flac, mp3, mp4, mpeg, mpga, m4a, ogg, wav, webm)", ext),
         ));
     }
-    if let Err(e) = db
-        .set_blink_status(audio_id, BlinkStep::Transcription, "processing", "")
-        .await
-    {
-        return Err(R.retry("TranscriptionError", e.to_string(), None));
-    }
-    let (name, bytes) = load(ctx, &audio.audio_file).await?;
+    Ok(())
+}
+
+/// The multipart `verbose_json` upload, in one attempt: an upload of minutes is retried by the
+/// task layer alone.
+async fn upload(ctx: &TaskContext, name: String, bytes: Vec<u8>) -> Result<Verbose, TaskError> {
+    let sv = &ctx.services;
+    let cfg = &sv.settings.transcription;
     let url = format!(
         "{}/audio/transcriptions",
-        s.transcription.base_url.trim_end_matches('/')
+        cfg.base_url.trim_end_matches('/')
     );
-    let upload = || async {
+    let attempt = || async {
         let part = reqwest::multipart::Part::bytes(bytes.clone())
             .file_name(name.clone())
             .mime_str("application/octet-stream")
             .map_err(|e| CallError::Decode(e.to_string()))?;
         let form = reqwest::multipart::Form::new()
             .part("file", part)
-            .text("model", s.transcription.model.clone())
+            .text("model", cfg.model.clone())
             .text("response_format", "verbose_json")
             .text("timestamp_granularities[]", "segment");
-        let mut req = sv
-            .http
-            .post(&url)
-            .timeout(s.transcription.timeout)
-            .multipart(form);
-        if let Some(key) = &s.transcription.api_key {
-            req = req.bearer_auth(key.expose());
-        }
-        let resp = req.send().await.map_err(|e| CallError::transport(&e))?;
-        let status = resp.status().as_u16();
-        let hint = retry_hint(resp.headers());
-        let text = resp.text().await.map_err(|e| CallError::transport(&e))?;
-        if !(200..300).contains(&status) {
-            return Err(CallError::from_status(status, &text, hint));
-        }
-        Ok(text)
+        let req = sv.http.post(&url).timeout(cfg.timeout).multipart(form);
+        send(req, cfg.api_key.as_ref()).await
     };
-    // One attempt per task run: an upload of minutes is retried by the task layer alone.
-    let text = call_with_retry(&CallPolicy::TASK_LAYER, "transcription upload", upload)
+    let text = call_with_retry(&CallPolicy::TASK_LAYER, "transcription upload", attempt)
         .await
         .map_err(|e| match e {
             e if e.is_config() => R.permanent("ConfigError", format!("transcription API: {e}")),
@@ -224,13 +219,18 @@ async fn transcribe(ctx: &TaskContext, db: &Db, audio_id: i64) -> TaskResult {
             ),
             e => R.permanent("TranscriptionError", format!("transcription API {e}")),
         })?;
-    let v: Verbose = serde_json::from_str(&text).map_err(|e| {
+    serde_json::from_str(&text).map_err(|e| {
         R.retry(
             "TranscriptionError",
             format!("transcription answer malformed: {e}"),
             None,
         )
-    })?;
+    })
+}
+
+/// Text, segments and duration on the recording, the usage row, and the task's result.
+async fn store(ctx: &TaskContext, db: &Db, audio_id: i64, owner: i64, v: Verbose) -> TaskResult {
+    let sv = &ctx.services;
     let segments = v.segments.clone().unwrap_or(Value::Array(vec![]));
     let seconds = v
         .usage
@@ -238,24 +238,22 @@ async fn transcribe(ctx: &TaskContext, db: &Db, audio_id: i64) -> TaskResult {
         .and_then(|u| u["seconds"].as_f64())
         .or(v.duration)
         .unwrap_or(0.0);
-    if let Err(e) = db
-        .blink_transcribed(
-            audio_id,
-            v.text.trim(),
-            &segments,
-            v.duration,
-            v.language.as_deref().unwrap_or(""),
-        )
-        .await
-    {
-        return Err(R.retry("TranscriptionError", e.to_string(), None));
-    }
+    db.blink_transcribed(
+        audio_id,
+        v.text.trim(),
+        &segments,
+        v.duration,
+        v.language.as_deref().unwrap_or(""),
+    )
+    .await
+    .map_err(|e| R.retry("TranscriptionError", e, None))?;
+    let model = &sv.settings.transcription.model;
     sv.log_usage(UsageRow {
-        user_id: Some(audio.owner_id),
+        user_id: Some(owner),
         feature: "blink_transcription",
-        model: s.transcription.model.clone(),
+        model: model.clone(),
         audio_seconds: seconds,
-        cost_usd: s.prices.cost(&s.transcription.model, 0, 0, seconds),
+        cost_usd: sv.settings.prices.cost(model, 0, 0, seconds),
         task_id: ctx.call.id.clone(),
         ..Default::default()
     })

@@ -158,21 +158,7 @@ fn build_through_the_queue_completes_its_record_invalidates_the_cache_and_shows_
     let (code, text) = http_get(&addr, "/metrics", None);
     assert_eq!(code, 200);
     let parsed = prometheus_parse(&text);
-    let get = |name: &str, labels: Value| -> Option<f64> {
-        parsed
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| {
-                s["name"] == name
-                    && labels
-                        .as_object()
-                        .unwrap()
-                        .iter()
-                        .all(|(k, v)| &s["labels"][k] == v)
-            })
-            .and_then(|s| s["value"].as_f64())
-    };
+    let get = |name: &str, labels: Value| metric(&parsed, name, labels);
     assert_eq!(
         get(
             "orbit_tasks_total",

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 
 use super::{EmbedError, EmbedLimits, Embedder};
-use crate::http_call::{call_with_retry, retry_hint, CallError, CallPolicy};
+use crate::http_call::{call_with_retry, send, CallError, CallPolicy};
 use crate::secret::Secret;
 
 /// The longest wait slept inside one call (`ORBIT_HTTP_MAX_INLINE_WAIT` in the worker): a task has
@@ -82,23 +82,14 @@ impl OpenAiEmbedder {
     }
 
     async fn attempt(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, CallError> {
-        let mut req = self
+        let req = self
             .client
             .post(&self.url)
             .timeout(self.settings.timeout)
             .json(&serde_json::json!({"model": self.settings.model, "input": texts, "encoding_format": "float"}));
-        if let Some(key) = &self.settings.api_key {
-            req = req.bearer_auth(key.expose());
-        }
-        let resp = req.send().await.map_err(|e| CallError::transport(&e))?;
-        let status = resp.status();
-        if !status.is_success() {
-            let hint = retry_hint(resp.headers());
-            let body = resp.text().await.unwrap_or_default();
-            return Err(CallError::from_status(status.as_u16(), &body, hint));
-        }
-        let body = resp.bytes().await.map_err(|e| CallError::transport(&e))?;
-        self.decode(texts.len(), &body).map_err(CallError::Decode)
+        let body = send(req, self.settings.api_key.as_ref()).await?;
+        self.decode(texts.len(), body.as_bytes())
+            .map_err(CallError::Decode)
     }
 
     /// The vectors of a 200 answer, in input order, each of the model's dimension.
