@@ -25,8 +25,8 @@ pub use clean::Cleaner;
 pub use error::PipelineError;
 pub use report::BuildReport;
 pub use retry::Retryable;
-pub use runner::{cpu_pool, CpuPool, Pipeline};
-pub use settings::PipelineSettings;
+pub use runner::Pipeline;
+pub use settings::{cpu_pool, CpuPool, PipelineSettings};
 pub use types::{BuildScope, Chunk, CleanDocument, DocKind, EmbeddedChunk, RawDocument};
 
 /// The message of a caught panic, for an error that says what broke.

@@ -4,16 +4,16 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use tokio::sync::mpsc::channel;
 use tokio_util::sync::CancellationToken;
 
 use crate::chunk::Chunker;
 use crate::embed::Embedder;
 use crate::error::PipelineError;
 use crate::report::{BuildParts, BuildReport};
-use crate::settings::PipelineSettings;
+use crate::settings::{CpuPool, PipelineSettings};
 use crate::source::Source;
-use crate::stages::{self, extract::ProgressFn, StageMeter};
+use crate::stages::{clean_chunk, embed, extract, reuse, store, FirstFailure, StageMeter as M};
 use crate::store::VectorStore;
 use crate::types::BuildScope;
 
@@ -25,9 +25,6 @@ const EMBED_QUEUE_BATCHES: usize = 4;
 /// Embedded batches queued for the store.
 const STORE_QUEUE_BATCHES: usize = 4;
 
-/// The clean/chunk thread pool: built once, shared by every build that uses it.
-pub type CpuPool = Arc<rayon::ThreadPool>;
-
 /// A build wired from its parts. The CPU pool is the pipeline's, shared by all its builds.
 pub struct Pipeline {
     pub source: Arc<dyn Source>,
@@ -37,105 +34,42 @@ pub struct Pipeline {
     pub pool: CpuPool,
 }
 
-/// The clean/chunk pool: `threads` named threads.
-pub fn cpu_pool(threads: usize) -> Result<CpuPool, PipelineError> {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads.max(1))
-        .thread_name(|i| format!("orbit-cpu-{i}"))
-        .build()
-        .map(Arc::new)
-        .map_err(|e| PipelineError::Internal(e.to_string()))
-}
-
 impl Pipeline {
     pub async fn run(
         &self,
         scope: BuildScope,
         cancel: CancellationToken,
-        progress: Option<ProgressFn>,
+        progress: Option<extract::ProgressFn>,
     ) -> Result<BuildReport, PipelineError> {
         let started = Instant::now();
         let chunker = Chunker::new(self.settings.chunk.clone())?;
         let (model, dimension) = (self.embedder.model_id(), self.embedder.dimension());
         self.store.ensure_model(model, dimension).await?;
         let gen = self.store.begin_build().await?;
-        // Stages stop at the first failure anywhere.
-        let stop = cancel.child_token();
-        let (docs_tx, docs_rx) = mpsc::channel(CPU_QUEUE_BATCHES);
-        let (chunks_tx, chunks_rx) = mpsc::channel(EMBED_QUEUE_BATCHES);
-        let (embed_tx, embed_rx) = mpsc::channel(EMBED_QUEUE_BATCHES);
-        let (store_tx, store_rx) = mpsc::channel(STORE_QUEUE_BATCHES);
-
-        let stream = self.source.documents(&scope);
-        let extract = stages::extract::run(
-            stream,
-            docs_tx,
-            stop.clone(),
-            progress,
-            StageMeter::new("extract"),
-        );
-        let (pool, s) = (self.pool.clone(), stop.clone());
-        let cpu = tokio::task::spawn_blocking(move || {
-            stages::clean_chunk::run(chunker, pool, docs_rx, chunks_tx, s)
-        });
-        let cpu = async {
-            cpu.await
-                .map_err(|e| PipelineError::Internal(e.to_string()))?
+        let (docs_tx, docs_rx) = channel(CPU_QUEUE_BATCHES);
+        let (chunk_tx, chunk_rx) = channel(EMBED_QUEUE_BATCHES);
+        let (todo_tx, todo_rx) = channel(EMBED_QUEUE_BATCHES);
+        let (store_tx, store_rx) = channel(STORE_QUEUE_BATCHES);
+        // Stages stop at the first failure anywhere, or when the caller cancels.
+        let f = FirstFailure::new(cancel.child_token());
+        let stop = || f.stop.clone();
+        let docs = self.source.documents(&scope);
+        let known = self.settings.reuse_vectors.then(|| self.store.clone());
+        let (pool, db, emb) = (self.pool.clone(), self.store.clone(), self.embedder.clone());
+        let hit_tx = store_tx.clone();
+        let x = extract::run(docs, docs_tx, stop(), progress, M::new("extract"));
+        let c = clean_chunk::spawn(chunker, pool, docs_rx, chunk_tx, stop());
+        let r = reuse::run(known, chunk_rx, todo_tx, hit_tx, stop(), M::new("reuse"));
+        let e = embed::run(emb, todo_rx, store_tx, stop(), M::new("embed"));
+        let s = store::run(db, gen, store_rx, stop(), M::new("store"));
+        let (x, c, r, e, s) =
+            tokio::join!(f.watch(x), f.watch(c), f.watch(r), f.watch(e), f.watch(s));
+        let (Some(x), Some(c), Some(r), Some(e), Some(s)) = (x, c, r, e, s) else {
+            return Err(f.take());
         };
-        let reuse_from = self.settings.reuse_vectors.then(|| self.store.clone());
-        let reuse = stages::reuse::run(
-            reuse_from,
-            chunks_rx,
-            embed_tx,
-            store_tx.clone(),
-            stop.clone(),
-            StageMeter::new("reuse"),
-        );
-        let embed = stages::embed::run(
-            self.embedder.clone(),
-            embed_rx,
-            store_tx,
-            stop.clone(),
-            StageMeter::new("embed"),
-        );
-        let store = stages::store::run(
-            self.store.clone(),
-            gen,
-            store_rx,
-            stop.clone(),
-            StageMeter::new("store"),
-        );
-
-        let (x, c, r, e, s) = tokio::join!(
-            guard(&stop, extract),
-            guard(&stop, cpu),
-            guard(&stop, reuse),
-            guard(&stop, embed),
-            guard(&stop, store),
-        );
-        // Report the root cause, not the "cancelled" it caused in the other stages.
-        let errors = [
-            x.as_ref().err(),
-            c.as_ref().err(),
-            r.as_ref().err(),
-            e.as_ref().err(),
-            s.as_ref().err(),
-        ];
-        if errors.iter().any(|e| e.is_some()) || cancel.is_cancelled() {
-            let root = [x.err(), c.err(), r.err(), e.err(), s.err()]
-                .into_iter()
-                .flatten();
-            return Err(root
-                .reduce(|a, b| {
-                    if matches!(a, PipelineError::Cancelled) {
-                        b
-                    } else {
-                        a
-                    }
-                })
-                .unwrap_or(PipelineError::Cancelled));
+        if cancel.is_cancelled() {
+            return Err(PipelineError::Cancelled);
         }
-        let (x, c, r, e, s) = (x?, c?, r?, e?, s?);
         let points_deleted = self.store.finish_build(gen, &scope).await?;
         Ok(BuildReport::new(BuildParts {
             scope: scope.to_string(),
@@ -149,18 +83,6 @@ impl Pipeline {
             wall: started.elapsed(),
         }))
     }
-}
-
-/// Runs a stage; its failure stops the others.
-async fn guard<T>(
-    stop: &CancellationToken,
-    f: impl std::future::Future<Output = Result<T, PipelineError>>,
-) -> Result<T, PipelineError> {
-    let r = f.await;
-    if r.is_err() {
-        stop.cancel();
-    }
-    r
 }
 
 #[cfg(test)]
@@ -216,7 +138,7 @@ mod tests {
                 cpu_threads: 1,
                 ..Default::default()
             },
-            pool: cpu_pool(1).unwrap(),
+            pool: crate::settings::cpu_pool(1).unwrap(),
         }
     }
 

@@ -1,6 +1,23 @@
-//! A pipeline's own settings: chunking, its CPU pool, and whether stored vectors are reused.
+//! A pipeline's own settings (chunking, CPU threads, whether stored vectors are reused) and the
+//! CPU pool built from them.
+
+use std::sync::Arc;
 
 use crate::chunk::ChunkSettings;
+use crate::error::PipelineError;
+
+/// The clean/chunk thread pool: built once, shared by every build that uses it.
+pub type CpuPool = Arc<rayon::ThreadPool>;
+
+/// The clean/chunk pool: `threads` named threads.
+pub fn cpu_pool(threads: usize) -> Result<CpuPool, PipelineError> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .thread_name(|i| format!("orbit-cpu-{i}"))
+        .build()
+        .map(Arc::new)
+        .map_err(|e| PipelineError::Internal(e.to_string()))
+}
 
 #[derive(Debug, Clone)]
 pub struct PipelineSettings {

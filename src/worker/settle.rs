@@ -66,40 +66,34 @@ where
     }
 }
 
-/// Reconnection pacing: 100 ms doubling to 5 s; one error line per 5 s at most.
+/// Reconnection pacing: the shared backoff (`orbit_pipeline::retry::Backoff`) from 100 ms to 5 s,
+/// without jitter (one worker, one connection: no herd to spread); one error line per 5 s at most.
+#[derive(Default)]
 pub struct Backoff {
-    delay: Duration,
     last_log: Option<Instant>,
     failures: u32,
 }
 
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff {
-            delay: Duration::from_millis(100),
-            last_log: None,
-            failures: 0,
-        }
-    }
-}
-
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const RECONNECT: orbit_pipeline::retry::Backoff = orbit_pipeline::retry::Backoff {
+    base: Duration::from_millis(100),
+    max: Duration::from_secs(5),
+};
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(5);
 
 impl Backoff {
     pub async fn wait(&mut self, what: &str, e: &(dyn std::fmt::Display + Sync)) {
+        let delay = RECONNECT.ceiling(self.failures);
         self.failures += 1;
         if self.last_log.is_none_or(|t| t.elapsed() >= ERROR_LOG_EVERY) {
             tracing::error!(
                 operation = what,
                 failures = self.failures,
-                retry_in_ms = self.delay.as_millis() as u64,
+                retry_in_ms = delay.as_millis() as u64,
                 "cannot reach redis: {e}; retrying"
             );
             self.last_log = Some(Instant::now());
         }
-        tokio::time::sleep(self.delay).await;
-        self.delay = (self.delay * 2).min(BACKOFF_MAX);
+        tokio::time::sleep(delay).await;
     }
 
     pub fn recovered(&mut self, what: &str) {

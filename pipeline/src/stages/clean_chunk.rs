@@ -25,6 +25,19 @@ pub struct CleanChunkReport {
     pub docs: DocCounts,
 }
 
+/// `run` on a blocking thread, off the async runtime.
+pub async fn spawn(
+    chunker: Chunker,
+    pool: Arc<rayon::ThreadPool>,
+    rx: mpsc::Receiver<SourceBatch>,
+    tx: mpsc::Sender<Vec<Chunk>>,
+    stop: CancellationToken,
+) -> Result<CleanChunkReport, PipelineError> {
+    tokio::task::spawn_blocking(move || run(chunker, pool, rx, tx, stop))
+        .await
+        .map_err(|e| PipelineError::Internal(e.to_string()))?
+}
+
 /// Runs until `rx` closes. Blocking: call it from `spawn_blocking`.
 pub fn run(
     chunker: Chunker,

@@ -120,6 +120,53 @@ impl StageMeter {
     }
 }
 
+/// The stop token of a build and its root cause: the first error of any stage that is not the
+/// "cancelled" it caused in the others.
+pub struct FirstFailure {
+    pub stop: CancellationToken,
+    first: std::sync::Mutex<Option<PipelineError>>,
+}
+
+impl FirstFailure {
+    pub fn new(stop: CancellationToken) -> Self {
+        FirstFailure {
+            stop,
+            first: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Runs a stage: its value, or None after recording its failure and stopping the others.
+    pub async fn watch<T>(
+        &self,
+        stage: impl std::future::Future<Output = Result<T, PipelineError>>,
+    ) -> Option<T> {
+        match stage.await {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.stop.cancel();
+                if let Ok(mut first) = self.first.lock() {
+                    if first
+                        .as_ref()
+                        .is_none_or(|f| matches!(f, PipelineError::Cancelled))
+                    {
+                        *first = Some(e);
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// The root cause; `Cancelled` when the build was only cancelled.
+    pub fn take(&self) -> PipelineError {
+        self.first
+            .lock()
+            .ok()
+            .and_then(|mut f| f.take())
+            .unwrap_or(PipelineError::Cancelled)
+    }
+}
+
 pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
