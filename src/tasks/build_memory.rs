@@ -120,7 +120,10 @@ async fn run(ctx: TaskContext) -> TaskResult {
     match result {
         Ok(report) => Ok(on_success(&ctx, uid, record.as_ref(), report).await),
         Err(failure) => {
-            let e = failure.into_task_error(&ctx, &lock);
+            let e = failure.into_task_error(Stopped {
+                soft_limit: ctx.cancel.is_cancelled(),
+                lock_lost: lock.lost.is_cancelled().then(|| lock.ttl()),
+            });
             on_failure(&ctx, record.as_ref(), &e).await;
             Err(e)
         }
@@ -340,15 +343,23 @@ enum BuildFailure {
     Pipeline(PipelineError),
 }
 
+/// Why a build's pipeline may have been stopped from outside.
+#[derive(Debug, Clone, Copy, Default)]
+struct Stopped {
+    soft_limit: bool,
+    /// The lock was lost: its TTL.
+    lock_lost: Option<Duration>,
+}
+
 impl BuildFailure {
     /// What a failed run raises. Whether a retry follows is the worker's decision.
-    fn into_task_error(self, ctx: &TaskContext, lock: &lock::BuildLock) -> TaskError {
+    fn into_task_error(self, stopped: Stopped) -> TaskError {
         match self {
             BuildFailure::Config(m) => RAISES.permanent(
                 "ConfigError",
                 format!("The memory build is misconfigured: {m}"),
             ),
-            BuildFailure::Pipeline(PipelineError::Cancelled) if ctx.cancel.is_cancelled() => {
+            BuildFailure::Pipeline(PipelineError::Cancelled) if stopped.soft_limit => {
                 Raises {
                     module: "billiard.exceptions",
                     task: NAME,
@@ -358,12 +369,12 @@ impl BuildFailure {
                     "The memory build reached its soft time limit and was stopped.",
                 )
             }
-            BuildFailure::Pipeline(PipelineError::Cancelled) if lock.lost.is_cancelled() => {
+            BuildFailure::Pipeline(PipelineError::Cancelled) if stopped.lock_lost.is_some() => {
                 RAISES.retry(
                     "LockLost",
                     format!(
                         "The memory build lost its lock (not renewed within {:?}) and stopped so that two builds never write at once.",
-                        lock.ttl()
+                        stopped.lock_lost.unwrap_or_default()
                     ),
                     None,
                 )
@@ -372,6 +383,89 @@ impl BuildFailure {
                 RAISES.retry("BuildError", &e, e.retry_after())
             }
             BuildFailure::Pipeline(e) => RAISES.permanent("BuildError", e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use orbit_pipeline::embed::EmbedError;
+    use orbit_pipeline::http_call::CallError;
+    use orbit_pipeline::source::SourceError;
+
+    fn kind(e: &TaskError) -> (&'static str, String) {
+        let v = match e {
+            TaskError::Permanent(_) => "permanent",
+            TaskError::Retry { .. } => "retry",
+            TaskError::BadArgs(_) => "bad args",
+        };
+        (v, e.exception().exc_type.clone())
+    }
+
+    #[test]
+    fn what_a_failed_build_raises() {
+        let embed =
+            |e: CallError| BuildFailure::Pipeline(PipelineError::Embed(EmbedError::from(e)));
+        let soft = Stopped {
+            soft_limit: true,
+            lock_lost: None,
+        };
+        let lost = Stopped {
+            soft_limit: false,
+            lock_lost: Some(Duration::from_secs(60)),
+        };
+        let none = Stopped::default();
+        let later = CallError::Later {
+            after: Duration::from_secs(30),
+            last: "HTTP 429".into(),
+        };
+        let gave_up = CallError::GaveUp {
+            attempts: 3,
+            last: "HTTP 503".into(),
+        };
+        let table: Vec<(BuildFailure, Stopped, (&str, &str))> = vec![
+            (
+                BuildFailure::Config("no source".into()),
+                none,
+                ("permanent", "ConfigError"),
+            ),
+            (
+                BuildFailure::Pipeline(PipelineError::Cancelled),
+                soft,
+                ("permanent", "SoftTimeLimitExceeded"),
+            ),
+            (
+                BuildFailure::Pipeline(PipelineError::Cancelled),
+                lost,
+                ("retry", "LockLost"),
+            ),
+            (
+                BuildFailure::Pipeline(PipelineError::Cancelled),
+                none,
+                ("permanent", "BuildError"),
+            ),
+            (embed(later.clone()), none, ("retry", "BuildError")),
+            (embed(gave_up), none, ("permanent", "BuildError")),
+            (
+                embed(CallError::from_status(401, "{}", None)),
+                none,
+                ("permanent", "BuildError"),
+            ),
+            (
+                BuildFailure::Pipeline(PipelineError::Source(SourceError::Query("reset".into()))),
+                none,
+                ("retry", "BuildError"),
+            ),
+        ];
+        for (i, (failure, stopped, want)) in table.into_iter().enumerate() {
+            let e = failure.into_task_error(stopped);
+            assert_eq!(kind(&e), (want.0, want.1.to_string()), "row {i}: {e:?}");
+        }
+        // The server's hint rides along to the task-level retry.
+        match embed(later).into_task_error(none) {
+            TaskError::Retry { after, .. } => assert_eq!(after, Some(Duration::from_secs(30))),
+            other => panic!("{other:?}"),
         }
     }
 }
