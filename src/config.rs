@@ -438,10 +438,6 @@ impl Settings {
 }
 
 /// Where `make model` puts all-MiniLM-L6-v2.
-pub fn default_model_dir_env() -> PathBuf {
-    default_model_dir(&Env)
-}
-
 fn default_model_dir(v: &dyn Vars) -> PathBuf {
     let cache = var(v, "XDG_CACHE_HOME")
         .map(PathBuf::from)

@@ -208,8 +208,9 @@ async fn execute(sh: &Shared, def: &'static TaskDef, call: Call, limits: TimeLim
         }
     };
     handle.abort();
-    // Wait for the drop to finish, so the hook does not race the task's last steps.
-    let _ = (&mut handle).await;
+    // Let the drop finish, so the hook does not race the task's last steps; a task stuck in
+    // blocking code cannot hold the worker past the bound.
+    let _ = tokio::time::timeout(ABORT_WRITE_TIMEOUT, &mut handle).await;
     if let Some(write) = on_abort.take() {
         if tokio::time::timeout(ABORT_WRITE_TIMEOUT, write(reason))
             .await
@@ -371,12 +372,9 @@ fn short(v: &serde_json::Value) -> String {
 }
 
 fn panic_text(e: tokio::task::JoinError) -> String {
-    if !e.is_panic() {
-        return "task was cancelled".into();
+    if e.is_panic() {
+        orbit_pipeline::panic_text(e.into_panic())
+    } else {
+        "task was cancelled".into()
     }
-    let p = e.into_panic();
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "task panicked".into())
 }
