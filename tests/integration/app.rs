@@ -43,6 +43,19 @@ fn build_row(db: &PgDb, id: &str) -> Vec<String> {
     .collect()
 }
 
+/// `orbitpilot.build_memory(user, build_id)` through the real Celery client, with `options`.
+fn build_call(redis: &RedisServer, q: &str, user: i64, id: &str, options: Value) -> Value {
+    let id: i64 = id.parse().unwrap();
+    call(
+        redis,
+        q,
+        "orbitpilot.build_memory",
+        json!([user, id]),
+        json!({}),
+        options,
+    )
+}
+
 fn new_build(db: &PgDb, user: i64) -> String {
     db.sql(&format!(
         "INSERT INTO orbitpilot_memorybuild (user_id) VALUES ({user}) RETURNING id"
@@ -298,14 +311,7 @@ fn build_records_failure_soft_limit_and_retry_through_the_queue() {
     // A rejected key: failed at once, with a readable message and no secret.
     api.script_embeddings(vec![Reply::Status(401, vec![], json!({"error": {"message": "Incorrect API key provided: sk-tes**********4242.", "type": "invalid_request_error", "code": "invalid_api_key"}}).to_string())]);
     let id = new_build(&db, 1);
-    let r = call(
-        &redis,
-        &q,
-        "orbitpilot.build_memory",
-        json!([1, id.parse::<i64>().unwrap()]),
-        json!({}),
-        json!({}),
-    );
+    let r = build_call(&redis, &q, 1, &id, json!({}));
     assert_eq!(r["state"], "FAILURE", "{r}");
     let row = build_row(&db, &id);
     assert_eq!(row[0], "failed");
@@ -322,12 +328,11 @@ fn build_records_failure_soft_limit_and_retry_through_the_queue() {
     // A stalled API: the soft limit stops the build and the record says so.
     api.script_embeddings(vec![Reply::Stall]);
     let id = new_build(&db, 2);
-    let r = call(
+    let r = build_call(
         &redis,
         &q,
-        "orbitpilot.build_memory",
-        json!([2, id.parse::<i64>().unwrap()]),
-        json!({}),
+        2,
+        &id,
         json!({"soft_time_limit": 2, "time_limit": 30}),
     );
     assert_eq!(r["state"], "FAILURE", "{r}");
@@ -346,14 +351,7 @@ fn build_records_failure_soft_limit_and_retry_through_the_queue() {
     api.script_embeddings(vec![down; 6]);
     let before = api.embedding_requests();
     let id = new_build(&db, 3);
-    let r = call(
-        &redis,
-        &q,
-        "orbitpilot.build_memory",
-        json!([3, id.parse::<i64>().unwrap()]),
-        json!({}),
-        json!({}),
-    );
+    let r = build_call(&redis, &q, 3, &id, json!({}));
     assert_eq!(r["state"], "FAILURE", "{r}");
     assert_eq!(
         api.embedding_requests() - before,
@@ -737,31 +735,27 @@ fn generate_answer_through_the_queue_cites_only_the_askers_rows_and_caches_for_d
         r["result"]
     );
 
+    let ask = |q: &str| {
+        call(
+            &redis,
+            q,
+            "orbitpilot.generate_answer",
+            json!([101, question]),
+            json!({}),
+            json!({}),
+        )
+    };
     // The chat API failing: a 5xx is retried inside the call; a malformed body fails clearly.
     api.script_chat(vec![
         Reply::Status(503, vec![], "upstream down".into()),
         Reply::Ok,
     ]);
-    let r = call(
-        &redis,
-        &qc,
-        "orbitpilot.generate_answer",
-        json!([101, question]),
-        json!({}),
-        json!({}),
-    );
+    let r = ask(&qc);
     assert_eq!(r["state"], "SUCCESS", "{r}");
     // A storm: the call layer's three attempts, then "gave up"; the task does not retry it.
     let before = api.chats().len();
     api.script_chat(vec![Reply::Status(503, vec![], "upstream down".into()); 5]);
-    let r = call(
-        &redis,
-        &qc,
-        "orbitpilot.generate_answer",
-        json!([101, question]),
-        json!({}),
-        json!({}),
-    );
+    let r = ask(&qc);
     assert_eq!(r["state"], "FAILURE", "{r}");
     assert!(
         r["raised"]["str"]
@@ -773,14 +767,7 @@ fn generate_answer_through_the_queue_cites_only_the_askers_rows_and_caches_for_d
     assert_eq!(api.chats().len() - before, 3, "retried in one layer only");
     api.clear_chat();
     api.script_chat(vec![Reply::Body("<html>gateway</html>".into())]);
-    let r = call(
-        &redis,
-        &qc,
-        "orbitpilot.generate_answer",
-        json!([101, question]),
-        json!({}),
-        json!({}),
-    );
+    let r = ask(&qc);
     assert_eq!(r["raised"]["type"], "AnswerError", "{r}");
     assert!(
         r["raised"]["str"].as_str().unwrap().contains("malformed"),
