@@ -223,7 +223,7 @@ async fn db(settings: Settings, c: DbCommand) -> Result<()> {
 }
 
 async fn ask(settings: Settings, a: AskArgs) -> Result<()> {
-    let sv = Services::new(settings)?;
+    let sv = Services::new(settings.split().0)?;
     let task_id = format!("cli-{}", uuid::Uuid::new_v4());
     let q = crate::answer::Question {
         user_id: a.user,
@@ -297,7 +297,8 @@ async fn worker(settings: Settings, a: WorkerArgs) -> Result<()> {
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
-    worker::run(opts, Arc::new(Services::new(settings)?), shutdown).await
+    let (shared, blocks) = settings.split();
+    worker::run(opts, Arc::new(Services::new(shared)?), blocks, shutdown).await
 }
 
 async fn health() -> Result<()> {
@@ -346,9 +347,9 @@ async fn build(mut settings: Settings, a: BuildArgs) -> Result<()> {
     let sv = if !a.source.is_empty() {
         settings.pipeline.source_paths = a.source.clone();
         settings.database_url = None;
-        Services::new(settings)?
+        Services::new(settings.split().0)?
     } else {
-        Services::new(settings)?
+        Services::new(settings.split().0)?
     };
     let source = sv
         .source()
@@ -477,7 +478,7 @@ async fn search(settings: Settings, a: SearchArgs) -> Result<()> {
         bail!("empty query");
     }
     let data_dir = settings.pipeline.data_dir.clone();
-    let sv = Services::new(settings)?;
+    let sv = Services::new(settings.split().0)?;
     let embedder = sv.embedder().await?;
     let store = sv.store().await?;
     // Compare, never record: a search must not claim an empty store for its model.

@@ -398,7 +398,8 @@ impl HttpConfig {
     }
 }
 
-/// Every block, each validated. Tasks read their own block only.
+/// Every block, each validated. `split` hands the shared blocks to `Services` and the blocks
+/// only one task needs (push, SMTP, transcription) to the worker, which gives each task its own.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub pipeline: PipelineConfig,
@@ -414,9 +415,47 @@ pub struct Settings {
     pub prices: crate::pricing::PriceTable,
 }
 
+/// What several tasks and the CLI share: held by `Services`.
+#[derive(Debug, Clone)]
+pub struct SharedSettings {
+    pub pipeline: PipelineConfig,
+    pub database_url: Option<Secret>,
+    pub cache: CacheConfig,
+    pub chat: ChatConfig,
+    pub http: HttpConfig,
+    pub prices: crate::pricing::PriceTable,
+}
+
+/// The blocks one task each needs, secrets included: the worker passes each task its own block
+/// (`TaskDef::block`) and nothing else, so no other task can read them.
+#[derive(Debug, Clone)]
+pub struct TaskBlocks {
+    pub push: std::sync::Arc<PushConfig>,
+    pub smtp: std::sync::Arc<SmtpConfig>,
+    pub transcription: std::sync::Arc<TranscriptionConfig>,
+}
+
 impl Settings {
     pub fn from_env() -> Result<Self> {
         Self::from_vars(&Env)
+    }
+
+    pub fn split(self) -> (SharedSettings, TaskBlocks) {
+        (
+            SharedSettings {
+                pipeline: self.pipeline,
+                database_url: self.database_url,
+                cache: self.cache,
+                chat: self.chat,
+                http: self.http,
+                prices: self.prices,
+            },
+            TaskBlocks {
+                push: std::sync::Arc::new(self.push),
+                smtp: std::sync::Arc::new(self.smtp),
+                transcription: std::sync::Arc::new(self.transcription),
+            },
+        )
     }
 
     pub fn from_vars(v: &dyn Vars) -> Result<Self> {

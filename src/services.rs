@@ -1,4 +1,4 @@
-//! What tasks share inside one worker process: settings, the app's database and cache, the
+//! What tasks share inside one worker process: the shared settings, the app's database and cache, the
 //! chat model, the HTTP client, metrics, and the embedder and vector store, built once on first
 //! use (the local model takes seconds to load).
 
@@ -14,7 +14,7 @@ use tokio::sync::OnceCell;
 
 use crate::cache::Cache;
 use crate::chat::ChatClient;
-use crate::config::Settings;
+use crate::config::SharedSettings;
 use crate::db::Db;
 use crate::embedders;
 use crate::metrics::Metrics;
@@ -24,7 +24,8 @@ use crate::redis_conn::RedisConn;
 const CACHE_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Services {
-    pub settings: Settings,
+    /// The shared blocks only; a task's own block comes in its `TaskContext`.
+    pub settings: SharedSettings,
     /// None when DATABASE_URL is unset: builds read files and keep no records.
     pub db: Option<Db>,
     pub cache: Cache,
@@ -44,7 +45,7 @@ pub struct Services {
 }
 
 impl Services {
-    pub fn new(settings: Settings) -> Result<Self> {
+    pub fn new(settings: SharedSettings) -> Result<Self> {
         let db = settings
             .database_url
             .as_ref()

@@ -31,6 +31,7 @@ pub static TASK: TaskDef = TaskDef {
         soft: Duration::from_secs(120),
         hard: Duration::from_secs(150),
     },
+    block: super::Block::None,
     run: |ctx| Box::pin(run(ctx)),
 };
 

@@ -33,6 +33,7 @@ pub static TASK: TaskDef = TaskDef {
         max_delay: Duration::from_secs(300),
     },
     limits: DEFAULT_LIMITS,
+    block: super::Block::None,
     run: |ctx| Box::pin(run(ctx)),
 };
 

@@ -17,6 +17,7 @@ pub static SLEEP: TaskDef = TaskDef {
     name: "orbit.debug.sleep",
     retry: RetryPolicy::NONE,
     limits: DEFAULT_LIMITS,
+    block: super::Block::None,
     run: |ctx| Box::pin(sleep(ctx)),
 };
 
@@ -51,6 +52,7 @@ pub static FAIL: TaskDef = TaskDef {
     name: "orbit.debug.fail",
     retry: RetryPolicy::NONE,
     limits: DEFAULT_LIMITS,
+    block: super::Block::None,
     run: |ctx| Box::pin(fail(ctx)),
 };
 
@@ -81,6 +83,7 @@ pub static FLAKY: TaskDef = TaskDef {
         max_delay: Duration::from_secs(10),
     },
     limits: DEFAULT_LIMITS,
+    block: super::Block::None,
     run: |ctx| Box::pin(flaky(ctx)),
 };
 

@@ -10,6 +10,7 @@ pub static TASK: TaskDef = TaskDef {
     name: NAME,
     retry: RetryPolicy::NONE,
     limits: DEFAULT_LIMITS,
+    block: super::Block::None,
     run: |ctx| Box::pin(run(ctx)),
 };
 

@@ -24,6 +24,7 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::celery::result::ExceptionInfo;
+use crate::config::{PushConfig, SmtpConfig, TaskBlocks, TranscriptionConfig};
 use crate::services::Services;
 
 /// Celery's defaults in the app's settings: soft 270 s, hard 300 s.
@@ -130,11 +131,43 @@ impl AbortHook {
     }
 }
 
-/// What a handler gets: its call, the soft-limit (and shutdown) token, and shared services.
+/// Which task-only settings block a task needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Block {
+    None,
+    Push,
+    Smtp,
+    Transcription,
+}
+
+/// A task's own settings block, as the worker hands it over: nothing of any other task's.
+#[derive(Debug, Clone)]
+pub enum TaskConfig {
+    None,
+    Push(Arc<PushConfig>),
+    Smtp(Arc<SmtpConfig>),
+    Transcription(Arc<TranscriptionConfig>),
+}
+
+impl TaskConfig {
+    /// The block `b` out of every block: the worker's one place of choosing.
+    pub fn of(blocks: &TaskBlocks, b: Block) -> TaskConfig {
+        match b {
+            Block::None => TaskConfig::None,
+            Block::Push => TaskConfig::Push(blocks.push.clone()),
+            Block::Smtp => TaskConfig::Smtp(blocks.smtp.clone()),
+            Block::Transcription => TaskConfig::Transcription(blocks.transcription.clone()),
+        }
+    }
+}
+
+/// What a handler gets: its call, the soft-limit (and shutdown) token, shared services, and its
+/// own settings block.
 pub struct TaskContext {
     pub call: Call,
     pub cancel: CancellationToken,
     pub services: Arc<Services>,
+    pub config: TaskConfig,
     /// The task's retry limit: `is_last_attempt` for tasks that must write a final record.
     pub max_retries: u32,
     pub on_abort: AbortHook,
@@ -228,6 +261,8 @@ pub struct TaskDef {
     pub name: &'static str,
     pub retry: RetryPolicy,
     pub limits: TimeLimits,
+    /// The task-only settings block it is given.
+    pub block: Block,
     pub run: Handler,
 }
 
@@ -367,6 +402,31 @@ mod tests {
         assert!(e.message().contains("multiple values"));
         let e = bind::<A>(&call(json!(["x"]), json!({})), &p).unwrap_err();
         assert!(e.message().contains("bad arguments"));
+    }
+
+    #[test]
+    fn each_task_is_given_its_own_settings_block_and_no_other() {
+        let (_, blocks) = crate::config::Settings::from_vars(&crate::config::Table(&[]))
+            .unwrap()
+            .split();
+        let r = Registry::new(true).unwrap();
+        for name in r.names() {
+            let def = r.get(name).unwrap();
+            let given = TaskConfig::of(&blocks, def.block);
+            let want = match name {
+                send_push::NAME => "push",
+                send_verification_email::NAME => "smtp",
+                transcribe_audio::NAME => "transcription",
+                _ => "none",
+            };
+            let got = match given {
+                TaskConfig::None => "none",
+                TaskConfig::Push(_) => "push",
+                TaskConfig::Smtp(_) => "smtp",
+                TaskConfig::Transcription(_) => "transcription",
+            };
+            assert_eq!(got, want, "{name}");
+        }
     }
 
     #[test]

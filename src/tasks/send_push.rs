@@ -16,7 +16,10 @@ use web_push::{
 
 use orbit_pipeline::http_call::{classify_status, redact, retry_hint, StatusClass};
 
-use super::{bind, Raises, RetryPolicy, TaskContext, TaskDef, TaskResult, TimeLimits};
+use super::{
+    bind, Raises, RetryPolicy, TaskConfig, TaskContext, TaskDef, TaskError, TaskResult, TimeLimits,
+};
+use crate::config::PushConfig;
 use crate::db::PushSubscription;
 
 pub const NAME: &str = "notifications.send_push";
@@ -37,6 +40,7 @@ pub static TASK: TaskDef = TaskDef {
         soft: Duration::from_secs(60),
         hard: Duration::from_secs(90),
     },
+    block: super::Block::Push,
     run: |ctx| Box::pin(run(ctx)),
 };
 
@@ -152,20 +156,20 @@ pub fn vapid_key(pem_or_b64: &str) -> Result<PartialVapidSignatureBuilder, Strin
 
 async fn deliver(
     ctx: &TaskContext,
+    cfg: &PushConfig,
     vapid: &PartialVapidSignatureBuilder,
     sub: &PushSubscription,
     payload: &[u8],
     kind: Kind,
     topic: &str,
 ) -> Delivery {
-    let s = &ctx.services.settings;
     let info = SubscriptionInfo::new(
         sub.endpoint.as_str(),
         sub.p256dh.as_str(),
         sub.auth.as_str(),
     );
     let mut sig = vapid.clone().add_sub_info(&info);
-    sig.add_claim("sub", s.push.vapid_subject.as_str());
+    sig.add_claim("sub", cfg.vapid_subject.as_str());
     let sig = match sig.build() {
         Ok(s) => s,
         Err(e) => return Delivery::GiveUp(format!("VAPID signature: {e}")),
@@ -187,7 +191,7 @@ async fn deliver(
         .services
         .http
         .post(msg.endpoint.to_string())
-        .timeout(s.push.timeout)
+        .timeout(cfg.timeout)
         .header("TTL", msg.ttl.to_string());
     if let Some(u) = msg.urgency {
         req = req.header("Urgency", u.to_string());
@@ -243,6 +247,17 @@ const RAISES: Raises = Raises {
     task: NAME,
 };
 
+/// This task's own settings block, as the worker gave it.
+fn config(ctx: &TaskContext) -> Result<&PushConfig, TaskError> {
+    match &ctx.config {
+        TaskConfig::Push(c) => Ok(c),
+        _ => Err(RAISES.permanent(
+            "ConfigError",
+            "the push settings were not given to this task",
+        )),
+    }
+}
+
 async fn run(ctx: TaskContext) -> TaskResult {
     let args: Args = bind(&ctx.call, PARAMS)?;
     let sv = ctx.services.clone();
@@ -252,7 +267,8 @@ async fn run(ctx: TaskContext) -> TaskResult {
             "DATABASE_URL is not set: push subscriptions live there",
         ));
     };
-    let Some(key) = &sv.settings.push.vapid_private_key else {
+    let cfg = config(&ctx)?;
+    let Some(key) = &cfg.vapid_private_key else {
         return Err(RAISES.permanent("ConfigError", "VAPID_PRIVATE_KEY is not set"));
     };
     let vapid = vapid_key(key.expose()).map_err(|e| RAISES.permanent("ConfigError", e))?;
@@ -272,7 +288,7 @@ async fn run(ctx: TaskContext) -> TaskResult {
         .collect();
     let results = futures::future::join_all(
         todo.iter()
-            .map(|s| deliver(&ctx, &vapid, s, &payload, args.payload.kind, &topic)),
+            .map(|s| deliver(&ctx, cfg, &vapid, s, &payload, args.payload.kind, &topic)),
     )
     .await;
     let (new_outcomes, retry) = record_deliveries(&ctx, db, &todo, results).await;

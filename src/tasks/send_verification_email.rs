@@ -10,7 +10,7 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{bind, Raises, RetryPolicy, TaskContext, TaskDef, TaskResult, TimeLimits};
+use super::{bind, Raises, RetryPolicy, TaskConfig, TaskContext, TaskDef, TaskResult, TimeLimits};
 
 pub const NAME: &str = "config.send_verification_email";
 const PARAMS: &[&str] = &["user_id", "verify_url"];
@@ -31,6 +31,7 @@ pub static TASK: TaskDef = TaskDef {
         soft: Duration::from_secs(90),
         hard: Duration::from_secs(120),
     },
+    block: super::Block::Smtp,
     run: |ctx| Box::pin(run(ctx)),
 };
 
@@ -97,11 +98,19 @@ async fn run(ctx: TaskContext) -> TaskResult {
     let fail = |kind: &str, msg: &str| -> TaskResult { Err(RAISES.permanent(kind, msg)) };
     let retry = |msg: &str| -> TaskResult { Err(RAISES.retry("SMTPError", msg, None)) };
     let sv = &ctx.services;
-    let s = &sv.settings;
+    let s = match &ctx.config {
+        TaskConfig::Smtp(c) => c.as_ref(),
+        _ => {
+            return fail(
+                "ConfigError",
+                "the SMTP settings were not given to this task",
+            )
+        }
+    };
     if !(args.verify_url.starts_with("https://") || args.verify_url.starts_with("http://")) {
         return fail("ValueError", "verify_url must be an http(s) URL");
     }
-    let Some(smtp_url) = &s.smtp.url else {
+    let Some(smtp_url) = &s.url else {
         return fail("ConfigError", "SMTP_URL is not set");
     };
     let Some(db) = &sv.db else {
@@ -138,23 +147,23 @@ async fn run(ctx: TaskContext) -> TaskResult {
             );
         }
     };
-    let from = &s.smtp.from;
+    let from = &s.from;
     let msg = match message(from, to, &args.verify_url) {
         Ok(m) => m,
         Err(e) => return fail("ValueError", &e),
     };
     let transport = match AsyncSmtpTransport::<Tokio1Executor>::from_url(smtp_url.expose()) {
-        Ok(b) => b.timeout(Some(s.smtp.timeout)).build(),
+        Ok(b) => b.timeout(Some(s.timeout)).build(),
         Err(e) => return fail("ConfigError", &format!("SMTP_URL: {e}")),
     };
     // lettre's timeout covers only the connect: a server that accepts and never greets would
     // hold the task for ever without this one.
-    let sent = tokio::time::timeout(s.smtp.timeout, transport.send(msg)).await;
+    let sent = tokio::time::timeout(s.timeout, transport.send(msg)).await;
     let to_log = mask(&email);
     match sent {
         Err(_) => retry(&format!(
             "the SMTP server did not answer within {:?}",
-            s.smtp.timeout
+            s.timeout
         )),
         Ok(Ok(resp)) => {
             tracing::info!(user_id = args.user_id, to = %to_log, code = %resp.code(), "verification email sent");

@@ -14,7 +14,10 @@ use orbit_pipeline::http_call::{call_with_retry, redact, send, CallError, CallPo
 use orbit_pipeline::Retryable;
 
 use super::blink::{load_audio, raises, run_step};
-use super::{bind, Raises, RetryPolicy, TaskContext, TaskDef, TaskError, TaskResult, TimeLimits};
+use super::{
+    bind, Raises, RetryPolicy, TaskConfig, TaskContext, TaskDef, TaskError, TaskResult, TimeLimits,
+};
+use crate::config::TranscriptionConfig;
 use crate::db::{BlinkStep, Db, UsageRow};
 
 pub const NAME: &str = "blink.transcribe_audio";
@@ -38,6 +41,7 @@ pub static TASK: TaskDef = TaskDef {
         soft: Duration::from_secs(270),
         hard: Duration::from_secs(300),
     },
+    block: super::Block::Transcription,
     run: |ctx| Box::pin(run(ctx)),
 };
 
@@ -81,6 +85,17 @@ fn media_path(root: &Path, rel: &str) -> Result<PathBuf, String> {
 /// The recording's bytes, refusing anything over the upload limit before reading it all.
 /// The exceptions of this task.
 const R: Raises = raises(NAME);
+
+/// This task's own settings block, as the worker gave it.
+fn config(ctx: &TaskContext) -> Result<&TranscriptionConfig, TaskError> {
+    match &ctx.config {
+        TaskConfig::Transcription(c) => Ok(c),
+        _ => Err(R.permanent(
+            "ConfigError",
+            "the transcription settings were not given to this task",
+        )),
+    }
+}
 
 async fn load(ctx: &TaskContext, file: &str) -> Result<(String, Vec<u8>), TaskError> {
     let name = file
@@ -146,8 +161,8 @@ async fn load(ctx: &TaskContext, file: &str) -> Result<(String, Vec<u8>), TaskEr
         }
         return Ok((name, out));
     }
-    let path = media_path(&ctx.services.settings.transcription.media_root, file)
-        .map_err(|e| R.permanent("AudioNotFound", e))?;
+    let path =
+        media_path(&config(ctx)?.media_root, file).map_err(|e| R.permanent("AudioNotFound", e))?;
     let meta = tokio::fs::metadata(&path)
         .await
         .map_err(|e| R.permanent("AudioNotFound", format!("recording {file}: {e}")))?;
@@ -190,7 +205,7 @@ fn check_format(file: &str) -> Result<(), TaskError> {
 /// task layer alone.
 async fn upload(ctx: &TaskContext, name: String, bytes: Vec<u8>) -> Result<Verbose, TaskError> {
     let sv = &ctx.services;
-    let cfg = &sv.settings.transcription;
+    let cfg = config(ctx)?;
     let url = format!(
         "{}/audio/transcriptions",
         cfg.base_url.trim_end_matches('/')
@@ -247,7 +262,7 @@ async fn store(ctx: &TaskContext, db: &Db, audio_id: i64, owner: i64, v: Verbose
     )
     .await
     .map_err(|e| R.retry("TranscriptionError", e, None))?;
-    let model = &sv.settings.transcription.model;
+    let model = &config(ctx)?.model;
     sv.log_usage(UsageRow {
         user_id: Some(owner),
         feature: "blink_transcription",

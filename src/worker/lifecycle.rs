@@ -16,7 +16,7 @@ use crate::celery::message::{queue_key, retry_envelope, DecodeError, TaskMessage
 use crate::celery::redis::dead_letter_record;
 use crate::celery::result::{encode_meta, ExceptionInfo, Outcome};
 use crate::tasks::TimeLimits;
-use crate::tasks::{AbortHook, AbortReason, Call, TaskContext, TaskDef, TaskError};
+use crate::tasks::{AbortHook, AbortReason, Call, TaskConfig, TaskContext, TaskDef, TaskError};
 
 /// How long the worker waits for an abandoned task's own last write (its build record): a dead
 /// database must not hold a shutdown for ever.
@@ -181,6 +181,7 @@ async fn execute(sh: &Shared, def: &'static TaskDef, call: Call, limits: TimeLim
         call,
         cancel: cancel.clone(),
         services: sh.services.clone(),
+        config: TaskConfig::of(&sh.blocks, def.block),
         max_retries: def.retry.max_retries,
         on_abort: on_abort.clone(),
     };

@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::celery::message::PollOrder;
 use crate::celery::redis::{redact_url, Backend, Broker};
+use crate::config::TaskBlocks;
 use crate::services::Services;
 use crate::tasks::Registry;
 use orbit_pipeline::secret::Secret;
@@ -68,6 +69,8 @@ pub struct Shared {
     backend: Backend,
     registry: Registry,
     services: Arc<Services>,
+    /// The task-only settings blocks; each task is given its own.
+    blocks: TaskBlocks,
     /// Results live on the broker's Redis: results and acks share one atomic round trip.
     shared_redis: bool,
     /// Delivery tags this worker holds and has not settled.
@@ -154,6 +157,7 @@ pub fn expand_hostname(pattern: &str) -> String {
 pub async fn run(
     opts: WorkerOptions,
     services: Arc<Services>,
+    blocks: TaskBlocks,
     shutdown: CancellationToken,
 ) -> Result<()> {
     let broker = Broker::open(opts.broker_url.expose(), BRPOP_TIMEOUT)?;
@@ -169,6 +173,7 @@ pub async fn run(
         backend,
         registry,
         services,
+        blocks,
         held: Mutex::new(HashSet::new()),
         stop_fetch: CancellationToken::new(),
         abandon: CancellationToken::new(),

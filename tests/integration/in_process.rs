@@ -39,15 +39,20 @@ fn the_worker_runs_in_process_retries_and_stops_holding_nothing() {
         ("ORBIT_CACHE_URL", url.as_str()),
         ("ORBIT_EMBEDDER", "hashing"),
     ];
-    let settings = Settings::from_vars(&Table(&vars)).unwrap();
-    let services = Arc::new(Services::new(settings).unwrap());
+    let (shared, blocks) = Settings::from_vars(&Table(&vars)).unwrap().split();
+    let services = Arc::new(Services::new(shared).unwrap());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
     let shutdown = CancellationToken::new();
-    let running = rt.spawn(worker::run(options(&redis, &q), services, shutdown.clone()));
+    let running = rt.spawn(worker::run(
+        options(&redis, &q),
+        services,
+        blocks,
+        shutdown.clone(),
+    ));
 
     let ids = send(
         &redis,
