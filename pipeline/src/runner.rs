@@ -20,8 +20,10 @@ use crate::types::BuildScope;
 /// Source batches queued for the CPU stage: two keep the cores fed while the reader parses the
 /// next; more would only hold memory (a batch is up to 4 MB).
 const CPU_QUEUE_BATCHES: usize = 2;
-/// Chunk batches queued for reuse and for the embedder: enough to fill several requests ahead.
-const EMBED_QUEUE_BATCHES: usize = 4;
+/// Chunk batches queued before the reuse lookups and before the embedder: two each, the four one
+/// queue held before reuse was a stage of its own (a batch already fills several requests).
+const CHUNK_QUEUE_BATCHES: usize = 2;
+const EMBED_QUEUE_BATCHES: usize = 2;
 /// Embedded batches queued for the store.
 const STORE_QUEUE_BATCHES: usize = 4;
 
@@ -47,7 +49,7 @@ impl Pipeline {
         self.store.ensure_model(model, dimension).await?;
         let gen = self.store.begin_build().await?;
         let (docs_tx, docs_rx) = channel(CPU_QUEUE_BATCHES);
-        let (chunk_tx, chunk_rx) = channel(EMBED_QUEUE_BATCHES);
+        let (chunk_tx, chunk_rx) = channel(CHUNK_QUEUE_BATCHES);
         let (todo_tx, todo_rx) = channel(EMBED_QUEUE_BATCHES);
         let (store_tx, store_rx) = channel(STORE_QUEUE_BATCHES);
         // Stages stop at the first failure anywhere, or when the caller cancels.
