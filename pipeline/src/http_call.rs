@@ -193,13 +193,6 @@ impl CallError {
             }
         )
     }
-
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            CallError::Status { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
 }
 
 impl Retryable for CallError {
@@ -224,7 +217,7 @@ impl Retryable for CallError {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CallPolicy {
     /// Attempts, the first included. 1: no inline retry; a retryable failure goes up as it is,
-    /// for the task layer (an upload of minutes is retried there alone).
+    /// for the task layer.
     pub max_attempts: u32,
     pub backoff: Backoff,
     /// The longest single wait slept inline; a longer hint becomes `Later`.
@@ -232,16 +225,6 @@ pub struct CallPolicy {
 }
 
 impl CallPolicy {
-    /// Every retry at the task layer.
-    pub const TASK_LAYER: CallPolicy = CallPolicy {
-        max_attempts: 1,
-        backoff: Backoff {
-            base: Duration::ZERO,
-            max: Duration::ZERO,
-        },
-        max_inline_wait: Duration::ZERO,
-    };
-
     /// Three attempts within seconds: a blip or a short rate limit passes without holding the
     /// task near its soft limit.
     pub const fn short(max_inline_wait: Duration) -> CallPolicy {
@@ -418,9 +401,13 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        // The task layer's policy: a retryable error goes up unchanged.
+        // One attempt only: a retryable error goes up unchanged, for the task layer.
+        let once = CallPolicy {
+            max_attempts: 1,
+            ..p
+        };
         assert!(
-            matches!(next_step(&CallPolicy::TASK_LAYER, 1, status(503, None)), Next::Stop(e) if e.is_retryable())
+            matches!(next_step(&once, 1, status(503, None)), Next::Stop(e) if e.is_retryable())
         );
     }
 

@@ -173,7 +173,50 @@ pub struct TaskContext {
     pub on_abort: AbortHook,
 }
 
+/// A task-only settings block, as `TaskContext::own_block` takes it out of the task's config.
+pub trait OwnBlock {
+    fn from_config(c: &TaskConfig) -> Option<&Self>;
+}
+
+impl OwnBlock for PushConfig {
+    fn from_config(c: &TaskConfig) -> Option<&Self> {
+        match c {
+            TaskConfig::Push(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+impl OwnBlock for SmtpConfig {
+    fn from_config(c: &TaskConfig) -> Option<&Self> {
+        match c {
+            TaskConfig::Smtp(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+impl OwnBlock for TranscriptionConfig {
+    fn from_config(c: &TaskConfig) -> Option<&Self> {
+        match c {
+            TaskConfig::Transcription(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
 impl TaskContext {
+    /// This task's own settings block; a task registered with another block fails as
+    /// misconfigured instead of panicking.
+    pub fn own_block<T: OwnBlock>(&self, r: Raises) -> Result<&T, TaskError> {
+        T::from_config(&self.config).ok_or_else(|| {
+            r.permanent(
+                "ConfigError",
+                format!("{} was not given its settings block", r.task),
+            )
+        })
+    }
+
     /// No retry follows this run, whatever it returns.
     pub fn is_last_attempt(&self) -> bool {
         self.call.retries >= self.max_retries

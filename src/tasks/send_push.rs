@@ -16,9 +16,7 @@ use web_push::{
 
 use orbit_pipeline::http_call::{classify_status, redact, retry_hint, StatusClass};
 
-use super::{
-    bind, Raises, RetryPolicy, TaskConfig, TaskContext, TaskDef, TaskError, TaskResult, TimeLimits,
-};
+use super::{bind, Raises, RetryPolicy, TaskContext, TaskDef, TaskResult, TimeLimits};
 use crate::config::PushConfig;
 use crate::db::PushSubscription;
 
@@ -247,17 +245,6 @@ const RAISES: Raises = Raises {
     task: NAME,
 };
 
-/// This task's own settings block, as the worker gave it.
-fn config(ctx: &TaskContext) -> Result<&PushConfig, TaskError> {
-    match &ctx.config {
-        TaskConfig::Push(c) => Ok(c),
-        _ => Err(RAISES.permanent(
-            "ConfigError",
-            "the push settings were not given to this task",
-        )),
-    }
-}
-
 async fn run(ctx: TaskContext) -> TaskResult {
     let args: Args = bind(&ctx.call, PARAMS)?;
     let sv = ctx.services.clone();
@@ -267,7 +254,7 @@ async fn run(ctx: TaskContext) -> TaskResult {
             "DATABASE_URL is not set: push subscriptions live there",
         ));
     };
-    let cfg = config(&ctx)?;
+    let cfg: &PushConfig = ctx.own_block(RAISES)?;
     let Some(key) = &cfg.vapid_private_key else {
         return Err(RAISES.permanent("ConfigError", "VAPID_PRIVATE_KEY is not set"));
     };

@@ -10,7 +10,8 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{bind, Raises, RetryPolicy, TaskConfig, TaskContext, TaskDef, TaskResult, TimeLimits};
+use super::{bind, Raises, RetryPolicy, TaskContext, TaskDef, TaskResult, TimeLimits};
+use crate::config::SmtpConfig;
 
 pub const NAME: &str = "config.send_verification_email";
 const PARAMS: &[&str] = &["user_id", "verify_url"];
@@ -98,15 +99,7 @@ async fn run(ctx: TaskContext) -> TaskResult {
     let fail = |kind: &str, msg: &str| -> TaskResult { Err(RAISES.permanent(kind, msg)) };
     let retry = |msg: &str| -> TaskResult { Err(RAISES.retry("SMTPError", msg, None)) };
     let sv = &ctx.services;
-    let s = match &ctx.config {
-        TaskConfig::Smtp(c) => c.as_ref(),
-        _ => {
-            return fail(
-                "ConfigError",
-                "the SMTP settings were not given to this task",
-            )
-        }
-    };
+    let s: &SmtpConfig = ctx.own_block(RAISES)?;
     if !(args.verify_url.starts_with("https://") || args.verify_url.starts_with("http://")) {
         return fail("ValueError", "verify_url must be an http(s) URL");
     }

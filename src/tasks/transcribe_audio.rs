@@ -10,13 +10,11 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use orbit_pipeline::http_call::{call_with_retry, redact, send, CallError, CallPolicy};
+use orbit_pipeline::http_call::{redact, send};
 use orbit_pipeline::Retryable;
 
 use super::blink::{load_audio, raises, run_step};
-use super::{
-    bind, Raises, RetryPolicy, TaskConfig, TaskContext, TaskDef, TaskError, TaskResult, TimeLimits,
-};
+use super::{bind, Raises, RetryPolicy, TaskContext, TaskDef, TaskError, TaskResult, TimeLimits};
 use crate::config::TranscriptionConfig;
 use crate::db::{BlinkStep, Db, UsageRow};
 
@@ -88,13 +86,7 @@ const R: Raises = raises(NAME);
 
 /// This task's own settings block, as the worker gave it.
 fn config(ctx: &TaskContext) -> Result<&TranscriptionConfig, TaskError> {
-    match &ctx.config {
-        TaskConfig::Transcription(c) => Ok(c),
-        _ => Err(R.permanent(
-            "ConfigError",
-            "the transcription settings were not given to this task",
-        )),
-    }
+    ctx.own_block(R)
 }
 
 async fn load(ctx: &TaskContext, file: &str) -> Result<(String, Vec<u8>), TaskError> {
@@ -210,30 +202,27 @@ async fn upload(ctx: &TaskContext, name: String, bytes: Vec<u8>) -> Result<Verbo
         "{}/audio/transcriptions",
         cfg.base_url.trim_end_matches('/')
     );
-    let attempt = || async {
-        let part = reqwest::multipart::Part::bytes(bytes.clone())
-            .file_name(name.clone())
-            .mime_str("application/octet-stream")
-            .map_err(|e| CallError::Decode(e.to_string()))?;
-        let form = reqwest::multipart::Form::new()
-            .part("file", part)
-            .text("model", cfg.model.clone())
-            .text("response_format", "verbose_json")
-            .text("timestamp_granularities[]", "segment");
-        let req = sv.http.post(&url).timeout(cfg.timeout).multipart(form);
-        send(req, cfg.api_key.as_ref()).await
-    };
-    let text = call_with_retry(&CallPolicy::TASK_LAYER, "transcription upload", attempt)
-        .await
-        .map_err(|e| match e {
-            e if e.is_config() => R.permanent("ConfigError", format!("transcription API: {e}")),
-            e if e.is_retryable() => R.retry(
-                "TranscriptionError",
-                format!("transcription API {e}"),
-                e.retry_after(),
-            ),
-            e => R.permanent("TranscriptionError", format!("transcription API {e}")),
-        })?;
+    let part = reqwest::multipart::Part::bytes(bytes)
+        .file_name(name)
+        .mime_str("application/octet-stream")
+        .map_err(|e| R.permanent("TranscriptionError", e))?;
+    let form = reqwest::multipart::Form::new()
+        .part("file", part)
+        .text("model", cfg.model.clone())
+        .text("response_format", "verbose_json")
+        .text("timestamp_granularities[]", "segment");
+    let req = sv.http.post(&url).timeout(cfg.timeout).multipart(form);
+    // One attempt, no inline retry: the file moves into the request instead of being copied for
+    // attempts that never come.
+    let text = send(req, cfg.api_key.as_ref()).await.map_err(|e| match e {
+        e if e.is_config() => R.permanent("ConfigError", format!("transcription API: {e}")),
+        e if e.is_retryable() => R.retry(
+            "TranscriptionError",
+            format!("transcription API {e}"),
+            e.retry_after(),
+        ),
+        e => R.permanent("TranscriptionError", format!("transcription API {e}")),
+    })?;
     serde_json::from_str(&text).map_err(|e| {
         R.retry(
             "TranscriptionError",

@@ -85,11 +85,6 @@ impl StageMeter {
         r
     }
 
-    /// Counts `d` as waiting on the previous stage (a wait not made through `recv`).
-    pub fn waited_up(&mut self, d: Duration) {
-        self.wait_up += d;
-    }
-
     /// Work done elsewhere (a reader thread) that the stage measured itself.
     pub fn add_busy(&mut self, d: Duration) {
         *self.measured_busy.get_or_insert(Duration::ZERO) += d;
