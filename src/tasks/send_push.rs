@@ -149,7 +149,7 @@ pub fn vapid_key(pem_or_b64: &str) -> Result<PartialVapidSignatureBuilder, Strin
     } else {
         VapidSignatureBuilder::from_base64_no_sub(k)
     };
-    r.map_err(|e| format!("VAPID_PRIVATE_KEY is not a P-256 private key (PEM or base64url): {e}"))
+    r.map_err(|e| format!("not a P-256 private key (PEM or base64url): {e}"))
 }
 
 async fn deliver(
@@ -258,7 +258,8 @@ async fn run(ctx: TaskContext) -> TaskResult {
     let Some(key) = &cfg.vapid_private_key else {
         return Err(RAISES.permanent("ConfigError", "VAPID_PRIVATE_KEY is not set"));
     };
-    let vapid = vapid_key(key.expose()).map_err(|e| RAISES.permanent("ConfigError", e))?;
+    let vapid = vapid_key(key.expose())
+        .map_err(|e| RAISES.permanent("ConfigError", format!("VAPID_PRIVATE_KEY: {e}")))?;
     let subs = db
         .push_subscriptions(args.user_id)
         .await
