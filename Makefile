@@ -16,7 +16,7 @@ export ORBIT_MODEL_DIR ?= $(MODEL_DIR)
 export TIKTOKEN_CACHE_DIR ?= $(TIKTOKEN_DIR)
 export ORBIT_TEST_PYTHON ?= $(VENV)/bin/python
 
-.PHONY: node-servers postgres all demo test bench bench-e2e bench-celery lint model venv tiktoken-cache corpus-100m corpus-1g tools release clean
+.PHONY: node-servers postgres all demo test eval bench bench-e2e bench-celery lint model venv tiktoken-cache corpus-100m corpus-1g tools release clean
 
 all: release
 
@@ -113,8 +113,14 @@ $(CORPUS_DIR)/corpus-1g.jsonl:
 	@mkdir -p $(CORPUS_DIR)
 	python3 scripts/gen_corpus.py --seed 1000 --users 2000 --bytes 1000000000 --out $@
 
+# Retrieval quality on fixtures/eval/ with the local model: recall@k, MRR, nDCG per mode and
+# question kind, and the fusion sweep the defaults were chosen on (docs/retrieval.md).
+eval: tools model release
+	scripts/eval.sh $(BIN)
+
 bench: tools corpus-100m venv model
 	ORBIT_BENCH_CORPUS=$(CORPUS_DIR)/corpus-100m.jsonl cargo bench -p orbit-pipeline --bench pipeline
+	cargo bench -p orbit-pipeline --bench search
 	$(MAKE) bench-e2e
 	$(MAKE) bench-celery
 

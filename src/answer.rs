@@ -3,6 +3,7 @@
 //! model configured, answer extractively with the best passages. Shared by the
 //! `orbitpilot.generate_answer` task and `orbit-worker ask`.
 
+use orbit_pipeline::search::{SearchMode, SearchRequest};
 use orbit_pipeline::store::SearchHit;
 use orbit_pipeline::tokenize::Encoding;
 use serde::Serialize;
@@ -20,8 +21,11 @@ const SNIPPET_CHARS: usize = 280;
 /// Tokens a chat answer may take.
 const ANSWER_MAX_TOKENS: u32 = 700;
 /// Passages below this similarity are not worth citing in an extractive answer (all-MiniLM and
-/// OpenAI embeddings put unrelated text well under it).
+/// OpenAI embeddings put unrelated text well under it), unless the lexical list found them.
 const EXTRACTIVE_MIN_SCORE: f32 = 0.05;
+/// Passages an extractive answer quotes, whatever top_k asked: it is read by a person, and the
+/// first three of a good ranking hold the answer far more often than the next ones add to it.
+pub const EXTRACTIVE_PASSAGES: usize = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AnswerError {
@@ -103,6 +107,8 @@ pub struct Question<'a> {
     pub top_k: usize,
     /// The Celery task id, recorded on usage rows.
     pub task_id: &'a str,
+    /// None: the configured `ORBIT_SEARCH_MODE`.
+    pub mode: Option<SearchMode>,
 }
 
 fn snippet(text: &str) -> String {
@@ -126,22 +132,7 @@ fn citation(n: usize, h: &SearchHit) -> Citation {
 }
 
 pub async fn answer(sv: &Services, q: Question<'_>) -> Result<Answer, AnswerError> {
-    let question = q.question.trim();
-    if question.is_empty() {
-        return Err(AnswerError::BadRequest("the question is empty".into()));
-    }
-    let tokens = Encoding::Cl100kBase.count(question);
-    if tokens > sv.settings.chat.max_question_tokens {
-        return Err(AnswerError::BadRequest(format!(
-            "the question is {tokens} tokens long; at most {} are allowed",
-            sv.settings.chat.max_question_tokens
-        )));
-    }
-    if q.top_k == 0 || q.top_k > MAX_TOP_K {
-        return Err(AnswerError::BadRequest(format!(
-            "top_k must be between 1 and {MAX_TOP_K}"
-        )));
-    }
+    let (question, tokens) = check(sv, &q, MAX_TOP_K)?;
     if let Some(db) = &sv.db {
         match db.user_active(q.user_id).await {
             Ok(Some(_)) => {}
@@ -149,36 +140,7 @@ pub async fn answer(sv: &Services, q: Question<'_>) -> Result<Answer, AnswerErro
             Err(e) => return Err(AnswerError::upstream(e.to_string(), e.is_retryable())),
         }
     }
-    let embedder = sv
-        .embedder()
-        .await
-        .map_err(|e| AnswerError::Config(format!("{e:#}")))?;
-    let store = sv
-        .store()
-        .await
-        .map_err(|e| AnswerError::Config(format!("{e:#}")))?;
-    let mut vectors = embedder
-        .embed(vec![question.to_string()])
-        .await
-        .map_err(|e| AnswerError::upstream(e.to_string(), e.is_retryable()))?;
-    let qv = vectors.pop().unwrap_or_default();
-    if sv.settings.pipeline.resolved_embedder() == crate::config::EmbedderKind::OpenAi {
-        let model = embedder.model_id().to_string();
-        sv.log_usage(UsageRow {
-            user_id: Some(q.user_id),
-            feature: "orbitpilot_embed",
-            cost_usd: sv.settings.prices.cost(&model, tokens as i64, 0, 0.0),
-            model,
-            prompt_tokens: tokens as i64,
-            task_id: q.task_id.to_string(),
-            ..Default::default()
-        })
-        .await;
-    }
-    let hits = store
-        .search(q.user_id, &qv, q.top_k)
-        .await
-        .map_err(|e| AnswerError::upstream(e.to_string(), e.is_retryable()))?;
+    let (hits, embedding_model) = retrieve_checked(sv, &q, question, tokens).await?;
     let base = Answer {
         user_id: q.user_id,
         question: question.to_string(),
@@ -186,7 +148,7 @@ pub async fn answer(sv: &Services, q: Question<'_>) -> Result<Answer, AnswerErro
         mode: "extractive",
         citations: Vec::new(),
         model: None,
-        embedding_model: embedder.model_id().to_string(),
+        embedding_model,
         usage: AnswerUsage::default(),
     };
     if hits.is_empty() {
@@ -203,6 +165,109 @@ pub async fn answer(sv: &Services, q: Question<'_>) -> Result<Answer, AnswerErro
         }
         _ => Ok(extractive(hits, base)),
     }
+}
+
+/// The user's passages for `question` (validated, `tokens` long) in the request's mode, and the
+/// embedding model the store is read with. The question is embedded only when the mode needs it.
+async fn retrieve_checked(
+    sv: &Services,
+    q: &Question<'_>,
+    question: &str,
+    tokens: usize,
+) -> Result<(Vec<SearchHit>, String), AnswerError> {
+    let mode = q.mode.unwrap_or(sv.settings.search.mode);
+    let embedder = sv
+        .embedder()
+        .await
+        .map_err(|e| AnswerError::Config(format!("{e:#}")))?;
+    let store = sv
+        .store()
+        .await
+        .map_err(|e| AnswerError::Config(format!("{e:#}")))?;
+    let qv = if mode.needs_vector() {
+        let mut vectors = embedder
+            .embed(vec![question.to_string()])
+            .await
+            .map_err(|e| AnswerError::upstream(e.to_string(), e.is_retryable()))?;
+        if sv.settings.pipeline.resolved_embedder() == crate::config::EmbedderKind::OpenAi {
+            let model = embedder.model_id().to_string();
+            sv.log_usage(UsageRow {
+                user_id: Some(q.user_id),
+                feature: "orbitpilot_embed",
+                cost_usd: sv.settings.prices.cost(&model, tokens as i64, 0, 0.0),
+                model,
+                prompt_tokens: tokens as i64,
+                task_id: q.task_id.to_string(),
+                ..Default::default()
+            })
+            .await;
+        }
+        vectors.pop()
+    } else {
+        None
+    };
+    let req = SearchRequest {
+        user_id: q.user_id,
+        text: question,
+        vector: qv.as_deref(),
+        mode,
+        top_k: q.top_k,
+        fusion: sv.settings.search.fusion,
+    };
+    let hits = orbit_pipeline::search::search(store.as_ref(), &req)
+        .await
+        .map_err(|e| AnswerError::upstream(e.to_string(), e.is_retryable()))?;
+    Ok((hits, embedder.model_id().to_string()))
+}
+
+/// What `search` and `eval` read: the passages `answer` would be given for this question, with
+/// the same checks of the question; top_k up to `max_top_k` (the CLI's `search` lists a whole
+/// memory with a large one, an answer takes at most `MAX_TOP_K`).
+pub async fn retrieve(
+    sv: &Services,
+    q: &Question<'_>,
+    max_top_k: usize,
+) -> Result<Vec<SearchHit>, AnswerError> {
+    let (question, tokens) = check(sv, q, max_top_k)?;
+    Ok(retrieve_checked(sv, q, question, tokens).await?.0)
+}
+
+/// The trimmed question and its token count, or why it cannot be asked.
+fn check<'q>(
+    sv: &Services,
+    q: &Question<'q>,
+    max_top_k: usize,
+) -> Result<(&'q str, usize), AnswerError> {
+    let question = q.question.trim();
+    if question.is_empty() {
+        return Err(AnswerError::BadRequest("the question is empty".into()));
+    }
+    let tokens = Encoding::Cl100kBase.count(question);
+    if tokens > sv.settings.chat.max_question_tokens {
+        return Err(AnswerError::BadRequest(format!(
+            "the question is {tokens} tokens long; at most {} are allowed",
+            sv.settings.chat.max_question_tokens
+        )));
+    }
+    if q.top_k == 0 || q.top_k > max_top_k {
+        return Err(AnswerError::BadRequest(format!(
+            "top_k must be between 1 and {max_top_k}"
+        )));
+    }
+    Ok((question, tokens))
+}
+
+/// The passages an answer cites, in the order retrieval ranked them: what `eval` scores.
+pub fn cited(hits: &[SearchHit], generative: bool) -> Vec<&SearchHit> {
+    if generative {
+        return hits.iter().collect();
+    }
+    hits.iter()
+        .filter(|h| {
+            h.lexical_score.is_some() || h.dense_score.unwrap_or(h.score) >= EXTRACTIVE_MIN_SCORE
+        })
+        .take(EXTRACTIVE_PASSAGES)
+        .collect()
 }
 
 /// Whether the user has used this month's chat tokens (read through the `usage:` cache, which
@@ -230,11 +295,7 @@ async fn over_budget(sv: &Services, user_id: i64) -> bool {
 }
 
 fn extractive(hits: Vec<SearchHit>, base: Answer) -> Answer {
-    let kept: Vec<&SearchHit> = hits
-        .iter()
-        .filter(|h| h.score >= EXTRACTIVE_MIN_SCORE)
-        .take(3)
-        .collect();
+    let kept = cited(&hits, false);
     let citations: Vec<Citation> = kept
         .iter()
         .enumerate()

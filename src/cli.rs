@@ -1,4 +1,4 @@
-//! The command line: `worker` (the Celery worker), `build`, `search` and `ask` over the
+//! The command line: `worker` (the Celery worker), `build`, `search`, `ask` and `eval` over the
 //! configured source, embedder and store, `db` (migrate, seed) and `health`.
 
 use std::io::IsTerminal;
@@ -74,6 +74,8 @@ pub enum Command {
     Search(SearchArgs),
     /// Answer a question from a user's memory, as `orbitpilot.generate_answer` does.
     Ask(AskArgs),
+    /// Score retrieval on questions with known evidence: recall@k, MRR and nDCG@k per mode.
+    Eval(crate::eval::EvalArgs),
     /// The app database: apply migrations, or load a JSONL corpus into the app tables.
     #[command(subcommand)]
     Db(DbCommand),
@@ -100,6 +102,9 @@ pub struct AskArgs {
     pub user: i64,
     #[arg(long, default_value_t = 8)]
     pub top_k: usize,
+    /// hybrid, dense or lexical; default ORBIT_SEARCH_MODE (hybrid).
+    #[arg(long)]
+    pub mode: Option<orbit_pipeline::search::SearchMode>,
     /// Print the answer JSON (the Celery result's shape).
     #[arg(long)]
     pub json: bool,
@@ -169,6 +174,9 @@ pub struct SearchArgs {
     pub user: i64,
     #[arg(long, default_value_t = 5)]
     pub top_k: usize,
+    /// hybrid, dense or lexical; default ORBIT_SEARCH_MODE (hybrid).
+    #[arg(long)]
+    pub mode: Option<orbit_pipeline::search::SearchMode>,
     #[arg(long)]
     pub json: bool,
     /// The query text.
@@ -183,6 +191,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Build(a) => build(settings, a).await,
         Command::Search(a) => search(settings, a).await,
         Command::Ask(a) => ask(settings, a).await,
+        Command::Eval(a) => crate::eval::run(settings, a).await,
         Command::Db(c) => db(settings, c).await,
     }
 }
@@ -230,6 +239,7 @@ async fn ask(settings: Settings, a: AskArgs) -> Result<()> {
         question: &a.question,
         top_k: a.top_k,
         task_id: &task_id,
+        mode: a.mode,
     };
     let ans = crate::answer::answer(&sv, q).await?;
     if a.json {
@@ -498,12 +508,16 @@ async fn search(settings: Settings, a: SearchArgs) -> Result<()> {
         }
         Some(_) => {}
     }
-    let q = embedder
-        .embed(vec![a.query.clone()])
-        .await?
-        .pop()
-        .context("no query vector")?;
-    let hits = store.search(a.user, &q, a.top_k).await?;
+    let task_id = format!("cli-{}", uuid::Uuid::new_v4());
+    let q = crate::answer::Question {
+        user_id: a.user,
+        question: &a.query,
+        top_k: a.top_k,
+        task_id: &task_id,
+        mode: a.mode,
+    };
+    // Any top_k: a large one lists the user's whole memory.
+    let hits = crate::answer::retrieve(&sv, &q, usize::MAX).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&hits)?);
         return Ok(());

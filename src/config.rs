@@ -143,6 +143,13 @@ pub struct PipelineConfig {
     /// None: the embedder's preference, else 512.
     pub chunk_tokens: Option<usize>,
     pub chunk_overlap: Option<usize>,
+    /// Chat messages closer than this are packed together.
+    pub pack_window: Duration,
+    /// Whether a pack closed on its budget repeats its last message in the next one.
+    pub pack_overlap: bool,
+    /// Whether the store keeps the lexical index beside the vectors (needed by hybrid and
+    /// lexical search).
+    pub lexical_index: bool,
     pub encoding: Encoding,
     pub cpu_threads: usize,
     pub embed_in_flight: Option<usize>,
@@ -173,6 +180,14 @@ impl PipelineConfig {
             hashing_dim: parse(v, "ORBIT_HASHING_DIM")?.unwrap_or(384),
             chunk_tokens: parse(v, "ORBIT_CHUNK_TOKENS")?,
             chunk_overlap: parse(v, "ORBIT_CHUNK_OVERLAP")?,
+            pack_window: seconds(
+                v,
+                "ORBIT_PACK_WINDOW",
+                ChunkSettings::default().pack_window_secs as f64,
+            )?,
+            pack_overlap: parse(v, "ORBIT_PACK_OVERLAP")?
+                .unwrap_or(orbit_pipeline::chunk::DEFAULT_PACK_OVERLAP),
+            lexical_index: parse(v, "ORBIT_LEXICAL_INDEX")?.unwrap_or(true),
             encoding: parse::<Encoding>(v, "ORBIT_ENCODING")?.unwrap_or_default(),
             cpu_threads: parse(v, "ORBIT_CPU_THREADS")?.unwrap_or_else(|| {
                 std::thread::available_parallelism()
@@ -212,6 +227,8 @@ impl PipelineConfig {
     pub fn chunk_settings(&self, preferred: Option<usize>) -> Result<ChunkSettings> {
         let mut c = ChunkSettings {
             encoding: self.encoding,
+            pack_window_secs: self.pack_window.as_secs() as i64,
+            pack_overlap: self.pack_overlap,
             ..Default::default()
         };
         if let Some(n) = self.chunk_tokens.or(preferred) {
@@ -398,6 +415,35 @@ impl HttpConfig {
     }
 }
 
+/// Retrieval: the mode and the fusion of `generate_answer`, `search`, `ask` and `eval`.
+#[derive(Debug, Clone, Copy)]
+pub struct SearchConfig {
+    pub mode: orbit_pipeline::search::SearchMode,
+    pub fusion: orbit_pipeline::search::Fusion,
+}
+
+impl SearchConfig {
+    fn from_vars(v: &dyn Vars) -> Result<Self> {
+        let d = orbit_pipeline::search::Fusion::default();
+        let fusion = orbit_pipeline::search::Fusion {
+            rrf_k: parse(v, "ORBIT_SEARCH_RRF_K")?.unwrap_or(d.rrf_k),
+            dense_weight: parse(v, "ORBIT_SEARCH_DENSE_WEIGHT")?.unwrap_or(d.dense_weight),
+            lexical_weight: parse(v, "ORBIT_SEARCH_LEXICAL_WEIGHT")?.unwrap_or(d.lexical_weight),
+            depth: parse(v, "ORBIT_SEARCH_DEPTH")?.unwrap_or(d.depth),
+        };
+        fusion.validate().map_err(|e| {
+            bad(
+                "ORBIT_SEARCH_RRF_K / ORBIT_SEARCH_*_WEIGHT / ORBIT_SEARCH_DEPTH",
+                e,
+            )
+        })?;
+        Ok(SearchConfig {
+            mode: parse(v, "ORBIT_SEARCH_MODE")?.unwrap_or_default(),
+            fusion,
+        })
+    }
+}
+
 /// Every block, each validated. `split` hands the shared blocks to `Services` and the blocks
 /// only one task needs (push, SMTP, transcription) to the worker, which gives each task its own.
 #[derive(Debug, Clone)]
@@ -411,6 +457,7 @@ pub struct Settings {
     pub smtp: SmtpConfig,
     pub transcription: TranscriptionConfig,
     pub http: HttpConfig,
+    pub search: SearchConfig,
     /// Prices of the paid models, for usage rows (`ORBIT_PRICE_TABLE` adds or replaces).
     pub prices: crate::pricing::PriceTable,
 }
@@ -423,6 +470,7 @@ pub struct SharedSettings {
     pub cache: CacheConfig,
     pub chat: ChatConfig,
     pub http: HttpConfig,
+    pub search: SearchConfig,
     pub prices: crate::pricing::PriceTable,
 }
 
@@ -448,6 +496,7 @@ impl Settings {
                 cache: self.cache,
                 chat: self.chat,
                 http: self.http,
+                search: self.search,
                 prices: self.prices,
             },
             TaskBlocks {
@@ -459,8 +508,19 @@ impl Settings {
     }
 
     pub fn from_vars(v: &dyn Vars) -> Result<Self> {
+        let pipeline = PipelineConfig::from_vars(v)?;
+        let search = SearchConfig::from_vars(v)?;
+        if !pipeline.lexical_index && search.mode != orbit_pipeline::search::SearchMode::Dense {
+            return Err(bad(
+                "ORBIT_LEXICAL_INDEX",
+                format!(
+                    "false keeps no lexical index, so ORBIT_SEARCH_MODE must be dense, not {}",
+                    search.mode.as_str()
+                ),
+            ));
+        }
         Ok(Settings {
-            pipeline: PipelineConfig::from_vars(v)?,
+            pipeline,
             database_url: secret(v, "DATABASE_URL"),
             cache: CacheConfig::from_vars(v)?,
             chat: ChatConfig::from_vars(v)?,
@@ -468,6 +528,7 @@ impl Settings {
             smtp: SmtpConfig::from_vars(v)?,
             transcription: TranscriptionConfig::from_vars(v)?,
             http: HttpConfig::from_vars(v)?,
+            search,
             prices: crate::pricing::PriceTable::with_overrides(
                 var(v, "ORBIT_PRICE_TABLE").as_deref(),
             )

@@ -42,7 +42,7 @@ pub fn embedder(
 
 pub async fn store(s: &PipelineConfig) -> Result<Arc<dyn VectorStore>> {
     Ok(Arc::new(
-        SqliteStore::open(&s.data_dir)
+        SqliteStore::open_with(&s.data_dir, s.lexical_index)
             .await
             .with_context(|| format!("opening vector store in {}", s.data_dir.display()))?,
     ))

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod embedders;
+pub mod eval;
 pub mod http;
 pub mod lock;
 pub mod logging;

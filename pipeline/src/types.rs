@@ -99,6 +99,31 @@ pub struct Chunk {
     pub content_hash: String,
 }
 
+impl Chunk {
+    /// A whole note as one chunk, for what stores text directly: tests, benchmarks, tools.
+    /// Token counts are its words (no tokenizer involved).
+    pub fn note(user_id: i64, source_id: &str, text: &str) -> Chunk {
+        let words = text.split_whitespace().count();
+        Chunk {
+            user_id,
+            kind: DocKind::Note,
+            source_ids: vec![source_id.to_string()],
+            conversation_id: None,
+            title: None,
+            author: None,
+            chunk_index: 0,
+            byte_start: 0,
+            byte_end: text.len(),
+            token_start: 0,
+            token_end: words,
+            token_count: words,
+            created_at: chrono::DateTime::UNIX_EPOCH,
+            text: text.to_string(),
+            content_hash: crate::hash::hex128(crate::hash::content_hash(text)),
+        }
+    }
+}
+
 /// A chunk with its vector.
 #[derive(Debug, Clone)]
 pub struct EmbeddedChunk {

@@ -54,6 +54,7 @@ async fn run(ctx: TaskContext) -> TaskResult {
         question: &args.question,
         top_k: args.top_k,
         task_id: &ctx.call.id,
+        mode: None,
     };
     let a = tokio::select! {
         a = answer(sv, q) => a,

@@ -136,3 +136,92 @@ fn build_json_then_search() {
     assert!(text.starts_with("1. "), "{text}");
     assert!(text.contains("[message] fact-2-band"), "{text}");
 }
+
+/// `eval` on a case small enough to score by hand: lexical mode, so no model decides the ranks.
+#[test]
+fn eval_scores_a_hand_computed_case() {
+    let d = tempfile::tempdir().unwrap();
+    let notes = [
+        ("n1", "the cabin wifi password is otter42"),
+        ("n2", "the hotel in Lisbon is Casa Azul"),
+        ("n3", "flight TP1352 boards at gate 12"),
+        ("n4", "pasta recipe with basil"),
+    ];
+    let src = d.path().join("notes.jsonl");
+    let lines: Vec<String> = notes
+        .iter()
+        .map(|(id, t)| {
+            serde_json::json!({"user_id": 1, "kind": "note", "source_id": id, "text": t,
+                "created_at": "2026-03-01T10:00:00Z"})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&src, lines.join("\n")).unwrap();
+    // Ranks by hand: q1-q3 first place; q4 matches n4 on two words and its evidence n3 on one,
+    // so second place; q5 matches nothing.
+    let questions = [
+        ("what is the cabin wifi password?", "n1", "entity"),
+        ("which hotel in Lisbon?", "n2", "entity"),
+        ("gate for flight TP1352", "n3", "code"),
+        ("recipe with basil and flight", "n3", "code"),
+        ("zebra unicorn", "n2", "miss"),
+    ];
+    let qfile = d.path().join("q.jsonl");
+    let lines: Vec<String> = questions
+        .iter()
+        .map(|(q, e, k)| {
+            serde_json::json!({"user_id": 1, "question": q, "evidence": [e], "kind": k}).to_string()
+        })
+        .collect();
+    std::fs::write(&qfile, lines.join("\n")).unwrap();
+    let data = d.path().join("data");
+    succeeded(
+        &cmd(&data)
+            .args(["build", "--user", "1", "--source"])
+            .arg(&src)
+            .output()
+            .unwrap(),
+    );
+    let out = cmd(&data)
+        .args([
+            "eval",
+            "--mode",
+            "lexical,hybrid",
+            "--top-k",
+            "1,3",
+            "--json",
+            "--questions",
+        ])
+        .arg(&qfile)
+        .output()
+        .unwrap();
+    succeeded(&out);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let lex = &r["modes"][0];
+    assert_eq!(lex["mode"], "lexical");
+    let close = |v: &serde_json::Value, want: f64| {
+        assert!(
+            (v.as_f64().unwrap() - want).abs() < 1e-9,
+            "{v} != {want}: {lex}"
+        )
+    };
+    close(&lex["all"]["recall"]["1"], 3.0 / 5.0);
+    close(&lex["all"]["recall"]["3"], 4.0 / 5.0);
+    close(&lex["all"]["mrr"], (1.0 + 1.0 + 1.0 + 0.5 + 0.0) / 5.0);
+    close(&lex["all"]["ndcg"]["3"], (3.0 + 1.0 / 3f64.log2()) / 5.0);
+    close(&lex["by_kind"]["code"]["mrr"], 0.75);
+    close(&lex["by_kind"]["miss"]["recall"]["3"], 0.0);
+    assert_eq!(lex["by_kind"]["entity"]["questions"], 2);
+    assert_eq!(r["modes"][1]["mode"], "hybrid");
+    assert_eq!(r["modes"][1]["all"]["questions"], 5);
+
+    // A question file that is not one is a clear error naming the line.
+    std::fs::write(&qfile, "{\"user_id\": 1}\n").unwrap();
+    let out = cmd(&data)
+        .args(["eval", "--questions"])
+        .arg(&qfile)
+        .output()
+        .unwrap();
+    let err = one_line_error(&out);
+    assert!(err.contains("q.jsonl:1"), "{err}");
+}

@@ -180,26 +180,10 @@ pub(crate) async fn until_stopped<T>(
 #[cfg(test)]
 pub(crate) mod testing {
     //! What the stage tests share: a chunk made from text, and draining a channel.
-    use crate::types::{Chunk, DocKind};
+    use crate::types::Chunk;
 
     pub fn chunk(user_id: i64, text: &str) -> Chunk {
-        Chunk {
-            user_id,
-            kind: DocKind::Note,
-            source_ids: vec![format!("s-{text}")],
-            conversation_id: None,
-            title: None,
-            author: None,
-            chunk_index: 0,
-            byte_start: 0,
-            byte_end: text.len(),
-            token_start: 0,
-            token_end: text.split_whitespace().count(),
-            token_count: text.split_whitespace().count(),
-            created_at: chrono::DateTime::UNIX_EPOCH,
-            text: text.to_string(),
-            content_hash: crate::hash::hex128(crate::hash::content_hash(text)),
-        }
+        Chunk::note(user_id, &format!("s-{text}"), text)
     }
 
     pub async fn drain<T>(mut rx: tokio::sync::mpsc::Receiver<T>) -> Vec<T> {

@@ -1,7 +1,9 @@
-//! Store: the `VectorStore` trait and the embedded SQLite implementation with exact search.
+//! Store: the `VectorStore` trait (vectors and, beside them, the lexical index of the same points)
+//! and the embedded SQLite implementation with exact search and FTS5.
 
 mod null;
 mod sqlite;
+pub mod vector_cache;
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -10,6 +12,7 @@ use uuid::Uuid;
 pub use null::NullStore;
 pub use sqlite::SqliteStore;
 
+use crate::search::Fusion;
 use crate::types::BuildScope;
 use crate::types::EmbeddedChunk;
 
@@ -48,7 +51,13 @@ impl From<sqlx::Error> for StoreError {
 #[derive(Debug, Clone, Serialize)]
 pub struct SearchHit {
     pub id: Uuid,
+    /// The ranking score of the search that returned it: cosine for dense, BM25 for lexical, the
+    /// fused reciprocal-rank score for hybrid.
     pub score: f32,
+    /// Cosine similarity, when the dense list had this hit.
+    pub dense_score: Option<f32>,
+    /// BM25 (higher is better), when the lexical list had this hit.
+    pub lexical_score: Option<f32>,
     pub user_id: i64,
     pub kind: String,
     pub source_ids: Vec<String>,
@@ -95,12 +104,37 @@ pub trait VectorStore: Send + Sync {
         scope: &BuildScope,
     ) -> Result<u64, StoreError>;
     /// Nearest chunks of `user_id` only; other users' points are never read.
-    async fn search(
+    async fn search_dense(
         &self,
         user_id: i64,
         query: &[f32],
         top_k: usize,
     ) -> Result<Vec<SearchHit>, StoreError>;
+    /// Best BM25 matches of the question's terms (`lexical::query_terms`) among `user_id`'s
+    /// chunks only: the user is filtered before anything is scored.
+    async fn search_lexical(
+        &self,
+        user_id: i64,
+        question: &str,
+        top_k: usize,
+    ) -> Result<Vec<SearchHit>, StoreError>;
+    /// Both lists `fusion.depth` deep, fused (`search::fuse`). A store that fuses on its server
+    /// overrides this with one call.
+    async fn search_hybrid(
+        &self,
+        user_id: i64,
+        query: &[f32],
+        question: &str,
+        top_k: usize,
+        fusion: &Fusion,
+    ) -> Result<Vec<SearchHit>, StoreError> {
+        let depth = fusion.depth.max(top_k);
+        let (dense, lexical) = futures::try_join!(
+            self.search_dense(user_id, query, depth),
+            self.search_lexical(user_id, question, depth)
+        )?;
+        Ok(crate::search::fuse(dense, lexical, fusion, top_k))
+    }
     /// Vectors already stored for these (user, content hash) pairs: a chunk whose text has not
     /// changed keeps its vector instead of being embedded again. Missing pairs are absent.
     async fn vectors_by_hash(&self, keys: &[(i64, &str)]) -> Result<VectorsByHash, StoreError>;

@@ -49,10 +49,18 @@ impl VectorStore for NullStore {
     ) -> Result<u64, StoreError> {
         Ok(0)
     }
-    async fn search(
+    async fn search_dense(
         &self,
         _user_id: i64,
         _query: &[f32],
+        _top_k: usize,
+    ) -> Result<Vec<SearchHit>, StoreError> {
+        Ok(Vec::new())
+    }
+    async fn search_lexical(
+        &self,
+        _user_id: i64,
+        _question: &str,
         _top_k: usize,
     ) -> Result<Vec<SearchHit>, StoreError> {
         Ok(Vec::new())

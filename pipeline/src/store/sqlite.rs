@@ -1,9 +1,19 @@
-//! Embedded vector store: one SQLite file (sqlx, bundled SQLite), exact cosine search with ndarray
-//! over the asking user's vectors. A user's memory is thousands of chunks: exact search is a
-//! millisecond and never misses, so no index is worth its build time here.
+//! Embedded vector store: one SQLite file (sqlx, bundled SQLite), exact cosine search over the
+//! asking user's vectors (kept in memory between searches, `vector_cache`), and an FTS5 index of
+//! the same points for BM25. A user's memory is thousands of chunks: exact search is milliseconds
+//! and never misses, so no approximate index is worth its build time here.
+//!
+//! The lexical index is external-content FTS5 over `points.terms`, kept by triggers: whatever
+//! inserts, rewrites or deletes a point (an upsert under the generation fence, the end-of-build
+//! sweep, a reset) changes its index entry in the same statement, so the two never disagree.
+//! Every term is stored prefixed with its user (`u42xhotel`): a question's terms carry the same
+//! prefix, so its match reads only that user's posting lists, and BM25's document frequencies
+//! are the user's own.
 
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use ndarray::{Array1, ArrayView2};
@@ -11,6 +21,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use uuid::Uuid;
 
+use super::vector_cache::{UserVectors, VectorCache, VECTOR_CACHE_BYTES};
 use super::{BuildGeneration, SearchHit, StoreError, VectorStore};
 use crate::types::BuildScope;
 use crate::types::EmbeddedChunk;
@@ -39,23 +50,100 @@ const SCHEMA: &[&str] = &[
     )",
     "CREATE INDEX IF NOT EXISTS points_user ON points (user_id, build_gen)",
     "CREATE INDEX IF NOT EXISTS points_hash ON points (user_id, content_hash)",
+    // Bumped by every write to a user's points: what the in-memory vectors are checked against.
+    "CREATE TABLE IF NOT EXISTS user_versions (user_id INTEGER PRIMARY KEY, version INTEGER NOT NULL)",
+];
+
+/// The lexical index, created after `points` has its `terms` column (added to older files).
+const LEXICAL_SCHEMA: &[&str] = &[
+    // `ascii`: the terms are already normalised (`lexical`), so the tokenizer only splits on
+    // the spaces between them; non-ASCII letters are term characters as they are.
+    "CREATE VIRTUAL TABLE IF NOT EXISTS points_fts USING fts5(
+        terms, content='points', content_rowid='rowid', tokenize='ascii'
+    )",
+    "CREATE TRIGGER IF NOT EXISTS points_fts_insert AFTER INSERT ON points BEGIN
+        INSERT INTO points_fts (rowid, terms) VALUES (new.rowid, new.terms);
+    END",
+    "CREATE TRIGGER IF NOT EXISTS points_fts_delete AFTER DELETE ON points BEGIN
+        INSERT INTO points_fts (points_fts, rowid, terms) VALUES ('delete', old.rowid, old.terms);
+    END",
+    // A rebuild rewrites every point, mostly with unchanged text: only a change reindexes.
+    "CREATE TRIGGER IF NOT EXISTS points_fts_update AFTER UPDATE OF terms ON points
+     WHEN old.terms IS NOT new.terms BEGIN
+        INSERT INTO points_fts (points_fts, rowid, terms) VALUES ('delete', old.rowid, old.terms);
+        INSERT INTO points_fts (rowid, terms) VALUES (new.rowid, new.terms);
+    END",
 ];
 
 /// Hashes per lookup statement: one bind each, far under SQLite's variable limit.
 const HASHES_PER_LOOKUP: usize = 500;
 
 /// Rows per INSERT: each statement is one hop to sqlx's SQLite thread, so rows per hop is what
-/// sets store throughput. 18 binds a row keeps 64 rows far under SQLite's 32766-variable limit.
+/// sets store throughput. 19 binds a row keeps 64 rows far under SQLite's 32766-variable limit.
 const UPSERT_ROWS_PER_STATEMENT: usize = 64;
+
+/// Rows read per statement when an older store file gains the lexical index.
+const BACKFILL_ROWS: i64 = 2000;
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    vectors: Arc<VectorCache>,
+    /// False: points are stored with no terms and lexical search finds nothing (a dense-only
+    /// deployment that does not pay for the index; `ORBIT_LEXICAL_INDEX=false`).
+    lexical: bool,
+}
+
+/// The prefix every indexed term of `user_id` carries: a letter, the digits, `x`, so no user's
+/// prefix is another's (`-5` is `n5x`, never `u5x`) and the ASCII tokenizer keeps it whole.
+fn term_prefix(user_id: i64) -> String {
+    let sign = if user_id < 0 { 'n' } else { 'u' };
+    format!("{sign}{}x", user_id.unsigned_abs())
+}
+
+/// The stored terms of a chunk: its title and text, each term with the user's prefix.
+fn indexed_terms(user_id: i64, title: Option<&str>, text: &str) -> String {
+    let prefix = term_prefix(user_id);
+    let mut out = String::with_capacity(text.len() + text.len() / 2);
+    let mut add = |t: &str| {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(&prefix);
+        out.push_str(t);
+    };
+    if let Some(t) = title {
+        crate::lexical::for_each_term(t, &mut add);
+    }
+    crate::lexical::for_each_term(text, &mut add);
+    out
+}
+
+/// The FTS5 query of a question: its terms, prefixed, any of them. Terms hold only letters and
+/// digits (`lexical`), so quoting them is all the escaping there is; None when nothing is left.
+fn match_expression(user_id: i64, question: &str) -> Option<String> {
+    let prefix = term_prefix(user_id);
+    let terms = crate::lexical::query_terms(question);
+    if terms.is_empty() {
+        return None;
+    }
+    Some(
+        terms
+            .iter()
+            .map(|t| format!("\"{prefix}{t}\""))
+            .collect::<Vec<_>>()
+            .join(" OR "),
+    )
 }
 
 impl SqliteStore {
-    /// Opens (creating) `<dir>/vectors.sqlite`.
+    /// Opens (creating) `<dir>/vectors.sqlite`, with the lexical index.
     pub async fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, true).await
+    }
+
+    /// Opens (creating) `<dir>/vectors.sqlite`; `lexical` false writes no terms (see the field).
+    pub async fn open_with(dir: &Path, lexical: bool) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| {
             StoreError::Backend(format!("creating data dir {}: {e}", dir.display()))
         })?;
@@ -72,8 +160,206 @@ impl SqliteStore {
         for s in SCHEMA {
             sqlx::query(s).execute(&pool).await?;
         }
-        Ok(Self { pool })
+        let store = Self {
+            pool,
+            vectors: Arc::new(VectorCache::new(VECTOR_CACHE_BYTES)),
+            lexical,
+        };
+        store.ensure_lexical_index().await?;
+        Ok(store)
     }
+
+    /// Checks that the lexical index agrees with the points it indexes (FTS5's own
+    /// `integrity-check` against the content table): an operator's check, and the tests'.
+    pub async fn check_integrity(&self) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO points_fts (points_fts, rank) VALUES ('integrity-check', 1)")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Creates the lexical index, or adds it to a store file written before it existed: the
+    /// `terms` column filled for every point, the index built from it, then the triggers that keep
+    /// it. One transaction, so a crash mid-way leaves the old file as it was, and the next open
+    /// starts again; `store_meta.lexical_index` marks it done.
+    async fn ensure_lexical_index(&self) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let done: Option<String> =
+            sqlx::query_scalar("SELECT value FROM store_meta WHERE key = 'lexical_index'")
+                .fetch_optional(&mut *tx)
+                .await?;
+        if done.is_some() {
+            return Ok(());
+        }
+        let columns: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM pragma_table_info('points')")
+                .fetch_all(&mut *tx)
+                .await?;
+        if !columns.iter().any(|c| c == "terms") {
+            sqlx::query("ALTER TABLE points ADD COLUMN terms TEXT NOT NULL DEFAULT ''")
+                .execute(&mut *tx)
+                .await?;
+        }
+        // The index table first, without its triggers: the fill below must not ask FTS5 to
+        // delete entries it never held.
+        sqlx::query(LEXICAL_SCHEMA[0]).execute(&mut *tx).await?;
+        let mut after = i64::MIN;
+        loop {
+            let rows = sqlx::query(
+                "SELECT rowid, user_id, title, text FROM points WHERE rowid > ? ORDER BY rowid LIMIT ?",
+            )
+            .bind(after)
+            .bind(BACKFILL_ROWS)
+            .fetch_all(&mut *tx)
+            .await?;
+            let Some(last) = rows.last() else { break };
+            after = last.get(0);
+            for r in &rows {
+                sqlx::query("UPDATE points SET terms = ? WHERE rowid = ?")
+                    .bind(indexed_terms(r.get(1), r.get(2), r.get(3)))
+                    .bind(r.get::<i64, _>(0))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        sqlx::query("INSERT INTO points_fts (points_fts) VALUES ('rebuild')")
+            .execute(&mut *tx)
+            .await?;
+        for s in &LEXICAL_SCHEMA[1..] {
+            sqlx::query(s).execute(&mut *tx).await?;
+        }
+        sqlx::query("INSERT INTO store_meta (key, value) VALUES ('lexical_index', '1')")
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The user's vectors, from memory when nothing of theirs changed since they were read.
+    async fn user_vectors(&self, user_id: i64, dim: usize) -> Result<Arc<UserVectors>, StoreError> {
+        let version = user_version(&self.pool, user_id).await?;
+        if let Some(v) = self.vectors.get(user_id, version) {
+            if v.dim == dim || v.rowids.is_empty() {
+                return Ok(v);
+            }
+        }
+        // The version and the rows from one read snapshot: an entry never pairs newer rows
+        // with an older version, or older rows with a newer one.
+        let mut tx = self.pool.begin().await?;
+        let version = user_version(&mut *tx, user_id).await?;
+        let rows = sqlx::query("SELECT rowid, vector FROM points WHERE user_id = ?")
+            .bind(user_id)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let mut flat = Vec::with_capacity(rows.len() * dim);
+        let mut rowids = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let blob: &[u8] = r.get(1);
+            if blob.len() != dim * 4 {
+                return Err(StoreError::Dimension {
+                    got: dim,
+                    want: blob.len() / 4,
+                });
+            }
+            flat.extend(
+                blob.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
+            rowids.push(r.get::<i64, _>(0));
+        }
+        let v = Arc::new(UserVectors {
+            version,
+            dim,
+            rowids,
+            flat,
+        });
+        self.vectors.put(user_id, v.clone());
+        Ok(v)
+    }
+
+    /// The rows of `user_id` among `ranked` (rowid, score), in that order, as hits.
+    async fn hits(
+        &self,
+        user_id: i64,
+        ranked: &[(i64, f32)],
+        dense: bool,
+    ) -> Result<Vec<SearchHit>, StoreError> {
+        if ranked.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "SELECT rowid, id, user_id, kind, source_ids, conversation_id, author, created_at, text \
+             FROM points WHERE user_id = ",
+        );
+        qb.push_bind(user_id).push(" AND rowid IN (");
+        let mut sep = qb.separated(", ");
+        for (rowid, _) in ranked {
+            sep.push_bind(*rowid);
+        }
+        qb.push(")");
+        let mut by_rowid: HashMap<i64, SearchHit> = HashMap::new();
+        for r in qb.build().fetch_all(&self.pool).await? {
+            let id: Vec<u8> = r.get(1);
+            by_rowid.insert(
+                r.get(0),
+                SearchHit {
+                    id: Uuid::from_slice(&id).unwrap_or_default(),
+                    score: 0.0,
+                    dense_score: None,
+                    lexical_score: None,
+                    user_id: r.get(2),
+                    kind: r.get(3),
+                    source_ids: serde_json::from_str(r.get::<&str, _>(4)).unwrap_or_default(),
+                    conversation_id: r.get(5),
+                    author: r.get(6),
+                    created_at: r.get(7),
+                    text: r.get(8),
+                },
+            );
+        }
+        Ok(ranked
+            .iter()
+            .filter_map(|(rowid, score)| {
+                let mut h = by_rowid.remove(rowid)?;
+                h.score = *score;
+                if dense {
+                    h.dense_score = Some(*score);
+                } else {
+                    h.lexical_score = Some(*score);
+                }
+                Some(h)
+            })
+            .collect())
+    }
+}
+
+async fn user_version<'e, E>(ex: E, user_id: i64) -> Result<i64, StoreError>
+where
+    E: sqlx::Executor<'e, Database = Sqlite>,
+{
+    let v: Option<i64> = sqlx::query_scalar("SELECT version FROM user_versions WHERE user_id = ?")
+        .bind(user_id)
+        .fetch_optional(ex)
+        .await?;
+    Ok(v.unwrap_or(0))
+}
+
+/// Marks users' points changed, inside the writing transaction.
+async fn bump_versions(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    users: impl IntoIterator<Item = i64>,
+) -> Result<(), StoreError> {
+    for u in users {
+        sqlx::query(
+            "INSERT INTO user_versions (user_id, version) VALUES (?, 1) \
+             ON CONFLICT (user_id) DO UPDATE SET version = version + 1",
+        )
+        .bind(u)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
 }
 
 fn vec_to_blob(v: &[f32]) -> Vec<u8> {
@@ -136,7 +422,10 @@ impl VectorStore for SqliteStore {
     async fn reset(&self) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM points").execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM store_meta WHERE key <> 'last_gen'")
+        sqlx::query("UPDATE user_versions SET version = version + 1")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM store_meta WHERE key NOT IN ('last_gen', 'lexical_index')")
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -171,7 +460,7 @@ impl VectorStore for SqliteStore {
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO points (id, user_id, build_gen, kind, source_ids, conversation_id, title, author, \
                  chunk_index, byte_start, byte_end, token_start, token_end, token_count, created_at, \
-                 content_hash, text, vector) ",
+                 content_hash, text, vector, terms) ",
             );
             qb.push_values(rows, |mut b, p| {
                 let c = &p.chunk;
@@ -193,7 +482,12 @@ impl VectorStore for SqliteStore {
                     .push_bind(c.created_at.to_rfc3339())
                     .push_bind(c.content_hash.clone())
                     .push_bind(c.text.clone())
-                    .push_bind(vec_to_blob(&p.vector));
+                    .push_bind(vec_to_blob(&p.vector))
+                    .push_bind(if self.lexical {
+                        indexed_terms(c.user_id, c.title.as_deref(), &c.text)
+                    } else {
+                        String::new()
+                    });
             });
             // A stale build (one that lost its lock to a newer one) never overwrites a point the
             // newer build wrote: generations only move forward.
@@ -204,11 +498,13 @@ impl VectorStore for SqliteStore {
                  byte_end = excluded.byte_end, token_start = excluded.token_start, \
                  token_end = excluded.token_end, token_count = excluded.token_count, \
                  created_at = excluded.created_at, content_hash = excluded.content_hash, \
-                 text = excluded.text, vector = excluded.vector \
+                 text = excluded.text, vector = excluded.vector, terms = excluded.terms \
                  WHERE excluded.build_gen >= points.build_gen",
             );
             qb.build().execute(&mut *tx).await?;
         }
+        let users: BTreeSet<i64> = points.iter().map(|p| p.chunk.user_id).collect();
+        bump_versions(&mut tx, users).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -218,56 +514,54 @@ impl VectorStore for SqliteStore {
         gen: BuildGeneration,
         scope: &BuildScope,
     ) -> Result<u64, StoreError> {
-        let res = match scope {
+        let mut tx = self.pool.begin().await?;
+        // Only older generations: a stale build finishing late never sweeps a newer one's. The
+        // delete trigger takes each swept point out of the lexical index too.
+        let deleted = match scope {
             BuildScope::User(u) => {
-                // Only older generations: a stale build finishing late never sweeps a newer one's.
-                sqlx::query("DELETE FROM points WHERE user_id = ? AND build_gen < ?")
+                let n = sqlx::query("DELETE FROM points WHERE user_id = ? AND build_gen < ?")
                     .bind(*u)
                     .bind(gen)
-                    .execute(&self.pool)
+                    .execute(&mut *tx)
                     .await?
+                    .rows_affected();
+                if n > 0 {
+                    bump_versions(&mut tx, [*u]).await?;
+                }
+                n
             }
             BuildScope::AllUsers => {
-                sqlx::query("DELETE FROM points WHERE build_gen < ?")
+                let n = sqlx::query("DELETE FROM points WHERE build_gen < ?")
                     .bind(gen)
-                    .execute(&self.pool)
+                    .execute(&mut *tx)
                     .await?
+                    .rows_affected();
+                if n > 0 {
+                    sqlx::query("UPDATE user_versions SET version = version + 1")
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                n
             }
         };
-        Ok(res.rows_affected())
+        tx.commit().await?;
+        Ok(deleted)
     }
 
-    async fn search(
+    async fn search_dense(
         &self,
         user_id: i64,
         query: &[f32],
         top_k: usize,
     ) -> Result<Vec<SearchHit>, StoreError> {
-        let rows = sqlx::query("SELECT rowid, vector FROM points WHERE user_id = ?")
-            .bind(user_id)
-            .fetch_all(&self.pool)
-            .await?;
-        if rows.is_empty() || top_k == 0 {
+        if top_k == 0 || query.is_empty() {
             return Ok(Vec::new());
         }
-        let dim = query.len();
-        let mut flat = Vec::with_capacity(rows.len() * dim);
-        let mut rowids = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let blob: &[u8] = r.get(1);
-            if blob.len() != dim * 4 {
-                return Err(StoreError::Dimension {
-                    got: dim,
-                    want: blob.len() / 4,
-                });
-            }
-            flat.extend(
-                blob.chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            );
-            rowids.push(r.get::<i64, _>(0));
+        let v = self.user_vectors(user_id, query.len()).await?;
+        if v.rowids.is_empty() {
+            return Ok(Vec::new());
         }
-        let m = ArrayView2::from_shape((rowids.len(), dim), &flat)
+        let m = ArrayView2::from_shape((v.rowids.len(), v.dim), &v.flat)
             .map_err(|e| StoreError::Backend(e.to_string()))?;
         let q = Array1::from_vec(query.to_vec());
         let scores = m.dot(&q);
@@ -278,32 +572,34 @@ impl VectorStore for SqliteStore {
         idx.sort_by(|&a, &b| {
             scores[b]
                 .total_cmp(&scores[a])
-                .then(rowids[a].cmp(&rowids[b]))
+                .then(v.rowids[a].cmp(&v.rowids[b]))
         });
-        let mut hits = Vec::with_capacity(k);
-        for i in idx {
-            let r = sqlx::query(
-                "SELECT id, user_id, kind, source_ids, conversation_id, author, created_at, text
-                 FROM points WHERE rowid = ? AND user_id = ?",
-            )
-            .bind(rowids[i])
-            .bind(user_id)
-            .fetch_one(&self.pool)
-            .await?;
-            let id: Vec<u8> = r.get(0);
-            hits.push(SearchHit {
-                id: Uuid::from_slice(&id).unwrap_or_default(),
-                score: scores[i],
-                user_id: r.get(1),
-                kind: r.get(2),
-                source_ids: serde_json::from_str(r.get::<&str, _>(3)).unwrap_or_default(),
-                conversation_id: r.get(4),
-                author: r.get(5),
-                created_at: r.get(6),
-                text: r.get(7),
-            });
+        let ranked: Vec<(i64, f32)> = idx.iter().map(|&i| (v.rowids[i], scores[i])).collect();
+        self.hits(user_id, &ranked, true).await
+    }
+
+    async fn search_lexical(
+        &self,
+        user_id: i64,
+        question: &str,
+        top_k: usize,
+    ) -> Result<Vec<SearchHit>, StoreError> {
+        let Some(expr) = match_expression(user_id, question).filter(|_| self.lexical) else {
+            return Ok(Vec::new());
+        };
+        if top_k == 0 {
+            return Ok(Vec::new());
         }
-        Ok(hits)
+        // FTS5's bm25() is lower-is-better; negated so every score in a hit is higher-is-better.
+        let ranked: Vec<(i64, f64)> = sqlx::query_as(
+            "SELECT rowid, -rank FROM points_fts WHERE points_fts MATCH ? ORDER BY rank LIMIT ?",
+        )
+        .bind(expr)
+        .bind(top_k as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let ranked: Vec<(i64, f32)> = ranked.into_iter().map(|(r, s)| (r, s as f32)).collect();
+        self.hits(user_id, &ranked, false).await
     }
 
     async fn vectors_by_hash(

@@ -90,7 +90,7 @@ async fn recall_at_5_on_the_fixture_questions() {
             .await
             .unwrap()
             .remove(0);
-        let hits = env.store.search(user, &v, 5).await.unwrap();
+        let hits = env.store.search_dense(user, &v, 5).await.unwrap();
         total += 1;
         if hits
             .iter()
@@ -105,4 +105,96 @@ async fn recall_at_5_on_the_fixture_questions() {
     eprintln!("recall@5 = {recall:.3} ({found}/{total}); misses: {misses:?}");
     assert!(total >= 10);
     assert!(recall >= 0.8, "recall@5 {recall:.3}, misses: {misses:?}");
+}
+
+/// Notes of user 1, one chunk each (kind note, short), for the hybrid cases below.
+fn notes(env: &Env, texts: &[&str]) -> std::path::PathBuf {
+    let lines: Vec<String> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            serde_json::json!({"user_id": 1, "kind": "note", "source_id": format!("n{i}"),
+                "text": t, "created_at": "2026-03-01T10:00:00Z"})
+            .to_string()
+        })
+        .collect();
+    env.write("notes.jsonl", &lines)
+}
+
+async fn ranked(
+    store: &dyn VectorStore,
+    e: &dyn Embedder,
+    mode: orbit_pipeline::search::SearchMode,
+    q: &str,
+    k: usize,
+) -> Vec<String> {
+    let v = e.embed(vec![q.to_string()]).await.unwrap().remove(0);
+    let req = orbit_pipeline::search::SearchRequest {
+        user_id: 1,
+        text: q,
+        vector: Some(&v),
+        mode,
+        top_k: k,
+        fusion: Default::default(),
+    };
+    orbit_pipeline::search::search(store, &req)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| h.source_ids[0].clone())
+        .collect()
+}
+
+/// A rare code the sentence model blurs into its neighbours, and a paraphrase that shares no word
+/// with its answer: each is missed by one list alone and found by the fused search.
+#[tokio::test]
+async fn hybrid_finds_what_each_list_alone_misses() {
+    use orbit_pipeline::search::SearchMode::{Dense, Hybrid, Lexical};
+    let env = Env::new().await;
+    let e: Arc<dyn Embedder> = Arc::new(load());
+    let src = notes(
+        &env,
+        &[
+            "TP1352 boards at gate 12, don't be late.",   // n0
+            "FR2231 was delayed by an hour.",             // n1
+            "LH4550 is on time, leaves from terminal 3.", // n2
+            "KL1250 boards from terminal 2.",             // n3
+            "TP1532 was cancelled this morning.",         // n4
+            "My flight home got moved to the evening.",   // n5
+            "I've been feeling really anxious about presenting to the board on Friday.", // n6
+            "Work was chaos again, the event planning took all day.", // n7
+            "The work event on Thursday was fun, good food.", // n8
+            "Making pasta tonight, want to come over?",   // n9
+        ],
+    );
+    env.pipeline(&src, e.clone(), ChunkSettings::default())
+        .run(BuildScope::User(1), CancellationToken::new(), None)
+        .await
+        .unwrap();
+    let s = env.store.as_ref();
+
+    // TP1532 differs by the order of two digits: to the sentence model it is the same code.
+    let code = "Any news on TP1352?";
+    let dense = ranked(s, e.as_ref(), Dense, code, 5).await;
+    assert_ne!(
+        dense[0], "n0",
+        "the premise: dense search alone ranks another flight first"
+    );
+    assert_eq!(ranked(s, e.as_ref(), Lexical, code, 5).await[0], "n0");
+    assert_eq!(
+        ranked(s, e.as_ref(), Hybrid, code, 5).await[0],
+        "n0",
+        "{dense:?}"
+    );
+
+    let para = "What work event is making me nervous?";
+    let lexical = ranked(s, e.as_ref(), Lexical, para, 10).await;
+    assert!(
+        !lexical.contains(&"n6".to_string()),
+        "the premise: no word of the question is in its answer: {lexical:?}"
+    );
+    assert_eq!(ranked(s, e.as_ref(), Dense, para, 3).await[0], "n6");
+    // Within the five passages an answer is given (generate_answer's default top_k).
+    let hybrid = ranked(s, e.as_ref(), Hybrid, para, 5).await;
+    assert!(hybrid.contains(&"n6".to_string()), "{hybrid:?}");
 }

@@ -9,4 +9,5 @@ mod env;
 mod local_model;
 mod openai;
 mod pipeline;
+mod retrieval;
 mod tokens;

@@ -314,7 +314,11 @@ async fn a_build_through_the_double_keeps_several_requests_in_flight_and_order()
     // Each stored vector is the one for its own text: order survived batching and retries.
     let h = HashingEmbedder::new(DIM);
     let fact = "Band practice is now on Wednesdays at the rehearsal room near Ostkreuz, bring your own cables.";
-    let hits = env.store.search(2, &h.embed_one(fact), 1).await.unwrap();
+    let hits = env
+        .store
+        .search_dense(2, &h.embed_one(fact), 1)
+        .await
+        .unwrap();
     assert_eq!(hits[0].source_ids, vec!["fact-2-band"], "{hits:?}");
     assert!(
         hits[0].score > 0.999,

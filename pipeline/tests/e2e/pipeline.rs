@@ -74,7 +74,7 @@ async fn a_deleted_document_leaves_memory_and_an_edited_one_changes() {
     assert!(report.points_deleted >= 2, "{report:?}");
 
     let q = HashingEmbedder::new(HASH_DIM).embed_one("wifi password Lisbon office");
-    let hits = env.store.search(1, &q, 3).await.unwrap();
+    let hits = env.store.search_dense(1, &q, 3).await.unwrap();
     assert!(hits[0].text.contains("octopus-tram-7"), "{hits:?}");
     assert!(
         hits.iter().all(|h| !h.text.contains("sardine-harbour")),
@@ -94,19 +94,23 @@ async fn a_users_search_never_returns_another_users_chunk() {
         "band practice Ostkreuz",
         "candidate Rust experience",
     ] {
-        let hits = env.store.search(1, &e.embed_one(q), 20).await.unwrap();
+        let hits = env
+            .store
+            .search_dense(1, &e.embed_one(q), 20)
+            .await
+            .unwrap();
         assert_eq!(hits.len(), 20);
         assert!(hits.iter().all(|h| h.user_id == 1), "{q}: {hits:?}");
         assert!(hits
             .iter()
             .all(|h| !h.source_ids.iter().any(|s| s.starts_with("fact-2"))));
-        let own = env.store.search(2, &e.embed_one(q), 1).await.unwrap();
+        let own = env.store.search_dense(2, &e.embed_one(q), 1).await.unwrap();
         assert_eq!(own[0].user_id, 2);
         assert!(own[0].source_ids[0].starts_with("fact-2"), "{q}: {own:?}");
     }
     assert!(env
         .store
-        .search(999, &e.embed_one("anything"), 5)
+        .search_dense(999, &e.embed_one("anything"), 5)
         .await
         .unwrap()
         .is_empty());
@@ -273,7 +277,7 @@ async fn a_stale_build_never_overwrites_or_sweeps_a_newer_ones_points() {
     env.build(&src, BuildScope::User(1)).await;
     let ids = env.store.point_ids(1).await.unwrap();
     let q = HashingEmbedder::new(HASH_DIM).embed_one("wifi password Lisbon");
-    let before = env.store.search(1, &q, 3).await.unwrap();
+    let before = env.store.search_dense(1, &q, 3).await.unwrap();
     // A build that started earlier (smaller generation) but writes late, as one that lost its
     // lock would: same ids, other vectors.
     let stale = env.store.begin_build().await.unwrap() - 1_000_000_000;
@@ -311,7 +315,7 @@ async fn a_stale_build_never_overwrites_or_sweeps_a_newer_ones_points() {
             .unwrap(),
         0
     );
-    let after = env.store.search(1, &q, 3).await.unwrap();
+    let after = env.store.search_dense(1, &q, 3).await.unwrap();
     assert_eq!(
         after[0].text, before[0].text,
         "a stale write replaced a newer point"
