@@ -515,6 +515,7 @@ fn doc_chunk(doc: &CleanDocument, index: u32, sp: Span) -> Chunk {
         created_at: doc.created_at,
         content_hash: hex128(content_hash(&text)),
         text,
+        terms: String::new(),
     }
 }
 
@@ -536,6 +537,7 @@ pub fn whole_chunk(doc: CleanDocument, tokens: usize) -> Chunk {
         created_at: doc.created_at,
         content_hash: hex128(doc.content_hash),
         text: doc.text,
+        terms: String::new(),
     }
 }
 
@@ -748,6 +750,7 @@ impl Packer {
             created_at: p.first,
             content_hash: hex128(content_hash(&text)),
             text,
+            terms: String::new(),
         }
     }
 }

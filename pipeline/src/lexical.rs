@@ -133,6 +133,28 @@ pub fn document_terms(text: &str) -> String {
     out
 }
 
+/// What a chunk is indexed by: the distinct terms of its title and text, space-separated, in
+/// order of first use. Distinct: BM25 over short chunks gains nothing measurable from term
+/// frequency here (docs/retrieval.md), and each repeat is index work at build time.
+pub fn index_terms(title: Option<&str>, text: &str) -> String {
+    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut out = String::with_capacity(text.len() / 2);
+    let mut add = |t: &str| {
+        if !seen.contains(t) {
+            seen.insert(t.to_string());
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(t);
+        }
+    };
+    if let Some(t) = title {
+        for_each_term(t, &mut add);
+    }
+    for_each_term(text, &mut add);
+    out
+}
+
 /// The distinct terms of a question, in order of first use, at most `MAX_QUERY_TERMS`.
 pub fn query_terms(text: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
@@ -198,6 +220,10 @@ mod tests {
             }
         }
         assert_eq!(query_terms("hotel hotel Hotel"), vec!["hotel"]);
+        assert_eq!(
+            index_terms(Some("Hotel notes"), "the hotel Casa, casa AZUL"),
+            "hotel notes casa azul"
+        );
     }
 
     #[test]

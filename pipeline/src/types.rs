@@ -97,6 +97,10 @@ pub struct Chunk {
     pub text: String,
     /// xxh3-128 of `text`, hex.
     pub content_hash: String,
+    /// What the lexical index holds for it (`lexical::index_terms` of title and text), filled on
+    /// the CPU pool by the chunk stage; empty until then (a store computes it if still empty).
+    #[serde(default)]
+    pub terms: String,
 }
 
 impl Chunk {
@@ -120,6 +124,7 @@ impl Chunk {
             created_at: chrono::DateTime::UNIX_EPOCH,
             text: text.to_string(),
             content_hash: crate::hash::hex128(crate::hash::content_hash(text)),
+            terms: crate::lexical::index_terms(None, text),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Clean and chunk: on the build's rayon pool, off the async runtime, batch by batch. Cleaning
-//! drops empty and duplicate documents; chunking cuts long ones and packs short chat messages.
+//! drops empty and duplicate documents; chunking cuts long ones and packs short chat messages,
+//! then gives every chunk its lexical terms.
 //! One thread drives both, so it reports two stages: `clean` and `chunk`.
 
 use std::sync::Arc;
@@ -100,10 +101,12 @@ pub fn run(
                 }
             }
         }
+        add_terms(&pool, &mut out);
         send(&mut chunk, &tx, out)?;
     }
     let mut tail = Vec::new();
     packer.finish(&mut tail);
+    add_terms(&pool, &mut tail);
     send(&mut chunk, &tx, tail)?;
 
     clean.items_in = docs.documents_read;
@@ -122,6 +125,16 @@ pub fn run(
         chunk: chunk_r,
         docs,
     })
+}
+
+/// Each chunk's lexical terms, on the pool: the normalisation is CPU work the store's single
+/// writer should not do.
+fn add_terms(pool: &rayon::ThreadPool, chunks: &mut [Chunk]) {
+    pool.install(|| {
+        chunks.par_iter_mut().for_each(|c| {
+            c.terms = crate::lexical::index_terms(c.title.as_deref(), &c.text);
+        })
+    });
 }
 
 fn send(

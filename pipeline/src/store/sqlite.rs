@@ -16,7 +16,6 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use ndarray::{Array1, ArrayView2};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use uuid::Uuid;
@@ -58,6 +57,8 @@ const SCHEMA: &[&str] = &[
 const LEXICAL_SCHEMA: &[&str] = &[
     // `ascii`: the terms are already normalised (`lexical`), so the tokenizer only splits on
     // the spaces between them; non-ASCII letters are term characters as they are.
+    // The default `detail=full`: `none` and `column` built a little faster but made BM25
+    // queries twice as slow at 100 k chunks (docs/retrieval.md).
     "CREATE VIRTUAL TABLE IF NOT EXISTS points_fts USING fts5(
         terms, content='points', content_rowid='rowid', tokenize='ascii'
     )",
@@ -74,6 +75,11 @@ const LEXICAL_SCHEMA: &[&str] = &[
         INSERT INTO points_fts (rowid, terms) VALUES (new.rowid, new.terms);
     END",
 ];
+
+/// Document frequency per (prefixed) term, read from the index itself: what a question's terms
+/// are pruned by. Created at every open (a view-like table: no data of its own).
+const LEXICAL_VOCAB: &str =
+    "CREATE VIRTUAL TABLE IF NOT EXISTS points_fts_vocab USING fts5vocab(points_fts, 'row')";
 
 /// Hashes per lookup statement: one bind each, far under SQLite's variable limit.
 const HASHES_PER_LOOKUP: usize = 500;
@@ -101,39 +107,70 @@ fn term_prefix(user_id: i64) -> String {
     format!("{sign}{}x", user_id.unsigned_abs())
 }
 
-/// The stored terms of a chunk: its title and text, each term with the user's prefix.
-fn indexed_terms(user_id: i64, title: Option<&str>, text: &str) -> String {
+/// The stored terms of a chunk: its index terms (`Chunk::terms`, computed here if a producer
+/// left them empty), each with the user's prefix.
+fn indexed_terms(user_id: i64, title: Option<&str>, text: &str, terms: &str) -> String {
+    let computed;
+    let terms = if terms.is_empty() && !text.is_empty() {
+        computed = crate::lexical::index_terms(title, text);
+        &computed
+    } else {
+        terms
+    };
     let prefix = term_prefix(user_id);
-    let mut out = String::with_capacity(text.len() + text.len() / 2);
-    let mut add = |t: &str| {
+    let mut out = String::with_capacity(terms.len() + (prefix.len() + 1) * terms.len() / 6);
+    for t in terms.split(' ').filter(|t| !t.is_empty()) {
         if !out.is_empty() {
             out.push(' ');
         }
         out.push_str(&prefix);
         out.push_str(t);
-    };
-    if let Some(t) = title {
-        crate::lexical::for_each_term(t, &mut add);
     }
-    crate::lexical::for_each_term(text, &mut add);
     out
 }
 
-/// The FTS5 query of a question: its terms, prefixed, any of them. Terms hold only letters and
-/// digits (`lexical`), so quoting them is all the escaping there is; None when nothing is left.
-fn match_expression(user_id: i64, question: &str) -> Option<String> {
-    let prefix = term_prefix(user_id);
-    let terms = crate::lexical::query_terms(question);
-    if terms.is_empty() {
-        return None;
+/// A question's term matching more than this share of the user's chunks is dropped from the
+/// query: BM25 gives it little weight (IDF ln 9 at a tenth of the chunks, against ln 10 000 for a
+/// term in ten of 100 k), while scoring its postings is most of the query's time.
+const MAX_TERM_DOC_SHARE: f64 = 0.1;
+/// Below this many chunks nothing is pruned: scoring every posting is fast there, and in a small
+/// memory even a common word tells passages apart.
+const PRUNE_FROM_DOCS: i64 = 2_000;
+
+/// The FTS5 query over `terms` (already prefixed), any of them. Terms hold only letters and
+/// digits (`lexical`), so quoting them is all the escaping there is.
+fn match_expression(terms: &[String]) -> String {
+    terms
+        .iter()
+        .map(|t| format!("\"{t}\""))
+        .collect::<Vec<_>>()
+        .join(" OR ")
+}
+
+/// Which terms to search with, from each term's document frequency among the user's `docs`
+/// chunks: absent terms go (they match nothing), and in a memory of `PRUNE_FROM_DOCS` chunks or
+/// more so do terms in more than `MAX_TERM_DOC_SHARE` of them; if that leaves none, the rarest
+/// present term stays.
+fn prune_terms(with_df: Vec<(String, i64)>, docs: i64) -> Vec<String> {
+    let present: Vec<(String, i64)> = with_df.into_iter().filter(|(_, df)| *df > 0).collect();
+    let limit = if docs < PRUNE_FROM_DOCS {
+        f64::INFINITY
+    } else {
+        docs as f64 * MAX_TERM_DOC_SHARE
+    };
+    let kept: Vec<String> = present
+        .iter()
+        .filter(|(_, df)| (*df as f64) <= limit)
+        .map(|(t, _)| t.clone())
+        .collect();
+    if !kept.is_empty() {
+        return kept;
     }
-    Some(
-        terms
-            .iter()
-            .map(|t| format!("\"{prefix}{t}\""))
-            .collect::<Vec<_>>()
-            .join(" OR "),
-    )
+    present
+        .into_iter()
+        .min_by_key(|(_, df)| *df)
+        .map(|(t, _)| vec![t])
+        .unwrap_or_default()
 }
 
 impl SqliteStore {
@@ -166,6 +203,7 @@ impl SqliteStore {
             lexical,
         };
         store.ensure_lexical_index().await?;
+        sqlx::query(LEXICAL_VOCAB).execute(&store.pool).await?;
         Ok(store)
     }
 
@@ -216,7 +254,7 @@ impl SqliteStore {
             after = last.get(0);
             for r in &rows {
                 sqlx::query("UPDATE points SET terms = ? WHERE rowid = ?")
-                    .bind(indexed_terms(r.get(1), r.get(2), r.get(3)))
+                    .bind(indexed_terms(r.get(1), r.get(2), r.get(3), ""))
                     .bind(r.get::<i64, _>(0))
                     .execute(&mut *tx)
                     .await?;
@@ -484,7 +522,7 @@ impl VectorStore for SqliteStore {
                     .push_bind(c.text.clone())
                     .push_bind(vec_to_blob(&p.vector))
                     .push_bind(if self.lexical {
-                        indexed_terms(c.user_id, c.title.as_deref(), &c.text)
+                        indexed_terms(c.user_id, c.title.as_deref(), &c.text, &c.terms)
                     } else {
                         String::new()
                     });
@@ -561,20 +599,11 @@ impl VectorStore for SqliteStore {
         if v.rowids.is_empty() {
             return Ok(Vec::new());
         }
-        let m = ArrayView2::from_shape((v.rowids.len(), v.dim), &v.flat)
-            .map_err(|e| StoreError::Backend(e.to_string()))?;
-        let q = Array1::from_vec(query.to_vec());
-        let scores = m.dot(&q);
-        let mut idx: Vec<usize> = (0..scores.len()).collect();
-        let k = top_k.min(idx.len());
-        idx.select_nth_unstable_by(k - 1, |&a, &b| scores[b].total_cmp(&scores[a]));
-        idx.truncate(k);
-        idx.sort_by(|&a, &b| {
-            scores[b]
-                .total_cmp(&scores[a])
-                .then(v.rowids[a].cmp(&v.rowids[b]))
-        });
-        let ranked: Vec<(i64, f32)> = idx.iter().map(|&i| (v.rowids[i], scores[i])).collect();
+        // Milliseconds of arithmetic at 100 k rows: off the async threads.
+        let q = query.to_vec();
+        let ranked = tokio::task::spawn_blocking(move || v.top(&q, top_k))
+            .await
+            .map_err(|e| StoreError::Backend(format!("dense search thread failed: {e}")))?;
         self.hits(user_id, &ranked, true).await
     }
 
@@ -584,12 +613,36 @@ impl VectorStore for SqliteStore {
         question: &str,
         top_k: usize,
     ) -> Result<Vec<SearchHit>, StoreError> {
-        let Some(expr) = match_expression(user_id, question).filter(|_| self.lexical) else {
-            return Ok(Vec::new());
-        };
-        if top_k == 0 {
+        if top_k == 0 || !self.lexical {
             return Ok(Vec::new());
         }
+        let prefix = term_prefix(user_id);
+        let terms: Vec<String> = crate::lexical::query_terms(question)
+            .into_iter()
+            .map(|t| format!("{prefix}{t}"))
+            .collect();
+        if terms.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut with_df = Vec::with_capacity(terms.len());
+        for t in terms {
+            let df: Option<i64> =
+                sqlx::query_scalar("SELECT doc FROM points_fts_vocab WHERE term = ?")
+                    .bind(&t)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            with_df.push((t, df.unwrap_or(0)));
+        }
+        let docs = if with_df.iter().filter(|(_, df)| *df > 0).count() > 1 {
+            self.count(user_id).await? as i64
+        } else {
+            0
+        };
+        let terms = prune_terms(with_df, docs);
+        if terms.is_empty() {
+            return Ok(Vec::new());
+        }
+        let expr = match_expression(&terms);
         // FTS5's bm25() is lower-is-better; negated so every score in a hit is higher-is-better.
         let ranked: Vec<(i64, f64)> = sqlx::query_as(
             "SELECT rowid, -rank FROM points_fts WHERE points_fts MATCH ? ORDER BY rank LIMIT ?",
@@ -654,5 +707,68 @@ impl VectorStore for SqliteStore {
             .iter()
             .filter_map(|b| Uuid::from_slice(b).ok())
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn question_terms_are_pruned_by_document_frequency() {
+        let t = |v: &[(&str, i64)]| v.iter().map(|(a, b)| (a.to_string(), *b)).collect();
+        // name, (term, df) pairs, the user's chunks, the terms kept
+        type Case = (
+            &'static str,
+            Vec<(String, i64)>,
+            i64,
+            &'static [&'static str],
+        );
+        let cases: &[Case] = &[
+            ("absent terms go", t(&[("a", 0), ("b", 3)]), 100, &["b"]),
+            (
+                "a small memory keeps common terms",
+                t(&[("a", 80), ("b", 3)]),
+                100,
+                &["a", "b"],
+            ),
+            (
+                "common terms go",
+                t(&[("a", 8000), ("b", 3), ("c", 900)]),
+                10_000,
+                &["b", "c"],
+            ),
+            (
+                "all common: the rarest stays",
+                t(&[("a", 9000), ("b", 7000)]),
+                10_000,
+                &["b"],
+            ),
+            ("nothing present", t(&[("a", 0)]), 10_000, &[]),
+            (
+                "a tiny memory keeps its one match",
+                t(&[("a", 1)]),
+                1,
+                &["a"],
+            ),
+        ];
+        for (name, with_df, docs, want) in cases {
+            assert_eq!(prune_terms(with_df.clone(), *docs), *want, "{name}");
+        }
+    }
+
+    #[test]
+    fn prefixes_never_collide() {
+        assert_eq!(term_prefix(42), "u42x");
+        assert_eq!(term_prefix(-5), "n5x");
+        assert_ne!(term_prefix(-5), term_prefix(5));
+        assert_eq!(
+            term_prefix(i64::MIN),
+            format!("n{}x", i64::MIN.unsigned_abs())
+        );
+        assert_eq!(
+            match_expression(&["u1xa".into(), "u1xb".into()]),
+            "\"u1xa\" OR \"u1xb\""
+        );
     }
 }

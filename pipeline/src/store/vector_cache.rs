@@ -23,6 +23,61 @@ impl UserVectors {
     pub fn bytes(&self) -> usize {
         self.flat.len() * 4 + self.rowids.len() * 8
     }
+
+    /// The `k` rows nearest `query` by dot product (cosine for the unit vectors stored), best
+    /// first, ties by row id. One pass over the matrix with a k-sized heap: no score array, and
+    /// the dot product in eight lanes so the compiler vectorises it.
+    pub fn top(&self, query: &[f32], k: usize) -> Vec<(i64, f32)> {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        #[derive(PartialEq)]
+        struct Scored(f32, Reverse<i64>);
+        impl Eq for Scored {}
+        impl PartialOrd for Scored {
+            fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+                Some(self.cmp(o))
+            }
+        }
+        impl Ord for Scored {
+            fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+                self.0.total_cmp(&o.0).then(self.1.cmp(&o.1))
+            }
+        }
+        if k == 0 || self.dim == 0 || query.len() != self.dim {
+            return Vec::new();
+        }
+        // A min-heap of the best k so far: its top is the one to beat.
+        let mut best: BinaryHeap<Reverse<Scored>> = BinaryHeap::with_capacity(k + 1);
+        for (row, &rowid) in self.flat.chunks_exact(self.dim).zip(&self.rowids) {
+            let s = Scored(dot(row, query), Reverse(rowid));
+            if best.len() < k {
+                best.push(Reverse(s));
+            } else if best.peek().is_some_and(|Reverse(worst)| s > *worst) {
+                best.pop();
+                best.push(Reverse(s));
+            }
+        }
+        let mut out: Vec<Scored> = best.into_iter().map(|Reverse(s)| s).collect();
+        out.sort_by(|a, b| b.cmp(a));
+        out.into_iter()
+            .map(|Scored(s, Reverse(r))| (r, s))
+            .collect()
+    }
+}
+
+/// Dot product in eight independent lanes (the compiler keeps them in vector registers).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let mut acc = [0f32; LANES];
+    let (ac, ar) = a.split_at(a.len() - a.len() % LANES);
+    let (bc, br) = b.split_at(ac.len());
+    for (x, y) in ac.chunks_exact(LANES).zip(bc.chunks_exact(LANES)) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ar.iter().zip(br).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 #[derive(Debug)]
@@ -106,6 +161,38 @@ mod tests {
             rowids: (0..rows as i64).collect(),
             flat: vec![0.5; rows * 2],
         })
+    }
+
+    #[test]
+    fn top_is_the_exact_nearest_rows_in_order() {
+        // Rows at known dot products with q = (1, 0, …): row i scores i / 10, two rows tie.
+        let dim = 11; // not a multiple of the lanes: the tail is summed too
+        let scores = [0.3f32, 0.9, 0.1, 0.9, 0.5, -0.2];
+        let mut flat = Vec::new();
+        for s in scores {
+            let mut row = vec![0.0; dim];
+            row[0] = s;
+            row[dim - 1] = 0.25; // q is 0 there: must not count
+            flat.extend(row);
+        }
+        let v = UserVectors {
+            version: 1,
+            dim,
+            rowids: vec![10, 11, 12, 13, 14, 15],
+            flat,
+        };
+        let mut q = vec![0.0; dim];
+        q[0] = 1.0;
+        let top = v.top(&q, 3);
+        assert_eq!(top, vec![(11, 0.9), (13, 0.9), (14, 0.5)]);
+        assert_eq!(v.top(&q, 10).len(), 6);
+        assert_eq!(v.top(&q, 10).last(), Some(&(15, -0.2)));
+        assert!(v.top(&q, 0).is_empty());
+        assert!(
+            v.top(&q[..3], 2).is_empty(),
+            "a wrong dimension finds nothing"
+        );
+        assert!((dot(&[1.0; 19], &[2.0; 19]) - 38.0).abs() < 1e-6);
     }
 
     #[test]

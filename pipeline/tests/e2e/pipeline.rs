@@ -298,6 +298,7 @@ async fn a_stale_build_never_overwrites_or_sweeps_a_newer_ones_points() {
         created_at: chrono::Utc::now(),
         text: "stale".into(),
         content_hash: "0".into(),
+        terms: String::new(),
     };
     assert!(
         ids.contains(&point_id(1, &chunk.source_ids, 0)),
