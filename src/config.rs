@@ -229,6 +229,7 @@ impl PipelineConfig {
             encoding: self.encoding,
             pack_window_secs: self.pack_window.as_secs() as i64,
             pack_overlap: self.pack_overlap,
+            lexical_terms: self.lexical_index,
             ..Default::default()
         };
         if let Some(n) = self.chunk_tokens.or(preferred) {

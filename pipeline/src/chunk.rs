@@ -44,6 +44,14 @@ pub struct ChunkSettings {
     /// finds that message beside what answered it.
     #[serde(default)]
     pub pack_overlap: bool,
+    /// Whether the chunk stage gives each chunk its lexical terms (`Chunk::terms`): off for a
+    /// store that keeps no lexical index, which then does not pay for them.
+    #[serde(default = "lexical_terms_default")]
+    pub lexical_terms: bool,
+}
+
+fn lexical_terms_default() -> bool {
+    true
 }
 
 impl Default for ChunkSettings {
@@ -55,6 +63,7 @@ impl Default for ChunkSettings {
             pack_window_secs: DEFAULT_PACK_WINDOW_SECS,
             pack_item_max_tokens: 128,
             pack_overlap: DEFAULT_PACK_OVERLAP,
+            lexical_terms: true,
         }
     }
 }

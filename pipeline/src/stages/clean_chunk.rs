@@ -101,12 +101,16 @@ pub fn run(
                 }
             }
         }
-        add_terms(&pool, &mut out);
+        if chunker.settings().lexical_terms {
+            add_terms(&pool, &mut out);
+        }
         send(&mut chunk, &tx, out)?;
     }
     let mut tail = Vec::new();
     packer.finish(&mut tail);
-    add_terms(&pool, &mut tail);
+    if chunker.settings().lexical_terms {
+        add_terms(&pool, &mut tail);
+    }
     send(&mut chunk, &tx, tail)?;
 
     clean.items_in = docs.documents_read;
@@ -223,6 +227,41 @@ mod tests {
             chunks.iter().map(|c| c.token_count as u64).sum::<u64>()
         );
         assert_eq!((r.clean.items_in, r.clean.items_out), (4, 2));
+        // Every chunk leaves with its lexical terms.
+        let pickles = chunks.iter().find(|c| c.text.contains("Pickles")).unwrap();
+        assert_eq!(
+            pickles.terms,
+            "pickles takes half tablet methimazole twice day"
+        );
+        assert!(chunks.iter().all(|c| !c.terms.is_empty()));
+    }
+
+    #[test]
+    fn no_terms_when_the_store_keeps_no_lexical_index() {
+        let pool = Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap(),
+        );
+        let chunker = Chunker::new(ChunkSettings {
+            lexical_terms: false,
+            ..Default::default()
+        })
+        .unwrap();
+        let (in_tx, in_rx) = mpsc::channel(1);
+        let (out_tx, mut out_rx) = mpsc::channel(4);
+        in_tx
+            .blocking_send(SourceBatch {
+                docs: vec![doc(1, "a", "Pickles takes her pill.")],
+                ..Default::default()
+            })
+            .unwrap();
+        drop(in_tx);
+        run(chunker, pool, in_rx, out_tx, CancellationToken::new()).unwrap();
+        let chunks = out_rx.blocking_recv().unwrap();
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(chunks[0].terms, "");
     }
 
     #[test]
