@@ -624,15 +624,27 @@ impl VectorStore for SqliteStore {
         if terms.is_empty() {
             return Ok(Vec::new());
         }
-        let mut with_df = Vec::with_capacity(terms.len());
-        for t in terms {
-            let df: Option<i64> =
-                sqlx::query_scalar("SELECT doc FROM points_fts_vocab WHERE term = ?")
-                    .bind(&t)
-                    .fetch_optional(&self.pool)
-                    .await?;
-            with_df.push((t, df.unwrap_or(0)));
+        // Every term's document frequency in one statement (one hop to the SQLite thread).
+        let mut qb: QueryBuilder<Sqlite> =
+            QueryBuilder::new("SELECT term, doc FROM points_fts_vocab WHERE term IN (");
+        let mut sep = qb.separated(", ");
+        for t in &terms {
+            sep.push_bind(t.as_str());
         }
+        qb.push(")");
+        let found: HashMap<String, i64> = qb
+            .build_query_as::<(String, i64)>()
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .collect();
+        let with_df: Vec<(String, i64)> = terms
+            .into_iter()
+            .map(|t| {
+                let df = found.get(&t).copied().unwrap_or(0);
+                (t, df)
+            })
+            .collect();
         let docs = if with_df.iter().filter(|(_, df)| *df > 0).count() > 1 {
             self.count(user_id).await? as i64
         } else {
