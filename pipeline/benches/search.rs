@@ -1,7 +1,8 @@
 //! Search latency on the embedded store, inside one process (no process start, no model): a user
 //! with 10 k and one with 100 k chunks of chat-like text among other users, 384-dimension
-//! vectors, questions of a few words. Prints p50 / p99 / max per mode, with the first (cold)
-//! dense search, which reads the user's vectors into memory, shown apart.
+//! vectors, questions of a few words. Prints p50 / p99 / max per mode, with each mode's first
+//! (cold) search shown apart: dense reads the user's vectors into memory, lexical their term
+//! counts.
 //!
 //! `cargo bench -p orbit-pipeline --bench search` (ORBIT_BENCH_SEARCH_SIZES=10000,100000). Under
 //! `cargo test --all-targets` (no `--bench` argument) it runs once small, as a smoke test.
@@ -88,8 +89,9 @@ async fn main() {
                 (q.join(" "), unit_vector(&mut rng))
             })
             .collect();
-        let mut cold = None;
         for mode in [SearchMode::Dense, SearchMode::Lexical, SearchMode::Hybrid] {
+            // Each mode's first question, which may read the user's vectors or term counts.
+            let mut cold = None;
             let mut ms = Vec::with_capacity(QUESTIONS);
             for (text, v) in &questions {
                 let req = SearchRequest {
@@ -111,11 +113,7 @@ async fn main() {
                 ms.push(took);
             }
             ms.sort_by(f64::total_cmp);
-            let c = if mode == SearchMode::Dense {
-                format!("{:>10.1}", cold.unwrap_or(0.0))
-            } else {
-                String::new()
-            };
+            let c = format!("{:>10.1}", cold.unwrap_or(0.0));
             println!(
                 "{n:>8} {:<8} {:>8.2} {:>8.2} {:>8.2} {c}",
                 mode.as_str(),

@@ -20,7 +20,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use uuid::Uuid;
 
-use super::vector_cache::{UserVectors, VectorCache, VECTOR_CACHE_BYTES};
+use super::vector_cache::{UserCache, UserVectors, VectorCache, Versioned, VECTOR_CACHE_BYTES};
 use super::{BuildGeneration, SearchHit, StoreError, VectorStore};
 use crate::types::BuildScope;
 use crate::types::EmbeddedChunk;
@@ -76,11 +76,6 @@ const LEXICAL_SCHEMA: &[&str] = &[
     END",
 ];
 
-/// Document frequency per (prefixed) term, read from the index itself: what a question's terms
-/// are pruned by. Created at every open (a view-like table: no data of its own).
-const LEXICAL_VOCAB: &str =
-    "CREATE VIRTUAL TABLE IF NOT EXISTS points_fts_vocab USING fts5vocab(points_fts, 'row')";
-
 /// Hashes per lookup statement: one bind each, far under SQLite's variable limit.
 const HASHES_PER_LOOKUP: usize = 500;
 
@@ -95,6 +90,7 @@ const BACKFILL_ROWS: i64 = 2000;
 pub struct SqliteStore {
     pool: SqlitePool,
     vectors: Arc<VectorCache>,
+    terms: Arc<UserCache<UserTerms>>,
     /// False: points are stored with no terms and lexical search finds nothing (a dense-only
     /// deployment that does not pay for the index; `ORBIT_LEXICAL_INDEX=false`).
     lexical: bool,
@@ -130,12 +126,71 @@ fn indexed_terms(user_id: i64, title: Option<&str>, text: &str, terms: &str) -> 
 }
 
 /// A question's term matching more than this share of the user's chunks is dropped from the
-/// query: BM25 gives it little weight (IDF ln 9 at a tenth of the chunks, against ln 10 000 for a
-/// term in ten of 100 k), while scoring its postings is most of the query's time.
-const MAX_TERM_DOC_SHARE: f64 = 0.1;
+/// query: BM25 gives it little weight (IDF ln 19 at a twentieth of the chunks, against ln 10 000
+/// for a term in ten of 100 k), while scoring its postings is most of the query's time. A
+/// question of nothing but such terms gets no lexical list: the dense list answers it.
+const MAX_TERM_DOC_SHARE: f64 = 0.05;
 /// Below this many chunks nothing is pruned: scoring every posting is fast there, and in a small
 /// memory even a common word tells passages apart.
 const PRUNE_FROM_DOCS: i64 = 2_000;
+
+/// Postings one question may make FTS5 score in a large memory: past it the most common of the
+/// remaining terms are dropped (the rarest always stays). `bm25()` costs about 3 µs a posting
+/// here (it reads each row's length), so this holds the query near 25 ms whatever words a
+/// question holds; what it drops are the terms of least weight.
+const MAX_SCORED_POSTINGS: i64 = 8_000;
+
+/// Bytes of per-user term statistics kept in memory: a 100 k-chunk user's vocabulary is a few
+/// MB, a small user's a few KB.
+const TERM_CACHE_BYTES: usize = 64 << 20;
+
+/// One user's chunk count and document frequency per stored term (without the user's prefix),
+/// counted from `points.terms` at one version: what a question's terms are pruned by. Asking
+/// FTS5 (`fts5vocab`) instead reads each term's whole doclist, 8 ms a question at 100 k chunks.
+#[derive(Debug)]
+struct UserTerms {
+    version: i64,
+    docs: i64,
+    df: HashMap<Box<str>, u32>,
+    bytes: usize,
+}
+
+impl UserTerms {
+    fn count(version: i64, prefix: &str, rows: &[String]) -> Self {
+        let mut df: HashMap<Box<str>, u32> = HashMap::new();
+        for terms in rows {
+            // Stored terms are distinct within a chunk: each is one document.
+            for t in terms.split(' ') {
+                let Some(t) = t.strip_prefix(prefix).filter(|t| !t.is_empty()) else {
+                    continue;
+                };
+                match df.get_mut(t) {
+                    Some(n) => *n += 1,
+                    None => {
+                        df.insert(t.into(), 1);
+                    }
+                }
+            }
+        }
+        // Key bytes, the entry, and the table's own slack.
+        let bytes = df.keys().map(|k| k.len() + 40).sum::<usize>() + 64;
+        Self {
+            version,
+            docs: rows.len() as i64,
+            df,
+            bytes,
+        }
+    }
+}
+
+impl Versioned for UserTerms {
+    fn version(&self) -> i64 {
+        self.version
+    }
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
 
 /// The FTS5 query over `terms` (already prefixed), any of them. Terms hold only letters and
 /// digits (`lexical`), so quoting them is all the escaping there is.
@@ -149,28 +204,39 @@ fn match_expression(terms: &[String]) -> String {
 
 /// Which terms to search with, from each term's document frequency among the user's `docs`
 /// chunks: absent terms go (they match nothing), and in a memory of `PRUNE_FROM_DOCS` chunks or
-/// more so do terms in more than `MAX_TERM_DOC_SHARE` of them; if that leaves none, the rarest
-/// present term stays.
+/// more so do terms in more than `MAX_TERM_DOC_SHARE` of them, then the commonest until the
+/// postings to score fit `MAX_SCORED_POSTINGS` (the rarest of the rest always stays).
 fn prune_terms(with_df: Vec<(String, i64)>, docs: i64) -> Vec<String> {
     let present: Vec<(String, i64)> = with_df.into_iter().filter(|(_, df)| *df > 0).collect();
-    let limit = if docs < PRUNE_FROM_DOCS {
-        f64::INFINITY
-    } else {
-        docs as f64 * MAX_TERM_DOC_SHARE
-    };
-    let kept: Vec<String> = present
-        .iter()
-        .filter(|(_, df)| (*df as f64) <= limit)
-        .map(|(t, _)| t.clone())
-        .collect();
-    if !kept.is_empty() {
-        return kept;
+    if docs < PRUNE_FROM_DOCS {
+        return present.into_iter().map(|(t, _)| t).collect();
     }
-    present
-        .into_iter()
-        .min_by_key(|(_, df)| *df)
-        .map(|(t, _)| vec![t])
-        .unwrap_or_default()
+    let limit = docs as f64 * MAX_TERM_DOC_SHARE;
+    let mut by_df: Vec<i64> = present
+        .iter()
+        .map(|(_, df)| *df)
+        .filter(|df| (*df as f64) <= limit)
+        .collect();
+    by_df.sort_unstable();
+    // The largest document frequency that still fits the budget, rarest terms first.
+    let mut postings = 0;
+    let mut max_df = None;
+    for df in by_df {
+        if max_df.is_some() && postings + df > MAX_SCORED_POSTINGS {
+            break;
+        }
+        postings += df;
+        max_df = Some(df);
+    }
+    if let Some(max_df) = max_df {
+        // Terms tied at the cut all stay: which of equals to drop would be arbitrary.
+        return present
+            .into_iter()
+            .filter(|(_, df)| *df <= max_df)
+            .map(|(t, _)| t)
+            .collect();
+    }
+    Vec::new()
 }
 
 impl SqliteStore {
@@ -200,10 +266,10 @@ impl SqliteStore {
         let store = Self {
             pool,
             vectors: Arc::new(VectorCache::new(VECTOR_CACHE_BYTES)),
+            terms: Arc::new(UserCache::new(TERM_CACHE_BYTES)),
             lexical,
         };
         store.ensure_lexical_index().await?;
-        sqlx::query(LEXICAL_VOCAB).execute(&store.pool).await?;
         Ok(store)
     }
 
@@ -306,14 +372,37 @@ impl SqliteStore {
             );
             rowids.push(r.get::<i64, _>(0));
         }
-        let v = Arc::new(UserVectors {
-            version,
-            dim,
-            rowids,
-            flat,
-        });
+        // The 8-bit copy is computed here, once per read, on the blocking pool.
+        let v = tokio::task::spawn_blocking(move || UserVectors::new(version, dim, rowids, flat))
+            .await
+            .map(Arc::new)
+            .map_err(|e| StoreError::Backend(format!("vector copy thread failed: {e}")))?;
         self.vectors.put(user_id, v.clone());
         Ok(v)
+    }
+
+    /// The user's term statistics, from memory when nothing of theirs changed since they were
+    /// counted.
+    async fn user_terms(&self, user_id: i64) -> Result<Arc<UserTerms>, StoreError> {
+        let version = user_version(&self.pool, user_id).await?;
+        if let Some(t) = self.terms.get(user_id, version) {
+            return Ok(t);
+        }
+        // The version and the rows from one read snapshot, as for the vectors.
+        let mut tx = self.pool.begin().await?;
+        let version = user_version(&mut *tx, user_id).await?;
+        let rows: Vec<String> = sqlx::query_scalar("SELECT terms FROM points WHERE user_id = ?")
+            .bind(user_id)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let prefix = term_prefix(user_id);
+        let t = tokio::task::spawn_blocking(move || UserTerms::count(version, &prefix, &rows))
+            .await
+            .map(Arc::new)
+            .map_err(|e| StoreError::Backend(format!("term count thread failed: {e}")))?;
+        self.terms.put(user_id, t.clone());
+        Ok(t)
     }
 
     /// The rows of `user_id` among `ranked` (rowid, score), in that order, as hits.
@@ -326,9 +415,11 @@ impl SqliteStore {
         if ranked.is_empty() {
             return Ok(Vec::new());
         }
+        // `+user_id`: the user is checked on each row found by rowid, never looked up through
+        // `points_user`, which would walk all of a large user's rows to find forty.
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
             "SELECT rowid, id, user_id, kind, source_ids, conversation_id, author, created_at, text \
-             FROM points WHERE user_id = ",
+             FROM points WHERE +user_id = ",
         );
         qb.push_bind(user_id).push(" AND rowid IN (");
         let mut sep = qb.separated(", ");
@@ -616,41 +707,23 @@ impl VectorStore for SqliteStore {
         if top_k == 0 || !self.lexical {
             return Ok(Vec::new());
         }
-        let prefix = term_prefix(user_id);
-        let terms: Vec<String> = crate::lexical::query_terms(question)
-            .into_iter()
-            .map(|t| format!("{prefix}{t}"))
-            .collect();
-        if terms.is_empty() {
+        let question_terms = crate::lexical::query_terms(question);
+        if question_terms.is_empty() {
             return Ok(Vec::new());
         }
-        // Every term's document frequency in one statement (one hop to the SQLite thread).
-        let mut qb: QueryBuilder<Sqlite> =
-            QueryBuilder::new("SELECT term, doc FROM points_fts_vocab WHERE term IN (");
-        let mut sep = qb.separated(", ");
-        for t in &terms {
-            sep.push_bind(t.as_str());
-        }
-        qb.push(")");
-        let found: HashMap<String, i64> = qb
-            .build_query_as::<(String, i64)>()
-            .fetch_all(&self.pool)
-            .await?
-            .into_iter()
-            .collect();
-        let with_df: Vec<(String, i64)> = terms
+        let stats = self.user_terms(user_id).await?;
+        let with_df: Vec<(String, i64)> = question_terms
             .into_iter()
             .map(|t| {
-                let df = found.get(&t).copied().unwrap_or(0);
+                let df = stats.df.get(t.as_str()).copied().unwrap_or(0) as i64;
                 (t, df)
             })
             .collect();
-        let docs = if with_df.iter().filter(|(_, df)| *df > 0).count() > 1 {
-            self.count(user_id).await? as i64
-        } else {
-            0
-        };
-        let terms = prune_terms(with_df, docs);
+        let prefix = term_prefix(user_id);
+        let terms: Vec<String> = prune_terms(with_df, stats.docs)
+            .into_iter()
+            .map(|t| format!("{prefix}{t}"))
+            .collect();
         if terms.is_empty() {
             return Ok(Vec::new());
         }
@@ -746,17 +819,35 @@ mod tests {
             ),
             (
                 "common terms go",
-                t(&[("a", 8000), ("b", 3), ("c", 900)]),
+                t(&[("a", 8000), ("b", 3), ("c", 400)]),
                 10_000,
                 &["b", "c"],
             ),
             (
-                "all common: the rarest stays",
+                "all common in a large memory: no lexical list",
                 t(&[("a", 9000), ("b", 7000)]),
                 10_000,
-                &["b"],
+                &[],
             ),
             ("nothing present", t(&[("a", 0)]), 10_000, &[]),
+            (
+                "the commonest go past the postings budget",
+                t(&[("a", 5_000), ("b", 12), ("c", 9_500), ("d", 2_900)]),
+                200_000,
+                &["a", "b", "d"],
+            ),
+            (
+                "equals at the cut both stay",
+                t(&[("a", 5_000), ("b", 5_000)]),
+                200_000,
+                &["a", "b"],
+            ),
+            (
+                "the rarest stays even alone over the budget",
+                t(&[("a", 25_000), ("b", 30_000)]),
+                1_000_000,
+                &["a"],
+            ),
             (
                 "a tiny memory keeps its one match",
                 t(&[("a", 1)]),
@@ -767,6 +858,17 @@ mod tests {
         for (name, with_df, docs, want) in cases {
             assert_eq!(prune_terms(with_df.clone(), *docs), *want, "{name}");
         }
+    }
+
+    #[test]
+    fn term_statistics_count_documents_per_term() {
+        let rows = ["u1xhotel u1xlisbon", "u1xhotel", "", "u1xcasa u1xhotel"].map(String::from);
+        let t = UserTerms::count(7, "u1x", &rows);
+        assert_eq!((t.version, t.docs), (7, 4));
+        assert_eq!(t.df.get("hotel"), Some(&3));
+        assert_eq!(t.df.get("lisbon"), Some(&1));
+        assert_eq!(t.df.len(), 3, "no empty term, no prefix kept: {:?}", t.df);
+        assert!(t.bytes > 0);
     }
 
     #[test]
