@@ -306,7 +306,7 @@ async fn an_older_store_file_gains_the_lexical_index_on_open() {
 }
 
 #[tokio::test]
-async fn dense_search_sees_writes_made_after_it_cached_a_user() {
+async fn search_sees_writes_made_after_it_cached_a_user() {
     let env = Env::new().await;
     let s = &env.store;
     s.ensure_model("hashing", HASH_DIM).await.unwrap();
@@ -320,6 +320,9 @@ async fn dense_search_sees_writes_made_after_it_cached_a_user() {
             .len(),
         1
     );
+    // The lexical side keeps the user's term counts in memory too.
+    assert_eq!(s.search_lexical(1, "alpha", 5).await.unwrap().len(), 1);
+    assert!(s.search_lexical(1, "gamma", 5).await.unwrap().is_empty());
     // Another handle on the same file (another worker process) writes; this one must see it.
     let other = SqliteStore::open(&env.dir.path().join("data"))
         .await
@@ -335,8 +338,12 @@ async fn dense_search_sees_writes_made_after_it_cached_a_user() {
         .unwrap();
     assert_eq!(hits.len(), 2);
     assert_eq!(hits[0].source_ids, ["b"]);
+    let hits = s.search_lexical(1, "gamma", 5).await.unwrap();
+    assert_eq!(hits.len(), 1, "a term new since the counts were read is searched");
+    assert_eq!(hits[0].source_ids, ["b"]);
     other.finish_build(g2, &BuildScope::User(1)).await.unwrap();
     let hits = s.search_dense(1, &h.embed_one("alpha"), 5).await.unwrap();
     assert_eq!(hits.len(), 1, "the swept point is still served from memory");
     assert_eq!(hits[0].source_ids, ["b"]);
+    assert!(s.search_lexical(1, "alpha", 5).await.unwrap().is_empty());
 }
