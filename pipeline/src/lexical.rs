@@ -55,6 +55,22 @@ fn is_optional_mark(c: char) -> bool {
 /// word ("3.5", "o'neil") dropped so every term is one token to the index's ASCII tokenizer.
 fn fold(word: &str, out: &mut String) {
     out.clear();
+    if word.is_ascii() {
+        // Most chat words: ASCII has no marks and is its own NFD and NFC.
+        out.extend(
+            word.bytes()
+                .filter(u8::is_ascii_alphanumeric)
+                .map(|b| b.to_ascii_lowercase() as char),
+        );
+        out.truncate(MAX_TERM_BYTES);
+        return;
+    }
+    fold_unicode(word, out);
+}
+
+/// `fold` for any word: through NFD, so marks can be dropped, then back to NFC.
+fn fold_unicode(word: &str, out: &mut String) {
+    out.clear();
     for c in word.nfd() {
         if is_optional_mark(c) || (c.is_ascii() && !c.is_ascii_alphanumeric()) {
             continue;
@@ -95,7 +111,16 @@ pub fn for_each_term(text: &str, mut emit: impl FnMut(&str)) {
     };
     // NFKC first: full-width Latin and digits, ligatures and compatibility forms become the
     // letters a question would be typed with.
-    let text: String = text.nfkc().collect();
+    // Text already in NFKC (all ASCII text, most of any text) is used as it is.
+    let normalised: String;
+    let text = if unicode_normalization::is_nfkc_quick(text.chars())
+        == unicode_normalization::IsNormalized::Yes
+    {
+        text
+    } else {
+        normalised = text.nfkc().collect();
+        &normalised
+    };
     for word in text.unicode_words() {
         if word.chars().all(is_unspaced) {
             run.extend(word.chars());
@@ -169,6 +194,25 @@ pub fn query_terms(text: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+        /// The ASCII shortcuts change nothing: the same terms as the full Unicode path.
+        #[test]
+        fn ascii_shortcuts_fold_as_unicode_does(word in "[ -~]{0,70}") {
+            let (mut fast, mut slow) = (String::new(), String::new());
+            fold(&word, &mut fast);
+            fold_unicode(&word, &mut slow);
+            prop_assert_eq!(fast, slow);
+            let full: String = word.nfkc().collect();
+            let mut via_nfkc = Vec::new();
+            for_each_term(&full, |t| via_nfkc.push(t.to_string()));
+            let mut direct = Vec::new();
+            for_each_term(&word, |t| direct.push(t.to_string()));
+            prop_assert_eq!(direct, via_nfkc);
+        }
+    }
 
     #[test]
     fn stop_words_are_sorted() {
