@@ -78,8 +78,7 @@ impl UserVectors {
         if k == 0 || self.dim == 0 || query.len() != self.dim {
             return Vec::new();
         }
-        if self.codes.is_empty() || self.rowids.len() <= k || !query.iter().all(|x| x.is_finite())
-        {
+        if self.codes.is_empty() || self.rowids.len() <= k || !query.iter().all(|x| x.is_finite()) {
             return self.exact_top(query, k);
         }
         self.two_pass_top(query, k).0
@@ -173,7 +172,10 @@ fn quantize(v: &[f32], codes: &mut Vec<i8>) -> f32 {
         return 0.0;
     }
     let scale = max / 127.0;
-    codes.extend(v.iter().map(|x| (x / scale).round().clamp(-127.0, 127.0) as i8));
+    codes.extend(
+        v.iter()
+            .map(|x| (x / scale).round().clamp(-127.0, 127.0) as i8),
+    );
     scale
 }
 
@@ -575,7 +577,9 @@ mod tests {
         assert_eq!(quantize(&[1.0, f32::INFINITY], &mut z), f32::INFINITY);
         assert_eq!(z.len(), 5);
         // Small users keep no copy.
-        assert!(UserVectors::new(1, 2, vec![1], vec![0.5, 0.5]).codes.is_empty());
+        assert!(UserVectors::new(1, 2, vec![1], vec![0.5, 0.5])
+            .codes
+            .is_empty());
     }
 
     #[test]

@@ -339,7 +339,11 @@ async fn search_sees_writes_made_after_it_cached_a_user() {
     assert_eq!(hits.len(), 2);
     assert_eq!(hits[0].source_ids, ["b"]);
     let hits = s.search_lexical(1, "gamma", 5).await.unwrap();
-    assert_eq!(hits.len(), 1, "a term new since the counts were read is searched");
+    assert_eq!(
+        hits.len(),
+        1,
+        "a term new since the counts were read is searched"
+    );
     assert_eq!(hits[0].source_ids, ["b"]);
     other.finish_build(g2, &BuildScope::User(1)).await.unwrap();
     let hits = s.search_dense(1, &h.embed_one("alpha"), 5).await.unwrap();
