@@ -41,11 +41,27 @@ pub struct TimeLimits {
     pub hard: Duration,
 }
 
+/// The longest time limit a message's header may ask for: a day is far past any task here, and
+/// a bound keeps `1e300` seconds from overflowing the clock.
+pub const MAX_HEADER_LIMIT: Duration = Duration::from_secs(24 * 3600);
+
+/// A header's limit in seconds as a duration: not finite, zero or negative (no limit is not ours
+/// to grant) is no override; past `MAX_HEADER_LIMIT` is that.
+fn header_limit(secs: Option<f64>) -> Option<Duration> {
+    let secs = secs.filter(|s| s.is_finite() && *s > 0.0)?;
+    Some(
+        Duration::try_from_secs_f64(secs)
+            .unwrap_or(MAX_HEADER_LIMIT)
+            .min(MAX_HEADER_LIMIT),
+    )
+}
+
 impl TimeLimits {
-    /// The message's `timelimit` header `[hard, soft]` overrides the task's own, each part alone.
+    /// The message's `timelimit` header `[hard, soft]` overrides the task's own, each part alone
+    /// (`header_limit` says which values count).
     pub fn with_overrides(self, hard: Option<f64>, soft: Option<f64>) -> TimeLimits {
-        let hard = hard.map(Duration::from_secs_f64).unwrap_or(self.hard);
-        let soft = soft.map(Duration::from_secs_f64).unwrap_or(self.soft);
+        let hard = header_limit(hard).unwrap_or(self.hard);
+        let soft = header_limit(soft).unwrap_or(self.soft);
         TimeLimits {
             soft: soft.min(hard),
             hard,
@@ -496,6 +512,42 @@ mod tests {
         );
         assert!(matches!(r.error("E", &http(400)), TaskError::Permanent(_)));
         assert!(matches!(r.error("E", &http(501)), TaskError::Permanent(_)));
+    }
+
+    #[test]
+    fn header_limits_never_panic_and_stay_bounded() {
+        let d = DEFAULT_LIMITS;
+        let day = MAX_HEADER_LIMIT;
+        // (hard, soft) from the header, the limits that apply
+        let cases: &[(Option<f64>, Option<f64>, Duration, Duration)] = &[
+            (None, None, d.soft, d.hard),
+            (
+                Some(10.0),
+                Some(5.0),
+                Duration::from_secs(5),
+                Duration::from_secs(10),
+            ),
+            (Some(1e300), None, d.soft, day),
+            (Some(1e19), Some(1e19), day, day),
+            (Some(f64::INFINITY), Some(f64::NAN), d.soft, d.hard),
+            (Some(-1.0), Some(0.0), d.soft, d.hard),
+            (
+                Some(f64::MIN_POSITIVE),
+                None,
+                Duration::ZERO,
+                Duration::ZERO,
+            ),
+        ];
+        for &(hard, soft, want_soft, want_hard) in cases {
+            let l = d.with_overrides(hard, soft);
+            assert_eq!(
+                (l.soft, l.hard),
+                (want_soft, want_hard),
+                "{hard:?} {soft:?}"
+            );
+            // The clock can take it.
+            let _ = std::time::Instant::now() + l.hard;
+        }
     }
 
     #[test]

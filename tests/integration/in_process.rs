@@ -30,30 +30,55 @@ fn options(redis: &RedisServer, queue: &str) -> WorkerOptions {
     }
 }
 
+/// A worker on `redis`'s queue `q`, in a runtime of its own, stopped by the token.
+struct InProcess {
+    rt: tokio::runtime::Runtime,
+    shutdown: CancellationToken,
+    running: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcess {
+    fn start(redis: &RedisServer, q: &str) -> Self {
+        let url = redis.url();
+        let vars = [
+            ("ORBIT_CACHE_URL", url.as_str()),
+            ("ORBIT_EMBEDDER", "hashing"),
+        ];
+        let (shared, blocks) = Settings::from_vars(&Table(&vars)).unwrap().split();
+        let services = Arc::new(Services::new(shared).unwrap());
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let running = rt.spawn(worker::run(
+            options(redis, q),
+            services,
+            blocks,
+            shutdown.clone(),
+        ));
+        Self {
+            rt,
+            shutdown,
+            running,
+        }
+    }
+
+    /// A warm shutdown; nothing may be left unacked.
+    fn stop(self, redis: &RedisServer) {
+        self.shutdown.cancel();
+        let stopped = self.rt.block_on(self.running).unwrap();
+        assert!(stopped.is_ok(), "{stopped:?}");
+        assert_eq!(unacked_len(redis), 0, "nothing held after a warm shutdown");
+    }
+}
+
 #[test]
 fn the_worker_runs_in_process_retries_and_stops_holding_nothing() {
     let redis = RedisServer::start(false);
     let q = unique_queue("inproc");
-    let url = redis.url();
-    let vars = [
-        ("ORBIT_CACHE_URL", url.as_str()),
-        ("ORBIT_EMBEDDER", "hashing"),
-    ];
-    let (shared, blocks) = Settings::from_vars(&Table(&vars)).unwrap().split();
-    let services = Arc::new(Services::new(shared).unwrap());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let shutdown = CancellationToken::new();
-    let running = rt.spawn(worker::run(
-        options(&redis, &q),
-        services,
-        blocks,
-        shutdown.clone(),
-    ));
-
+    let worker = InProcess::start(&redis, &q);
     let ids = send(
         &redis,
         &q,
@@ -71,10 +96,31 @@ fn the_worker_runs_in_process_retries_and_stops_holding_nothing() {
         "retried twice, then done"
     );
 
-    shutdown.cancel();
-    let stopped = rt.block_on(running).unwrap();
-    assert!(stopped.is_ok(), "{stopped:?}");
-    assert_eq!(unacked_len(&redis), 0, "nothing held after a warm shutdown");
+    worker.stop(&redis);
+}
+
+/// Issue 13, defect 1: a `timelimit` header of `[1e300, null]` panicked converting it to a
+/// duration, stored no result and left the message to be restored and panic again forever.
+#[test]
+fn an_absurd_time_limit_header_is_bounded_not_a_poison_message() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("timelimit");
+    let worker = InProcess::start(&redis, &q);
+    let ids = send(
+        &redis,
+        &q,
+        json!([
+            {"name": "orbit.echo", "args": ["huge"], "options": {"time_limit": 1e300}},
+            {"name": "orbit.echo", "args": ["both"],
+             "options": {"time_limit": 1e19, "soft_time_limit": 1e19}},
+            {"name": "orbit.echo", "args": ["negative"], "options": {"time_limit": -5}},
+        ]),
+    );
+    for (id, arg) in ids.iter().zip(["huge", "both", "negative"]) {
+        let meta = wait_meta(&redis, id, "SUCCESS", Duration::from_secs(30));
+        assert_eq!(meta["result"]["args"], json!([arg]));
+    }
+    worker.stop(&redis);
 }
 
 /// The build lock on a real Redis: one holder at a time, a rising fence, the same build may take
