@@ -100,13 +100,29 @@ pub struct TaskMessage {
     pub raw: String,
 }
 
+/// The task id and delivery tag of an envelope the typed decode refused (a wrong-typed field,
+/// a duplicated key): read as plain JSON, as the fetch script's `cjson` read the tag it
+/// registered the message under (the last of duplicated keys wins in both), so the failure is
+/// still answered and acked.
+fn identity(raw: &str) -> (Option<String>, Option<String>) {
+    let Ok(v) = serde_json::from_str::<Value>(raw) else {
+        return (None, None);
+    };
+    let text = |p: &str| v.pointer(p).and_then(Value::as_str).map(str::to_string);
+    (
+        text("/headers/id").or_else(|| text("/properties/correlation_id")),
+        text("/properties/delivery_tag"),
+    )
+}
+
 impl TaskMessage {
     pub fn decode(raw: &str) -> Result<TaskMessage, Box<DecodeFailure>> {
         let env: Envelope = serde_json::from_str(raw).map_err(|e| {
+            let (task_id, delivery_tag) = identity(raw);
             Box::new(DecodeFailure {
                 error: DecodeError::Envelope(e.to_string()),
-                task_id: None,
-                delivery_tag: None,
+                task_id,
+                delivery_tag,
             })
         })?;
         let headers = env.headers.unwrap_or_default();
@@ -372,6 +388,34 @@ mod tests {
         assert!(matches!(f.error, DecodeError::Base64(_)));
         assert_eq!(f.task_id.as_deref(), Some("i"));
         assert_eq!(f.delivery_tag.as_deref(), Some("d"));
+    }
+
+    /// Issue 13, defect 2: one wrong-typed field made the typed decode fail with no identity,
+    /// so the failure was never acked (restored and dead-lettered forever) nor answered.
+    #[test]
+    fn a_wrong_typed_envelope_keeps_its_id_and_tag() {
+        let ok = r#""headers":{"task":"t","id":"i7"},"properties":{"delivery_tag":"d7","body_encoding":"base64"}"#;
+        let cases = [
+            r#"{"body":"W10=","headers":{"task":"t","id":"i7","retries":-1},"properties":{"delivery_tag":"d7"}}"#.to_string(),
+            r#"{"body":"W10=","headers":{"task":"t","id":"i7"},"properties":{"delivery_tag":"d7","priority":"5"}}"#.to_string(),
+            r#"{"body":"W10=","headers":{"task":"t","id":"i7","timelimit":["x",null]},"properties":{"delivery_tag":"d7"}}"#.to_string(),
+            format!(r#"{{"body":"W10=","body":"W10=",{ok}}}"#),
+        ];
+        for raw in &cases {
+            let f = TaskMessage::decode(raw).unwrap_err();
+            assert!(matches!(f.error, DecodeError::Envelope(_)), "{raw}");
+            assert_eq!(f.task_id.as_deref(), Some("i7"), "{raw}");
+            assert_eq!(f.delivery_tag.as_deref(), Some("d7"), "{raw}");
+        }
+        // The correlation id stands in for a missing header id, as in the typed decode.
+        let f = TaskMessage::decode(
+            r#"{"body":1,"headers":{"retries":"x"},"properties":{"correlation_id":"c","delivery_tag":"d"}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            (f.task_id.as_deref(), f.delivery_tag.as_deref()),
+            (Some("c"), Some("d"))
+        );
     }
 
     #[test]

@@ -352,12 +352,27 @@ fn unregistered_names_fail_and_garbage_lands_in_the_dead_letter_list() {
     // Garbage of every kind: not JSON, JSON without a tag, a task whose body is not base64.
     let mut con = redis.con();
     let bad_body = r#"{"body": "%%%", "content-type": "application/json", "content-encoding": "utf-8", "headers": {"task": "orbit.echo", "id": "bad-body-1"}, "properties": {"delivery_tag": "tag-bad-1", "body_encoding": "base64"}}"#;
-    for g in ["\u{0}\u{1}not json at all", "{\"hello\": 1}", bad_body] {
+    // And envelopes with one wrong-typed field or a duplicated key (issue 13, defect 2: these
+    // lost their delivery tag with the failed decode, were never acked, and came back forever).
+    let typed = |i: usize, field: &str| {
+        format!(
+            r#"{{"body": "W1tdLHt9LHt9XQ==", "content-type": "application/json", "headers": {{"task": "orbit.echo", "id": "bad-typed-{i}"{field}}}, "properties": {{"delivery_tag": "tag-typed-{i}", "body_encoding": "base64"}}}}"#
+        )
+    };
+    let wrong_typed = [
+        typed(0, r#", "retries": -1"#),
+        typed(1, r#", "timelimit": ["x", null]"#),
+        typed(2, r#", "task": "orbit.echo""#),
+    ];
+    for g in ["\u{0}\u{1}not json at all", "{\"hello\": 1}", bad_body]
+        .into_iter()
+        .chain(wrong_typed.iter().map(String::as_str))
+    {
         let _: i64 = redis::cmd("LPUSH").arg(&q).arg(g).query(&mut con).unwrap();
     }
-    let dead = wait_for("3 dead letters", Duration::from_secs(10), || {
+    let dead = wait_for("6 dead letters", Duration::from_secs(10), || {
         let d = list(&redis, "orbit.dead");
-        (d.len() == 3).then_some(d)
+        (d.len() == 6).then_some(d)
     });
     for d in &dead {
         let v: Value = serde_json::from_str(d).unwrap();
@@ -370,6 +385,12 @@ fn unregistered_names_fail_and_garbage_lands_in_the_dead_letter_list() {
         meta(&redis, "bad-body-1").unwrap()["result"]["exc_type"],
         "DecodeError"
     );
+    for i in 0..wrong_typed.len() {
+        assert_eq!(
+            meta(&redis, &format!("bad-typed-{i}")).unwrap()["result"]["exc_type"],
+            "DecodeError"
+        );
+    }
     wait_for("acks", Duration::from_secs(5), || {
         (unacked_len(&redis) == 0).then_some(())
     });
