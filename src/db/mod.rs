@@ -498,6 +498,8 @@ impl Db {
         fence: i64,
         c: BuildCounts,
     ) -> Result<bool, DbError> {
+        let mut tx = self.pool.begin().await?;
+        lock_build_row(&mut tx, id).await?;
         let r = sqlx::query(
             "UPDATE orbitpilot_memorybuild SET status = 'completed', documents = $3, chunks = $4, \
              tokens = $5, chunks_reused = $6, chunks_embedded = $7, error_message = '', \
@@ -512,8 +514,9 @@ impl Db {
         .bind(c.tokens.min(i64::MAX as u64) as i64)
         .bind(int(c.reused))
         .bind(int(c.embedded))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(r.rows_affected() >= 1)
     }
 
@@ -525,6 +528,8 @@ impl Db {
         fence: Option<i64>,
         message: &str,
     ) -> Result<(), DbError> {
+        let mut tx = self.pool.begin().await?;
+        lock_build_row(&mut tx, id).await?;
         sqlx::query(
             "UPDATE orbitpilot_memorybuild SET status = 'failed', error_message = $3, \
              finished_at = now() \
@@ -534,8 +539,9 @@ impl Db {
         .bind(id)
         .bind(fence)
         .bind(message)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -554,7 +560,27 @@ impl Db {
     }
 
     /// A request that arrived while `into` ran: it follows that build's status from now on.
-    pub async fn build_coalesced(&self, id: i64, into: i64, task_id: &str) -> Result<(), DbError> {
+    /// False when `into` has already ended (it finished as this request arrived): nothing is
+    /// written, as no one would end this record.
+    ///
+    /// The row of `into` is locked first here and in `build_completed` / `build_failed`, so the
+    /// two cannot interleave: either this request is recorded before the build ends (and the
+    /// end, whose statement starts after the lock, finishes it too), or it sees the end.
+    pub async fn build_coalesced(
+        &self,
+        id: i64,
+        into: i64,
+        task_id: &str,
+    ) -> Result<bool, DbError> {
+        let mut tx = self.pool.begin().await?;
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM orbitpilot_memorybuild WHERE id = $1 FOR SHARE")
+                .bind(into)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if !matches!(status.as_deref(), Some("planned" | "running")) {
+            return Ok(false);
+        }
         sqlx::query(
             "UPDATE orbitpilot_memorybuild SET status = 'running', coalesced_into_id = $2, \
              task_id = $3, started_at = now(), error_message = '' \
@@ -563,9 +589,10 @@ impl Db {
         .bind(id)
         .bind(into)
         .bind(task_id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        tx.commit().await?;
+        Ok(true)
     }
 
     // ---- AI usage ----------------------------------------------------------------------------
@@ -768,4 +795,17 @@ pub fn source_queries(overrides: Option<&std::path::Path>) -> anyhow::Result<Vec
         }
     }
     Ok(qs)
+}
+
+/// Takes the row lock of build `id` for the transaction: what orders a build's end against a
+/// request coalescing into it (`Db::build_coalesced`).
+async fn lock_build_row(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    id: i64,
+) -> Result<(), DbError> {
+    sqlx::query("SELECT 1 FROM orbitpilot_memorybuild WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }

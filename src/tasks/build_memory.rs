@@ -131,6 +131,10 @@ async fn run(ctx: TaskContext) -> TaskResult {
     }
 }
 
+/// How soon a request that found the running build already ended tries again: the ended build
+/// releases its lock right after writing its record.
+const COALESCE_MISSED_RETRY: Duration = Duration::from_secs(2);
+
 /// Another build of this user runs: this request follows it (and asks it for one more pass).
 async fn coalesce(
     ctx: &TaskContext,
@@ -149,9 +153,20 @@ async fn coalesce(
             )
         })?;
     if let Some((db, id)) = &record {
-        db.build_coalesced(*id, running, &ctx.call.id)
+        let following = db
+            .build_coalesced(*id, running, &ctx.call.id)
             .await
             .map_err(|e| RAISES.retry("BuildError", e, None))?;
+        if !following {
+            // The running build ended between our lock attempt and now, and releases its lock
+            // in a moment: this request builds on its own shortly instead of following a build
+            // that will never end its record.
+            return Err(RAISES.retry(
+                "BuildError",
+                format!("build {running} ended as this request arrived; building again"),
+                Some(COALESCE_MISSED_RETRY),
+            ));
+        }
     }
     tracing::info!(
         user_id = uid,

@@ -408,52 +408,114 @@ fn build_records_failure_soft_limit_and_retry_through_the_queue() {
         .all(|a| a.as_deref() == Some(&format!("Bearer {API_KEY}")[..])));
 }
 
+/// Two builds of user 4 on a worker whose first embedding request takes 3 s, so the first build
+/// holds the lock while the second request arrives.
+struct TwoBuilds {
+    redis: RedisServer,
+    db: PgDb,
+    _api: ApiDouble,
+    _worker: WorkerProc,
+    q: String,
+    first: String,
+    second: String,
+    first_task: String,
+}
+
+impl TwoBuilds {
+    fn start(name: &str) -> Self {
+        let redis = RedisServer::start(false);
+        let db = PgDb::seeded(&fixture("sample.jsonl"));
+        let api = ApiDouble::start();
+        let q = unique_queue(name);
+        let mut env = api.embedder_env();
+        env.push(("ORBIT_EMBED_IN_FLIGHT", "1".into()));
+        let worker = worker(&redis, &db, &q, &["-c", "2"], &env);
+        api.script_embeddings(vec![Reply::Slow(Duration::from_secs(3))]);
+        let first = new_build(&db, 4);
+        let second = new_build(&db, 4);
+        let ids = send(
+            &redis,
+            &q,
+            json!([
+                {"name": "orbitpilot.build_memory", "args": [4, first.parse::<i64>().unwrap()]},
+            ]),
+        );
+        Self {
+            redis,
+            db,
+            _api: api,
+            _worker: worker,
+            q,
+            first,
+            second,
+            first_task: ids[0].clone(),
+        }
+    }
+
+    /// Sends the second build and gets both results.
+    fn second_and_results(&self) -> Value {
+        let ids2 = send(
+            &self.redis,
+            &self.q,
+            json!([
+                {"name": "orbitpilot.build_memory", "args": [4, self.second.parse::<i64>().unwrap()]},
+            ]),
+        );
+        celery_client(
+            &self.redis,
+            &self.q,
+            json!({"op": "get", "ids": [self.first_task, ids2[0]], "timeout": 60}),
+        )
+    }
+}
+
 #[test]
 fn a_second_request_while_a_build_runs_is_coalesced() {
-    let redis = RedisServer::start(false);
-    let db = PgDb::seeded(&fixture("sample.jsonl"));
-    let api = ApiDouble::start();
-    let q = unique_queue("coalesce");
-    let mut env = api.embedder_env();
-    env.push(("ORBIT_EMBED_IN_FLIGHT", "1".into()));
-    let _w = worker(&redis, &db, &q, &["-c", "2"], &env);
+    let t = TwoBuilds::start("coalesce");
+    let (db, first, second) = (&t.db, &t.first, &t.second);
     // The first build's first request takes 3 s: long enough for the second to arrive.
-    api.script_embeddings(vec![Reply::Slow(Duration::from_secs(3))]);
-    let first = new_build(&db, 4);
-    let second = new_build(&db, 4);
-    let ids = send(
-        &redis,
-        &q,
-        json!([
-            {"name": "orbitpilot.build_memory", "args": [4, first.parse::<i64>().unwrap()]},
-        ]),
-    );
     std::thread::sleep(Duration::from_millis(800));
-    let ids2 = send(
-        &redis,
-        &q,
-        json!([
-            {"name": "orbitpilot.build_memory", "args": [4, second.parse::<i64>().unwrap()]},
-        ]),
-    );
-    let r = celery_client(
-        &redis,
-        &q,
-        json!({"op": "get", "ids": [ids[0], ids2[0]], "timeout": 60}),
-    );
+    let r = t.second_and_results();
     assert_eq!(r[0]["state"], "SUCCESS", "{r}");
     assert_eq!(r[0]["result"]["status"], "completed", "{r}");
     assert_eq!(r[1]["state"], "SUCCESS", "{r}");
     assert_eq!(r[1]["result"]["status"], "coalesced", "{r}");
-    assert_eq!(r[1]["result"]["coalesced_into"].to_string(), first);
-    let a = build_row(&db, &first);
-    let b = build_row(&db, &second);
+    assert_eq!(r[1]["result"]["coalesced_into"].to_string(), *first);
+    let a = build_row(db, first);
+    let b = build_row(db, second);
     assert_eq!(a[0], "completed");
     assert_eq!(a[8], "", "the build that ran is coalesced into nothing");
     // The coalesced record says so, and follows the build that served it.
-    assert_eq!(b[8], first, "{b:?}");
+    assert_eq!(b[8], *first, "{b:?}");
     assert_eq!(b[0], "completed", "{b:?}");
     assert_eq!(b[3], a[3], "same chunk count");
+}
+
+/// Issue 13, defect 4: a request that coalesced into a build whose record had already ended
+/// (the build finished between the request's lock attempt and its coalescing) stayed `running`
+/// forever, as nothing would end it. Here the running build's record is ended by hand while
+/// the build still holds its lock, which is that moment made long.
+#[test]
+fn a_request_never_follows_a_build_that_already_ended() {
+    let t = TwoBuilds::start("coalesce-late");
+    let (db, first, second) = (&t.db, &t.first, &t.second);
+    wait_for("the first build to run", Duration::from_secs(20), || {
+        (build_row(db, first)[0] == "running").then_some(())
+    });
+    db.sql(&format!(
+        "UPDATE orbitpilot_memorybuild SET status = 'completed', finished_at = now() \
+         WHERE id = {first}"
+    ));
+    let r = t.second_and_results();
+    assert_eq!(r[0]["state"], "SUCCESS", "{r}");
+    assert_eq!(r[1]["state"], "SUCCESS", "{r}");
+    assert_eq!(
+        r[1]["result"]["status"], "completed",
+        "built on its own, not coalesced into an ended build: {r}"
+    );
+    let b = build_row(db, second);
+    assert_eq!(b[0], "completed", "{b:?}");
+    assert_eq!(b[8], "", "coalesced into nothing: {b:?}");
 }
 
 /// All of the user's stored chunks, as the search CLI lists them.
