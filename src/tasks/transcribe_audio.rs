@@ -80,6 +80,25 @@ fn media_path(root: &Path, rel: &str) -> Result<PathBuf, String> {
     Ok(root.join(p))
 }
 
+/// `media_path`, then checked again after every symlink is resolved: a link inside MEDIA_ROOT
+/// that points outside it (`blink/link.wav → /etc/passwd`) is refused like `..`. The file is
+/// then read by its resolved path.
+async fn resolve_media(root: &Path, rel: &str) -> Result<PathBuf, String> {
+    let path = media_path(root, rel)?;
+    let real = tokio::fs::canonicalize(&path)
+        .await
+        .map_err(|e| format!("recording {rel}: {e}"))?;
+    let real_root = tokio::fs::canonicalize(root)
+        .await
+        .map_err(|e| format!("MEDIA_ROOT {}: {e}", root.display()))?;
+    if !real.starts_with(&real_root) {
+        return Err(format!(
+            "audio path {rel:?} leads out of MEDIA_ROOT through a symbolic link"
+        ));
+    }
+    Ok(real)
+}
+
 /// The recording's bytes, refusing anything over the upload limit before reading it all.
 /// The exceptions of this task.
 const R: Raises = raises(NAME);
@@ -153,8 +172,9 @@ async fn load(ctx: &TaskContext, file: &str) -> Result<(String, Vec<u8>), TaskEr
         }
         return Ok((name, out));
     }
-    let path =
-        media_path(&config(ctx)?.media_root, file).map_err(|e| R.permanent("AudioNotFound", e))?;
+    let path = resolve_media(&config(ctx)?.media_root, file)
+        .await
+        .map_err(|e| R.permanent("AudioNotFound", e))?;
     let meta = tokio::fs::metadata(&path)
         .await
         .map_err(|e| R.permanent("AudioNotFound", format!("recording {file}: {e}")))?;
@@ -291,6 +311,37 @@ async fn run(ctx: TaskContext) -> TaskResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 13, defect 6: a symlink inside MEDIA_ROOT let a record upload any file.
+    #[tokio::test]
+    async fn symlinks_out_of_the_media_root_are_refused() {
+        let outside = tempfile::tempdir().unwrap();
+        let secret = outside.path().join("secret.wav");
+        std::fs::write(&secret, b"not yours").unwrap();
+        let media = tempfile::tempdir().unwrap();
+        let root = media.path();
+        std::fs::create_dir(root.join("blink")).unwrap();
+        std::fs::write(root.join("blink/a.wav"), b"RIFF").unwrap();
+        let link = |target: &Path, name: &str| {
+            std::os::unix::fs::symlink(target, root.join(name)).unwrap();
+        };
+        link(&secret, "blink/link.wav");
+        link(outside.path(), "blink/elsewhere");
+        link(&root.join("blink/a.wav"), "blink/alias.wav");
+
+        let err = resolve_media(root, "blink/link.wav").await.unwrap_err();
+        assert!(err.contains("symbolic link"), "{err}");
+        let err = resolve_media(root, "blink/elsewhere/secret.wav")
+            .await
+            .unwrap_err();
+        assert!(err.contains("symbolic link"), "{err}");
+        // Inside the root, a link or a plain file is fine.
+        let real = resolve_media(root, "blink/alias.wav").await.unwrap();
+        assert_eq!(std::fs::read(real).unwrap(), b"RIFF");
+        assert!(resolve_media(root, "blink/a.wav").await.is_ok());
+        assert!(resolve_media(root, "blink/missing.wav").await.is_err());
+        assert!(resolve_media(root, "../secret.wav").await.is_err());
+    }
 
     #[test]
     fn formats_and_paths() {
