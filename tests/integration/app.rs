@@ -518,6 +518,40 @@ fn a_request_never_follows_a_build_that_already_ended() {
     assert_eq!(b[8], "", "coalesced into nothing: {b:?}");
 }
 
+/// Issue 13, defect 5 as reported: after a build hit its hard time limit, the next request
+/// for the user was coalesced into the dead build (its lock outlived it) and no build ran.
+/// Here (a build aborted at an await) it does not reproduce: the aborted task drops its lock.
+/// Kept as a guard; the defect stays open for a build stuck where an abort cannot reach it.
+#[test]
+fn a_build_after_a_hard_time_limit_runs_on_its_own() {
+    let redis = RedisServer::start(false);
+    let db = PgDb::seeded(&fixture("sample.jsonl"));
+    let api = ApiDouble::start();
+    let q = unique_queue("after-hard-limit");
+    let mut env = api.embedder_env();
+    env.push(("ORBIT_EMBED_IN_FLIGHT", "1".into()));
+    let _w = worker(&redis, &db, &q, &["-c", "2"], &env);
+    api.script_embeddings(vec![Reply::Stall]);
+    let dead = new_build(&db, 4);
+    let r = build_call(&redis, &q, 4, &dead, json!({"time_limit": 2}));
+    assert_eq!(r["state"], "FAILURE", "{r}");
+    assert_eq!(r["raised"]["type"], "TimeLimitExceeded", "{r}");
+    assert_eq!(build_row(&db, &dead)[0], "failed");
+    let next = new_build(&db, 4);
+    let r = build_call(&redis, &q, 4, &next, json!({}));
+    assert_eq!(r["state"], "SUCCESS", "{r}");
+    assert_eq!(
+        r["result"]["status"], "completed",
+        "not coalesced into the dead build: {r}"
+    );
+    let row = build_row(&db, &next);
+    assert_eq!(
+        (row[0].as_str(), row[8].as_str()),
+        ("completed", ""),
+        "{row:?}"
+    );
+}
+
 /// All of the user's stored chunks, as the search CLI lists them.
 fn chunks_of(db: &PgDb, env: &[(&str, &str)], user: i64) -> Vec<Value> {
     let out = db.cli_env(
