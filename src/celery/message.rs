@@ -22,6 +22,8 @@ pub enum DecodeError {
     Body(String),
     #[error("bad {field} timestamp {value:?}")]
     Timestamp { field: &'static str, value: String },
+    #[error("message is not UTF-8 (JSON is): refused as received")]
+    NotUtf8,
 }
 
 /// A failed decode, with whatever identity could still be read, so the failure can be
@@ -116,6 +118,17 @@ fn identity(raw: &str) -> (Option<String>, Option<String>) {
 }
 
 impl TaskMessage {
+    /// The failure for a message whose bytes are not UTF-8, with what of its identity its lossy
+    /// copy still shows.
+    pub fn not_utf8(lossy: &str) -> Box<DecodeFailure> {
+        let (task_id, delivery_tag) = identity(lossy);
+        Box::new(DecodeFailure {
+            error: DecodeError::NotUtf8,
+            task_id,
+            delivery_tag,
+        })
+    }
+
     pub fn decode(raw: &str) -> Result<TaskMessage, Box<DecodeFailure>> {
         let env: Envelope = serde_json::from_str(raw).map_err(|e| {
             let (task_id, delivery_tag) = identity(raw);

@@ -51,12 +51,32 @@ fn utf8(b: Vec<u8>) -> String {
 #[derive(Debug)]
 pub struct Fetched {
     pub list: String,
+    /// The message, or its lossy copy when `utf8` is false (such a message is refused: it is
+    /// not JSON, and its delivery tag could not be acked by a re-encoded copy).
     pub raw: String,
-    pub registered: bool,
+    pub utf8: bool,
+    /// The delivery tag the fetch registered the message under, as the fetch script read it;
+    /// None: not registered (the worker registers what it can read).
+    pub registered: Option<String>,
 }
 
-/// (list, raw message, "1" when registered) per message taken.
-type FetchReply = Vec<(Vec<u8>, Vec<u8>, String)>;
+impl Fetched {
+    fn new(list: Vec<u8>, raw: Vec<u8>, registered: Option<String>) -> Self {
+        let (raw, is_utf8) = match String::from_utf8(raw) {
+            Ok(s) => (s, true),
+            Err(e) => (String::from_utf8_lossy(e.as_bytes()).into_owned(), false),
+        };
+        Fetched {
+            list: utf8(list),
+            raw,
+            utf8: is_utf8,
+            registered,
+        }
+    }
+}
+
+/// (list, raw message, "1" when registered, the tag registered) per message taken.
+type FetchReply = Vec<(Vec<u8>, Vec<u8>, String, Vec<u8>)>;
 
 /// Pops up to ARGV[2] messages in priority order and registers each in `unacked`/`unacked_index`
 /// in the same atomic step, so no message is ever off the queue and unregistered. The `unacked`
@@ -79,14 +99,16 @@ for i = 3, #KEYS do
           if type(di.routing_key) == 'string' then rk = di.routing_key end
         end
       end
-      if type(tag) == 'string' then
+      -- Only an ASCII tag is registered here: any other is registered by the worker if the
+      -- message is readable at all, so every tag in unacked is one it can ack byte for byte.
+      if type(tag) == 'string' and not string.find(tag, '[\128-\255]') then
         zadd[#zadd + 1] = now
         zadd[#zadd + 1] = tag
         hset[#hset + 1] = tag
         hset[#hset + 1] = '[' .. raw .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']'
-        out[#out + 1] = {KEYS[i], raw, '1'}
+        out[#out + 1] = {KEYS[i], raw, '1', tag}
       else
-        out[#out + 1] = {KEYS[i], raw, '0'}
+        out[#out + 1] = {KEYS[i], raw, '0', ''}
       end
     end
   end
@@ -245,10 +267,9 @@ impl Broker {
             .note(r)
             .await?
             .into_iter()
-            .map(|(list, raw, reg)| Fetched {
-                list: utf8(list),
-                raw: utf8(raw),
-                registered: reg == "1",
+            .map(|(list, raw, reg, tag)| {
+                // Registered tags are ASCII (the script's check): exact as a String.
+                Fetched::new(list, raw, (reg == "1").then(|| utf8(tag)))
             })
             .collect())
     }
@@ -258,7 +279,7 @@ impl Broker {
         &self,
         keys: &[String],
         timeout: Duration,
-    ) -> Result<Option<(String, String)>, BrokerError> {
+    ) -> Result<Option<Fetched>, BrokerError> {
         let mut c = self.blocking.conn().await?;
         let r: Result<Option<(Vec<u8>, Vec<u8>)>, _> = redis::cmd("BRPOP")
             .arg(keys)
@@ -269,7 +290,7 @@ impl Broker {
             .blocking
             .note(r)
             .await?
-            .map(|(k, v)| (utf8(k), utf8(v))))
+            .map(|(k, v)| Fetched::new(k, v, None)))
     }
 
     /// kombu's registration: `MULTI; ZADD unacked_index; HSET unacked; EXEC`.
@@ -326,18 +347,56 @@ impl Broker {
     /// Puts one message back on its queue, marked redelivered, with its delivery tag kept.
     /// Returns whether it was restored (false: already acked or restored by someone else).
     pub async fn restore_tag(&self, tag: &str) -> Result<bool, BrokerError> {
+        self.restore_raw_tag(tag.as_bytes()).await
+    }
+
+    /// `restore_tag` for a tag as Redis holds it. An entry whose tag or message is not UTF-8
+    /// cannot be a message to put back: it goes to the dead letters, removed by its exact bytes.
+    async fn restore_raw_tag(&self, raw_tag: &[u8]) -> Result<bool, BrokerError> {
         let mut c = self.ops.conn().await?;
         for _ in 0..3 {
-            let cur: Result<Option<String>, _> = redis::cmd("HGET")
+            let cur: Result<Option<Vec<u8>>, _> = redis::cmd("HGET")
                 .arg(UNACKED)
-                .arg(tag)
+                .arg(raw_tag)
                 .query_async(&mut c)
                 .await;
-            let Some(cur) = self.ops.note(cur).await? else {
+            let cur = match self.ops.note(cur).await? {
+                None => None,
+                Some(bytes) => match (std::str::from_utf8(raw_tag), String::from_utf8(bytes)) {
+                    (Ok(_), Ok(text)) => Some(text),
+                    (_, text) => {
+                        let text = match text {
+                            Ok(t) => t,
+                            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+                        };
+                        let shown = String::from_utf8_lossy(raw_tag);
+                        tracing::error!(
+                            delivery_tag = %shown,
+                            "unacked entry is not UTF-8; moved to {DEAD_LETTER}"
+                        );
+                        let dead = dead_letter_record("unacked entry is not UTF-8", "", &text);
+                        let r: Result<(), _> = redis::pipe()
+                            .atomic()
+                            .lpush(DEAD_LETTER, dead)
+                            .ignore()
+                            .zrem(UNACKED_INDEX, raw_tag)
+                            .ignore()
+                            .hdel(UNACKED, raw_tag)
+                            .ignore()
+                            .query_async(&mut c)
+                            .await;
+                        self.ops.note(r).await?;
+                        return Ok(false);
+                    }
+                },
+            };
+            let tag = String::from_utf8_lossy(raw_tag);
+            let tag = tag.as_ref();
+            let Some(cur) = cur else {
                 // An index entry without its message: drop it, as kombu does.
                 let r: Result<i64, _> = redis::cmd("ZREM")
                     .arg(UNACKED_INDEX)
-                    .arg(tag)
+                    .arg(raw_tag)
                     .query_async(&mut c)
                     .await;
                 self.ops.note(r).await?;
@@ -423,7 +482,9 @@ impl Broker {
         let mut offset = 0;
         loop {
             let mut c = self.ops.conn().await?;
-            let r: Result<Vec<String>, _> = redis::cmd("ZRANGE")
+            // Bytes: a tag another client registered need not be UTF-8, and one such tag must
+            // not stop every later sweep.
+            let r: Result<Vec<Vec<u8>>, _> = redis::cmd("ZRANGE")
                 .arg(UNACKED_INDEX)
                 .arg(ceil)
                 .arg(0)
@@ -441,11 +502,11 @@ impl Broker {
             let page = tags.len() as isize;
             for tag in &tags {
                 // Our own held messages are refreshed, but a refresh may lag a short timeout.
-                if skip(tag) {
+                if std::str::from_utf8(tag).is_ok_and(skip) {
                     offset += 1;
                     continue;
                 }
-                if self.restore_tag(tag).await? {
+                if self.restore_raw_tag(tag).await? {
                     restored += 1;
                 }
             }

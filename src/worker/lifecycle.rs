@@ -13,7 +13,7 @@ use super::decide::{decide, Decision, Ending};
 use super::settle::{persist, Action, Completion};
 use super::Shared;
 use crate::celery::message::{queue_key, retry_envelope, DecodeError, TaskMessage};
-use crate::celery::redis::dead_letter_record;
+use crate::celery::redis::{dead_letter_record, Fetched};
 use crate::celery::result::{encode_meta, ExceptionInfo, Outcome};
 use crate::tasks::TimeLimits;
 use crate::tasks::{AbortHook, AbortReason, Call, TaskConfig, TaskContext, TaskDef, TaskError};
@@ -25,16 +25,22 @@ const ABORT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest result text in a `succeeded in` log line, as Celery shortens its repr.
 const LOG_RESULT_CHARS: usize = 200;
 
-/// A message just taken from `list`. `registered`: already in `unacked` (the fetch script does
-/// that atomically; a BRPOP'd message is registered here).
-pub async fn accept(
-    sh: Arc<Shared>,
-    list: String,
-    raw: String,
-    registered: bool,
-    permit: OwnedSemaphorePermit,
-) {
-    let msg = match TaskMessage::decode(&raw) {
+/// A message just taken from its list. `registered`: the tag it is in `unacked` under (the fetch
+/// script does that atomically; a BRPOP'd message is registered here). A message that is not
+/// UTF-8 is refused like any undecodable one.
+pub async fn accept(sh: Arc<Shared>, fetched: Fetched, permit: OwnedSemaphorePermit) {
+    let Fetched {
+        list,
+        raw,
+        utf8,
+        registered,
+    } = fetched;
+    let decoded = if utf8 {
+        TaskMessage::decode(&raw)
+    } else {
+        Err(TaskMessage::not_utf8(&raw))
+    };
+    let mut msg = match decoded {
         Ok(m) => m,
         Err(f) => {
             let reason = f.error.to_string();
@@ -51,14 +57,16 @@ pub async fn accept(
                     encode_meta(id, None, &Outcome::Failure(exc), Utc::now()),
                 )
             });
-            let tag = if registered { f.delivery_tag } else { None };
+            // Only what the fetch registered is acked, by the exact tag it registered.
+            let ack = registered.is_some();
+            let tag = registered;
             sh.hold(tag.as_deref());
             sh.complete(Completion {
                 delivery_tag: tag,
                 result,
                 action: Action::DeadLetter {
                     record: dead_letter_record(&reason, &list, &raw),
-                    ack: registered,
+                    ack,
                 },
                 permit: Some(permit),
             })
@@ -66,7 +74,10 @@ pub async fn accept(
             return;
         }
     };
-    if !registered {
+    if let Some(tag) = registered {
+        // The fetch script's reading of the tag is the one in `unacked`.
+        msg.delivery_tag = tag;
+    } else {
         let rk = routing_key(&msg, base_queue(&list));
         persist("register", || {
             sh.broker

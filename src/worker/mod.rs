@@ -290,7 +290,7 @@ async fn fetch_loop(sh: Arc<Shared>) {
         backoff.recovered("fetch");
         if !fetched.is_empty() {
             for (f, p) in fetched.into_iter().zip(permits.drain(..)) {
-                lifecycle::accept(sh.clone(), f.list, f.raw, f.registered, p).await;
+                lifecycle::accept(sh.clone(), f, p).await;
             }
             continue;
         }
@@ -298,8 +298,8 @@ async fn fetch_loop(sh: Arc<Shared>) {
         // Never cancelled half-way: a BRPOP that returns has taken a message, which must be
         // registered; it ends within its timeout anyway.
         match sh.broker.brpop(keys, BRPOP_TIMEOUT).await {
-            Ok(Some((list, raw))) => {
-                lifecycle::accept(sh.clone(), list, raw, false, permits.remove(0)).await;
+            Ok(Some(f)) => {
+                lifecycle::accept(sh.clone(), f, permits.remove(0)).await;
             }
             Ok(None) => {}
             Err(e) => {

@@ -450,6 +450,78 @@ fn soft_and_hard_time_limits() {
     assert_eq!(r["state"], "SUCCESS");
 }
 
+/// Issue 13, defect 3: one delivery tag that is not UTF-8 disabled crash recovery for the whole
+/// queue (every restore sweep failed reading it), and such a message was run but never acked.
+#[test]
+fn a_delivery_tag_that_is_not_utf8_never_stops_crash_recovery() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("utf8");
+    let mut con = redis.con();
+    // A dead worker's message, left in unacked long ago under its own tag.
+    let id = send(
+        &redis,
+        &q,
+        json!([{"name": "orbit.echo", "args": ["back"]}]),
+    )[0]
+    .clone();
+    let raw: Vec<u8> = redis::cmd("RPOP").arg(&q).query(&mut con).unwrap();
+    let env: Value = serde_json::from_slice(&raw).unwrap();
+    let tag = env["properties"]["delivery_tag"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut entry = b"[".to_vec();
+    entry.extend(&raw);
+    entry.extend(format!(r#", "", "{q}"]"#).as_bytes());
+    let bad_tag: &[u8] = b"tag-\xff\xfe";
+    for (t, v) in [
+        (tag.as_bytes(), entry.as_slice()),
+        (bad_tag, b"[\"\xff\", \"\", \"q\"]".as_slice()),
+    ] {
+        let _: () = redis::cmd("HSET")
+            .arg("unacked")
+            .arg(t)
+            .arg(v)
+            .query(&mut con)
+            .unwrap();
+        let _: () = redis::cmd("ZADD")
+            .arg("unacked_index")
+            .arg(1.0)
+            .arg(t)
+            .query(&mut con)
+            .unwrap();
+    }
+    // And a new message whose tag is not UTF-8, with a readable id.
+    let mut msg = br#"{"body": "W1tdLHt9LHt9XQ==", "content-type": "application/json", "headers": {"task": "orbit.echo", "id": "not-utf8-1"}, "properties": {"delivery_tag": "t-"#.to_vec();
+    msg.extend(b"\xff");
+    msg.extend(br#"", "body_encoding": "base64"}}"#);
+    let _: i64 = redis::cmd("LPUSH")
+        .arg(&q)
+        .arg(msg)
+        .query(&mut con)
+        .unwrap();
+
+    let _w = WorkerProc::start(&redis, &args(&q, &["--visibility-timeout", "2"]));
+    let m = wait_meta(&redis, &id, "SUCCESS", Duration::from_secs(30));
+    assert_eq!(
+        m["result"]["args"],
+        json!(["back"]),
+        "the dead worker's message ran"
+    );
+    assert_eq!(
+        meta(&redis, "not-utf8-1").unwrap()["result"]["exc_type"],
+        "DecodeError"
+    );
+    let dead = wait_for("2 dead letters", Duration::from_secs(10), || {
+        let d = list(&redis, "orbit.dead");
+        (d.len() == 2).then_some(d)
+    });
+    assert!(dead.iter().any(|d| d.contains("not UTF-8")), "{dead:?}");
+    wait_for("nothing left in unacked", Duration::from_secs(10), || {
+        (unacked_len(&redis) == 0).then_some(())
+    });
+}
+
 #[test]
 fn a_worker_killed_mid_task_is_restored_by_the_next_and_the_result_stored_once() {
     let redis = RedisServer::start(false);
