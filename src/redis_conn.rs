@@ -20,8 +20,60 @@ pub enum ConnError {
     Url { url: String, reason: String },
 }
 
-/// `redis://:secret@host/0` → `redis://:***@host/0`, for logs.
+/// `redis://:secret@host/0` → `redis://:***@host/0`, and `?password=secret` → `?password=***`
+/// (the form redis-py and kombu also take), for logs.
 pub fn redact_url(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let mut out = redact_userinfo(base);
+    if let Some(q) = query {
+        let q: Vec<String> = q
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => kv.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&q.join("&"));
+    }
+    out
+}
+
+/// The `password` query parameter, percent-decoded (as redis-py reads it).
+fn query_password(url: &str) -> Option<String> {
+    let (_, q) = url.split_once('?')?;
+    let q = q.split('#').next().unwrap_or(q);
+    let v = q.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        k.eq_ignore_ascii_case("password").then_some(v)
+    })?;
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+fn redact_userinfo(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s + 3 => {
             let cred = &url[s + 3..at];
@@ -47,10 +99,21 @@ pub struct RedisConn {
 impl RedisConn {
     /// `reply_timeout` bounds every reply; a blocking connection needs more than its BRPOP timeout.
     pub fn open(url: &str, reply_timeout: Duration) -> Result<Self, ConnError> {
-        let client = redis::Client::open(url).map_err(|e| ConnError::Url {
+        use redis::IntoConnectionInfo;
+        let bad = |e: redis::RedisError| ConnError::Url {
             url: redact_url(url),
             reason: e.to_string(),
-        })?;
+        };
+        let mut info = url.into_connection_info().map_err(bad)?;
+        // `?password=` (redis-py's and kombu's other spelling) is used, not ignored into NOAUTH;
+        // a password in the user part wins.
+        if info.redis_settings().password().is_none() {
+            if let Some(pw) = query_password(url) {
+                let settings = info.redis_settings().clone().set_password(pw);
+                info = info.set_redis_settings(settings);
+            }
+        }
+        let client = redis::Client::open(info).map_err(bad)?;
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(reply_timeout));
@@ -96,5 +159,41 @@ impl RedisConn {
         let mut c = self.conn().await?;
         let r: Result<String, _> = redis::cmd("PING").query_async(&mut c).await;
         self.note(r).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_passwords_are_read_and_never_shown() {
+        let cases = [
+            (
+                "redis://h:6379/0?password=s3cret",
+                "redis://h:6379/0?password=***",
+                Some("s3cret"),
+            ),
+            (
+                "redis://h/0?db=1&Password=a%2Fb%40c&x=1",
+                "redis://h/0?db=1&Password=***&x=1",
+                Some("a/b@c"),
+            ),
+            (
+                "redis://:pw@h/0?password=q",
+                "redis://:***@h/0?password=***",
+                Some("q"),
+            ),
+            ("redis://h/0", "redis://h/0", None),
+            (
+                "redis://h/0?password=%zz",
+                "redis://h/0?password=***",
+                Some("%zz"),
+            ),
+        ];
+        for (url, shown, pw) in cases {
+            assert_eq!(redact_url(url), shown);
+            assert_eq!(query_password(url).as_deref(), pw, "{url}");
+        }
     }
 }

@@ -171,3 +171,36 @@ fn the_build_lock_excludes_fences_and_releases_itself_on_drop() {
         ));
     });
 }
+
+/// Issue 13: a Redis password given as `?password=` (as redis-py and kombu take it) was logged
+/// in clear and not used (NOAUTH). It is used now, and `redact_url` hides it.
+#[test]
+fn a_query_string_password_is_used_and_redacted() {
+    use orbit_worker::redis_conn::{redact_url, RedisConn};
+    let redis = RedisServer::start(false);
+    let mut con = redis.con();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("s3cret/x")
+        .query(&mut con)
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let with = format!("{}?password=s3cret%2Fx", redis.url());
+    let conn = RedisConn::open(&with, Duration::from_secs(5)).unwrap();
+    rt.block_on(conn.ping()).unwrap();
+    let without = RedisConn::open(&redis.url(), Duration::from_secs(5)).unwrap();
+    let err = rt.block_on(without.ping()).unwrap_err().to_string();
+    assert!(
+        err.contains("NOAUTH") || err.contains("uthentication"),
+        "{err}"
+    );
+    assert!(
+        !redact_url(&with).contains("s3cret"),
+        "{}",
+        redact_url(&with)
+    );
+}
