@@ -190,6 +190,13 @@ async fn run(ctx: TaskContext) -> TaskResult {
             if e.is_tls() {
                 return fail("ConfigError", &format!("SMTP TLS failed: {text}"));
             }
+            // lettre's client errors are a mismatch between our settings and the server (no
+            // authentication mechanism both speak, STARTTLS not offered): a retry meets the
+            // same server.
+            if e.is_client() {
+                tracing::error!("SMTP client error: check SMTP_URL against the server: {text}");
+                return fail("ConfigError", &format!("SMTP: {text}"));
+            }
             // 4xx, connection refused or dropped: the server or the network will come back.
             retry(&format!("SMTP send failed: {text}"))
         }
