@@ -16,7 +16,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use uuid::Uuid;
 
@@ -159,7 +161,7 @@ struct UserTerms {
 }
 
 impl UserTerms {
-    fn count(version: i64, prefix: &str, rows: &[String]) -> Self {
+    fn count(version: i64, prefix: &str, rows: &[&str]) -> Self {
         let mut df: HashMap<Box<str>, u32> = HashMap::new();
         for terms in rows {
             // Stored terms are distinct within a chunk: each is one document.
@@ -344,68 +346,82 @@ impl SqliteStore {
 
     /// The user's vectors, from memory when nothing of theirs changed since they were read.
     async fn user_vectors(&self, user_id: i64, dim: usize) -> Result<Arc<UserVectors>, StoreError> {
-        let version = user_version(&self.pool, user_id).await?;
-        if let Some(v) = self.vectors.get(user_id, version) {
-            if v.dim == dim || v.rowids.is_empty() {
-                return Ok(v);
-            }
-        }
-        // The version and the rows from one read snapshot: an entry never pairs newer rows
-        // with an older version, or older rows with a newer one.
-        let mut tx = self.pool.begin().await?;
-        let version = user_version(&mut *tx, user_id).await?;
-        let rows = sqlx::query("SELECT rowid, vector FROM points WHERE user_id = ?")
-            .bind(user_id)
-            .fetch_all(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        let mut flat = Vec::with_capacity(rows.len() * dim);
-        let mut rowids = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let blob: &[u8] = r.get(1);
-            if blob.len() != dim * 4 {
-                return Err(StoreError::Dimension {
-                    got: dim,
-                    want: blob.len() / 4,
-                });
-            }
-            flat.extend(
-                blob.chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            );
-            rowids.push(r.get::<i64, _>(0));
-        }
-        // The 8-bit copy is computed here, once per read, on the blocking pool.
-        let v = tokio::task::spawn_blocking(move || UserVectors::new(version, dim, rowids, flat))
-            .await
-            .map(Arc::new)
-            .map_err(|e| StoreError::Backend(format!("vector copy thread failed: {e}")))?;
-        self.vectors.put(user_id, v.clone());
-        Ok(v)
+        let fits = |v: &UserVectors| v.dim == dim || v.rowids.is_empty();
+        self.per_user(
+            &self.vectors,
+            user_id,
+            fits,
+            "SELECT rowid, vector FROM points WHERE user_id = ?",
+            move |version, rows| {
+                let mut flat = Vec::with_capacity(rows.len() * dim);
+                let mut rowids = Vec::with_capacity(rows.len());
+                for r in &rows {
+                    let blob: &[u8] = r.get(1);
+                    if blob.len() != dim * 4 {
+                        return Err(StoreError::Dimension {
+                            got: dim,
+                            want: blob.len() / 4,
+                        });
+                    }
+                    flat.extend(
+                        blob.chunks_exact(4)
+                            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                    );
+                    rowids.push(r.get::<i64, _>(0));
+                }
+                Ok(UserVectors::new(version, dim, rowids, flat))
+            },
+        )
+        .await
     }
 
     /// The user's term statistics, from memory when nothing of theirs changed since they were
     /// counted.
     async fn user_terms(&self, user_id: i64) -> Result<Arc<UserTerms>, StoreError> {
+        let prefix = term_prefix(user_id);
+        self.per_user(
+            &self.terms,
+            user_id,
+            |_| true,
+            "SELECT terms FROM points WHERE user_id = ?",
+            move |version, rows| {
+                let rows: Vec<&str> = rows.iter().map(|r| r.get::<&str, _>(0)).collect();
+                Ok(UserTerms::count(version, &prefix, &rows))
+            },
+        )
+        .await
+    }
+
+    /// A per-user value from `cache` when it is at the user's current version (and `fits`),
+    /// else built by `build` from `sql`'s rows (bound to the user), read in one snapshot with
+    /// the version: an entry never pairs newer rows with an older version or the reverse. The
+    /// decoding and building run on the blocking pool: at 100 k rows they are tens of ms.
+    async fn per_user<T, F>(
+        &self,
+        cache: &UserCache<T>,
+        user_id: i64,
+        fits: impl Fn(&T) -> bool,
+        sql: &'static str,
+        build: F,
+    ) -> Result<Arc<T>, StoreError>
+    where
+        T: Versioned + Send + Sync + 'static,
+        F: FnOnce(i64, Vec<SqliteRow>) -> Result<T, StoreError> + Send + 'static,
+    {
         let version = user_version(&self.pool, user_id).await?;
-        if let Some(t) = self.terms.get(user_id, version) {
-            return Ok(t);
+        if let Some(v) = cache.get(user_id, version).filter(|v| fits(v)) {
+            return Ok(v);
         }
-        // The version and the rows from one read snapshot, as for the vectors.
         let mut tx = self.pool.begin().await?;
         let version = user_version(&mut *tx, user_id).await?;
-        let rows: Vec<String> = sqlx::query_scalar("SELECT terms FROM points WHERE user_id = ?")
-            .bind(user_id)
-            .fetch_all(&mut *tx)
-            .await?;
+        let rows = sqlx::query(sql).bind(user_id).fetch_all(&mut *tx).await?;
         tx.commit().await?;
-        let prefix = term_prefix(user_id);
-        let t = tokio::task::spawn_blocking(move || UserTerms::count(version, &prefix, &rows))
+        let v = tokio::task::spawn_blocking(move || build(version, rows))
             .await
-            .map(Arc::new)
-            .map_err(|e| StoreError::Backend(format!("term count thread failed: {e}")))?;
-        self.terms.put(user_id, t.clone());
-        Ok(t)
+            .map_err(|e| StoreError::Backend(format!("reading a user's memory failed: {e}")))??;
+        let v = Arc::new(v);
+        cache.put(user_id, v.clone());
+        Ok(v)
     }
 
     /// The rows of `user_id` among `ranked` (rowid, score), in that order, as hits.
@@ -865,7 +881,7 @@ mod tests {
 
     #[test]
     fn term_statistics_count_documents_per_term() {
-        let rows = ["u1xhotel u1xlisbon", "u1xhotel", "", "u1xcasa u1xhotel"].map(String::from);
+        let rows = ["u1xhotel u1xlisbon", "u1xhotel", "", "u1xcasa u1xhotel"];
         let t = UserTerms::count(7, "u1x", &rows);
         assert_eq!((t.version, t.docs), (7, 4));
         assert_eq!(t.df.get("hotel"), Some(&3));
