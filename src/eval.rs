@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use orbit_pipeline::report::percentile;
 use orbit_pipeline::search::{fuse, Fusion, SearchMode};
 use orbit_pipeline::store::SearchHit;
 use orbit_pipeline::tokenize::Encoding;
@@ -218,14 +219,6 @@ pub fn read_questions(path: &PathBuf) -> Result<Vec<EvalQuestion>> {
         bail!("{} holds no questions", path.display());
     }
     Ok(out)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 fn sources(hits: &[SearchHit]) -> Vec<Vec<String>> {

@@ -9,6 +9,7 @@
 
 use std::time::Instant;
 
+use orbit_pipeline::report::percentile;
 use orbit_pipeline::search::{search, Fusion, SearchMode, SearchRequest};
 use orbit_pipeline::store::{SqliteStore, VectorStore};
 use orbit_pipeline::types::{Chunk, EmbeddedChunk};
@@ -49,10 +50,6 @@ async fn fill(store: &SqliteStore, user: i64, n: usize, rng: &mut StdRng) {
             batch.clear();
         }
     }
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -117,8 +114,8 @@ async fn main() {
             println!(
                 "{n:>8} {:<8} {:>8.2} {:>8.2} {:>8.2} {c}",
                 mode.as_str(),
-                pct(&ms, 0.5),
-                pct(&ms, 0.99),
+                percentile(&ms, 0.5),
+                percentile(&ms, 0.99),
                 ms[ms.len() - 1]
             );
         }

@@ -4,6 +4,16 @@ use serde::Serialize;
 
 use crate::types::Rejection;
 
+/// The `p` quantile (0..=1) of ascending `sorted`, nearest rank; 0 when empty. What the eval
+/// and the benchmarks report latencies with.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
 /// Rejections kept in full in the report; the rest are only counted.
 pub const MAX_REPORTED_REJECTIONS: usize = 100;
 
