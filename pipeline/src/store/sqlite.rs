@@ -94,6 +94,12 @@ const BACKFILL_ROWS: i64 = 2000;
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// One writer at a time in this process, in arrival order. SQLite has one writer per file;
+    /// left to itself, a writer that finds the lock taken polls under the busy timeout with
+    /// growing sleeps, and under eight concurrent builds some waited out the timeout ("database
+    /// is locked"). Queued here they wait their turn; other processes on the file are ordered by
+    /// `BEGIN IMMEDIATE` and the busy timeout.
+    writer: Arc<tokio::sync::Mutex<()>>,
     vectors: Arc<VectorCache>,
     terms: Arc<UserCache<UserTerms>>,
     /// False: points are stored with no terms and lexical search finds nothing (a dense-only
@@ -270,12 +276,31 @@ impl SqliteStore {
         }
         let store = Self {
             pool,
+            writer: Arc::new(tokio::sync::Mutex::new(())),
             vectors: Arc::new(VectorCache::new(VECTOR_CACHE_BYTES)),
             terms: Arc::new(UserCache::new(TERM_CACHE_BYTES)),
             lexical,
         };
         store.ensure_lexical_index().await?;
         Ok(store)
+    }
+
+    /// A write transaction: this process's writer turn, then `BEGIN IMMEDIATE`, which takes the
+    /// file's write lock at the start. A deferred `BEGIN` that reads first (the generation
+    /// counter, the model row) cannot upgrade to a writer once another connection has committed
+    /// since its read: SQLite answers "database is locked" at once, busy timeout or not.
+    async fn write(
+        &self,
+    ) -> Result<
+        (
+            tokio::sync::OwnedMutexGuard<()>,
+            sqlx::Transaction<'static, Sqlite>,
+        ),
+        StoreError,
+    > {
+        let turn = self.writer.clone().lock_owned().await;
+        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        Ok((turn, tx))
     }
 
     /// Checks that the lexical index agrees with the points it indexes (FTS5's own
@@ -292,7 +317,7 @@ impl SqliteStore {
     /// it. One transaction, so a crash mid-way leaves the old file as it was, and the next open
     /// starts again; `store_meta.lexical_index` marks it done.
     async fn ensure_lexical_index(&self) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let (_turn, mut tx) = self.write().await?;
         let done: Option<String> =
             sqlx::query_scalar("SELECT value FROM store_meta WHERE key = 'lexical_index'")
                 .fetch_optional(&mut *tx)
@@ -517,7 +542,7 @@ fn vec_to_blob(v: &[f32]) -> Vec<u8> {
 #[async_trait]
 impl VectorStore for SqliteStore {
     async fn ensure_model(&self, model: &str, dim: usize) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let (_turn, mut tx) = self.write().await?;
         let rows =
             sqlx::query("SELECT key, value FROM store_meta WHERE key IN ('model', 'dimension')")
                 .fetch_all(&mut *tx)
@@ -568,7 +593,7 @@ impl VectorStore for SqliteStore {
     }
 
     async fn reset(&self) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let (_turn, mut tx) = self.write().await?;
         sqlx::query("DELETE FROM points").execute(&mut *tx).await?;
         sqlx::query("UPDATE user_versions SET version = version + 1")
             .execute(&mut *tx)
@@ -583,7 +608,7 @@ impl VectorStore for SqliteStore {
     async fn begin_build(&self) -> Result<BuildGeneration, StoreError> {
         // Strictly increasing across builds and processes: the wall clock in microseconds,
         // bumped past the last generation handed out (kept in store_meta, not scanned).
-        let mut tx = self.pool.begin().await?;
+        let (_turn, mut tx) = self.write().await?;
         let last: Option<String> =
             sqlx::query_scalar("SELECT value FROM store_meta WHERE key = 'last_gen'")
                 .fetch_optional(&mut *tx)
@@ -603,7 +628,7 @@ impl VectorStore for SqliteStore {
         gen: BuildGeneration,
         points: &[EmbeddedChunk],
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let (_turn, mut tx) = self.write().await?;
         for rows in points.chunks(UPSERT_ROWS_PER_STATEMENT) {
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO points (id, user_id, build_gen, kind, source_ids, conversation_id, title, author, \
@@ -662,7 +687,7 @@ impl VectorStore for SqliteStore {
         gen: BuildGeneration,
         scope: &BuildScope,
     ) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let (_turn, mut tx) = self.write().await?;
         // Only older generations: a stale build finishing late never sweeps a newer one's. The
         // delete trigger takes each swept point out of the lexical index too.
         let deleted = match scope {

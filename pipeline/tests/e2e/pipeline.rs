@@ -323,3 +323,58 @@ async fn a_stale_build_never_overwrites_or_sweeps_a_newer_ones_points() {
     );
     assert_eq!(env.store.point_ids(1).await.unwrap(), ids);
 }
+
+/// Eight builds of different users at once, half through a second handle on the same store file
+/// (as a second worker process has): SQLite has one writer, and every build must wait its turn
+/// rather than fail with "database is locked" and lean on a task retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eight_builds_at_once_share_the_store_without_database_is_locked() {
+    let env = Env::new().await;
+    let other = Arc::new(
+        orbit_pipeline::store::SqliteStore::open(&env.dir.path().join("data"))
+            .await
+            .unwrap(),
+    );
+    // The fixture's six users, and users 7 and 8 as copies of users 1 and 2.
+    let mut docs = sample_lines();
+    let copies: Vec<_> = docs
+        .iter()
+        .filter_map(|d| {
+            let u = d["user_id"].as_i64()?;
+            (u <= 2).then(|| {
+                let mut c = d.clone();
+                c["user_id"] = json!(u + 6);
+                c
+            })
+        })
+        .collect();
+    docs.extend(copies);
+    let src = env.write("eight.jsonl", &to_lines(&docs));
+    let mut builds = tokio::task::JoinSet::new();
+    for user in 1..=8i64 {
+        let mut p = env.pipeline(&src, hashing(), ChunkSettings::default());
+        if user % 2 == 0 {
+            p.store = other.clone() as Arc<dyn VectorStore>;
+        }
+        builds.spawn(async move {
+            let r = p
+                .run(BuildScope::User(user), CancellationToken::new(), None)
+                .await;
+            (user, r)
+        });
+    }
+    let mut chunks = std::collections::BTreeMap::new();
+    while let Some(done) = builds.join_next().await {
+        let (user, r) = done.unwrap();
+        let r = r.unwrap_or_else(|e| panic!("user {user}'s build failed: {e}"));
+        chunks.insert(user, r.chunks);
+    }
+    for user in 1..=8i64 {
+        let ids = env.store.point_ids(user).await.unwrap();
+        assert_eq!(ids.len() as u64, chunks[&user], "user {user}");
+        assert!(chunks[&user] > 0, "user {user} built nothing");
+    }
+    assert_eq!(chunks[&7], chunks[&1]);
+    assert_eq!(chunks[&8], chunks[&2]);
+    env.store.check_integrity().await.unwrap();
+}
