@@ -242,6 +242,15 @@ fn check<'q>(
     if question.is_empty() {
         return Err(AnswerError::BadRequest("the question is empty".into()));
     }
+    // Characters first: counting tokens of a megabyte of text is the cost the limit avoids.
+    let max_chars = sv.settings.limits.question_chars;
+    if question.len() > max_chars && question.chars().count() > max_chars {
+        return Err(AnswerError::BadRequest(format!(
+            "the question is {} characters long; at most {max_chars} are allowed \
+             (ORBIT_MAX_QUESTION_CHARS)",
+            question.chars().count()
+        )));
+    }
     let tokens = Encoding::Cl100kBase.count(question);
     if tokens > sv.settings.chat.max_question_tokens {
         return Err(AnswerError::BadRequest(format!(

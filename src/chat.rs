@@ -128,7 +128,9 @@ impl ChatClient {
     }
 }
 
-fn parse(text: &str) -> Result<Completion, String> {
+/// A chat completion answer: the first choice's content or refusal, its finish reason, the
+/// model and the usage.
+pub fn parse(text: &str) -> Result<Completion, String> {
     let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
     let choice = v["choices"]
         .get(0)

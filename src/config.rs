@@ -89,6 +89,23 @@ fn positive_seconds(v: &dyn Vars, name: &'static str, default: f64) -> Result<Du
     Ok(d)
 }
 
+/// A count or size within `range` (`default` when unset).
+fn within(
+    v: &dyn Vars,
+    name: &'static str,
+    range: std::ops::RangeInclusive<usize>,
+    default: usize,
+) -> Result<usize> {
+    let n: usize = parse(v, name)?.unwrap_or(default);
+    if !range.contains(&n) {
+        return Err(bad(
+            name,
+            format!("{n}: must be from {} to {}", range.start(), range.end()),
+        ));
+    }
+    Ok(n)
+}
+
 /// `https://api.openai.com/v1` unless `name` (or `OPENAI_BASE_URL`) says otherwise; http(s) only.
 fn api_base(v: &dyn Vars, name: &'static str) -> Result<String> {
     let url = var(v, name)
@@ -155,6 +172,8 @@ pub struct PipelineConfig {
     pub embed_in_flight: Option<usize>,
     pub embed_batch_inputs: Option<usize>,
     pub embed_batch_tokens: Option<usize>,
+    /// How long one embedding request may take before it counts as stalled and is retried.
+    pub embed_timeout: Duration,
     /// How long a build lock lives without renewal (a dead worker's lock frees itself).
     pub build_lock_ttl: Duration,
 }
@@ -197,6 +216,7 @@ impl PipelineConfig {
             embed_in_flight: parse(v, "ORBIT_EMBED_IN_FLIGHT")?,
             embed_batch_inputs: parse(v, "ORBIT_EMBED_BATCH_INPUTS")?,
             embed_batch_tokens: parse(v, "ORBIT_EMBED_BATCH_TOKENS")?,
+            embed_timeout: positive_seconds(v, "ORBIT_EMBED_TIMEOUT", 60.0)?,
             build_lock_ttl: seconds(v, "ORBIT_BUILD_LOCK_TTL", 60.0)?,
         };
         if c.build_lock_ttl < Duration::from_secs(3) {
@@ -401,6 +421,16 @@ pub struct HttpConfig {
     /// The longest wait the call layer sleeps inside one call; a longer hint from the server
     /// goes to the task layer (re-published with that ETA).
     pub max_inline_wait: Duration,
+    /// How long a connection to the HTTP face may take to send a request head, and may sit idle
+    /// between requests: then it is closed.
+    pub header_timeout: Duration,
+    /// Connections the HTTP face keeps open at once; more wait to be accepted.
+    pub max_connections: usize,
+    /// The largest request head the HTTP face reads (its endpoints take no body).
+    pub max_request_bytes: usize,
+    /// False (the default): URLs from user data (push endpoints, recording URLs, their
+    /// redirects) may not reach loopback, link-local or private addresses (`outbound`).
+    pub allow_private_urls: bool,
 }
 
 impl HttpConfig {
@@ -411,6 +441,72 @@ impl HttpConfig {
                 v,
                 "ORBIT_HTTP_MAX_INLINE_WAIT",
                 orbit_pipeline::embed::EMBED_MAX_INLINE_WAIT.as_secs_f64(),
+            )?,
+            allow_private_urls: parse(v, "ORBIT_ALLOW_PRIVATE_URLS")?.unwrap_or(false),
+            header_timeout: positive_seconds(v, "ORBIT_HTTP_HEADER_TIMEOUT", 10.0)?,
+            max_connections: within(v, "ORBIT_HTTP_MAX_CONNECTIONS", 1..=65_536, 256)?,
+            // hyper reads heads in a buffer of at least 8 KiB; a status poll's head is far less.
+            max_request_bytes: within(v, "ORBIT_HTTP_MAX_REQUEST_BYTES", 8192..=1 << 20, 16384)?,
+        })
+    }
+}
+
+/// Input limits: what one message, one build or one question may make the worker hold. Each
+/// has a default sized well past real use; past it the input is refused with the limit named,
+/// never held whole.
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// A task message as received (the kombu envelope): `ORBIT_MAX_MESSAGE_BYTES`.
+    pub message_bytes: usize,
+    /// A task's decoded arguments (the body's `[args, kwargs, embed]`):
+    /// `ORBIT_MAX_ARGUMENT_BYTES`.
+    pub argument_bytes: usize,
+    /// One memory document's text: `ORBIT_MAX_DOCUMENT_BYTES`.
+    pub document_bytes: usize,
+    /// Documents one user's build reads: `ORBIT_MAX_DOCUMENTS_PER_BUILD`.
+    pub documents_per_build: u64,
+    /// An OrbitPilot question, in characters: `ORBIT_MAX_QUESTION_CHARS`.
+    pub question_chars: usize,
+    /// A recording to transcribe: `ORBIT_MAX_AUDIO_BYTES` (the transcription API takes 25 MiB).
+    pub audio_bytes: u64,
+    /// Entries kept in `orbit.dead`, newest first: `ORBIT_DEAD_LETTER_MAX`.
+    pub dead_letters: usize,
+    /// Bytes of the message kept in one dead-letter entry: `ORBIT_DEAD_LETTER_MAX_BYTES`.
+    pub dead_letter_bytes: usize,
+}
+
+const MIB: usize = 1 << 20;
+
+impl LimitsConfig {
+    fn from_vars(v: &dyn Vars) -> Result<Self> {
+        Ok(LimitsConfig {
+            // Django's tasks send ids and small payloads; 16 MiB is thousands of times that.
+            message_bytes: within(v, "ORBIT_MAX_MESSAGE_BYTES", 4096..=512 * MIB, 16 * MIB)?,
+            argument_bytes: within(v, "ORBIT_MAX_ARGUMENT_BYTES", 1024..=512 * MIB, 4 * MIB)?,
+            // A message or a note is kilobytes; a 1 MiB document is a book chapter.
+            document_bytes: within(v, "ORBIT_MAX_DOCUMENT_BYTES", 1024..=256 * MIB, MIB)?,
+            documents_per_build: within(
+                v,
+                "ORBIT_MAX_DOCUMENTS_PER_BUILD",
+                1..=usize::MAX >> 1,
+                5_000_000,
+            )? as u64,
+            // Past the token limit's reach (8192 tokens of prose is 30 000 to 60 000
+            // characters), so that limit decides for real questions; this one bounds the cost
+            // of counting (100 000 characters count in milliseconds).
+            question_chars: within(v, "ORBIT_MAX_QUESTION_CHARS", 16..=MIB, 100_000)?,
+            audio_bytes: within(v, "ORBIT_MAX_AUDIO_BYTES", 1024..=25 * MIB, 25 * MIB)? as u64,
+            dead_letters: within(
+                v,
+                "ORBIT_DEAD_LETTER_MAX",
+                1..=10_000_000,
+                crate::celery::redis::DEFAULT_DEAD_LETTERS,
+            )?,
+            dead_letter_bytes: within(
+                v,
+                "ORBIT_DEAD_LETTER_MAX_BYTES",
+                256..=64 * MIB,
+                crate::celery::redis::DEFAULT_DEAD_LETTER_BYTES,
             )?,
         })
     }
@@ -459,6 +555,7 @@ pub struct Settings {
     pub transcription: TranscriptionConfig,
     pub http: HttpConfig,
     pub search: SearchConfig,
+    pub limits: LimitsConfig,
     /// Prices of the paid models, for usage rows (`ORBIT_PRICE_TABLE` adds or replaces).
     pub prices: crate::pricing::PriceTable,
 }
@@ -472,6 +569,7 @@ pub struct SharedSettings {
     pub chat: ChatConfig,
     pub http: HttpConfig,
     pub search: SearchConfig,
+    pub limits: LimitsConfig,
     pub prices: crate::pricing::PriceTable,
 }
 
@@ -498,6 +596,7 @@ impl Settings {
                 chat: self.chat,
                 http: self.http,
                 search: self.search,
+                limits: self.limits,
                 prices: self.prices,
             },
             TaskBlocks {
@@ -530,6 +629,7 @@ impl Settings {
             transcription: TranscriptionConfig::from_vars(v)?,
             http: HttpConfig::from_vars(v)?,
             search,
+            limits: LimitsConfig::from_vars(v)?,
             prices: crate::pricing::PriceTable::with_overrides(
                 var(v, "ORBIT_PRICE_TABLE").as_deref(),
             )

@@ -23,6 +23,7 @@ pub fn embedder(
             let mut cfg =
                 OpenAiSettings::new(&s.openai_base_url, s.openai_api_key.clone(), &s.embed_model);
             cfg.policy.max_inline_wait = max_inline_wait;
+            cfg.timeout = s.embed_timeout;
             Arc::new(OpenAiEmbedder::new(cfg, http)?)
         }
         EmbedderKind::Hashing => Arc::new(HashingEmbedder::new(s.hashing_dim)),

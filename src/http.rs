@@ -36,16 +36,70 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .with_state(state)
 }
 
+/// How long a connection gets to finish after a shutdown asks it to (its response in flight).
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 /// Serves until `stop` fires. The caller binds, so a taken port fails the start-up.
+///
+/// Each connection is HTTP/1.1 with the limits of `HttpConfig`: its request head must arrive
+/// within the header timeout, which also runs while a kept-alive connection waits for its next
+/// request (so an idle or half-sent connection is closed); a head is at most the request-size
+/// limit; and at most `max_connections` are open at once. The next connection is accepted only
+/// when one closes: the rest wait in the kernel's backlog, costing this process nothing.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<HttpState>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    tracing::info!(addr = %listener.local_addr()?, "HTTP listening");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
+    let limits = state.services.settings.http.clone();
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        max_connections = limits.max_connections,
+        header_timeout_s = limits.header_timeout.as_secs_f64(),
+        "HTTP listening"
+    );
+    let app = router(state);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let open = tokio_util::task::TaskTracker::new();
+    loop {
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
+            _ = stop.cancelled() => break,
+        };
+        let sock = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((sock, _)) => sock,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait rather than spin.
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let (stop, limits) = (stop.clone(), limits.clone());
+        open.spawn(async move {
+            let _slot = slot;
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_buf_size(limits.max_request_bytes);
+            let conn = b.serve_connection(hyper_util::rt::TokioIo::new(sock), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
+                }
+            }
+        });
+    }
+    open.close();
+    let _ = tokio::time::timeout(CLOSE_GRACE, open.wait()).await;
+    Ok(())
 }
 
 fn error(status: StatusCode, detail: impl Into<String>) -> Response {

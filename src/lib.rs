@@ -15,6 +15,7 @@ pub mod http;
 pub mod lock;
 pub mod logging;
 pub mod metrics;
+pub mod outbound;
 pub mod pricing;
 pub mod redis_conn;
 pub mod services;

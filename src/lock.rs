@@ -151,7 +151,35 @@ async fn renew(
     }
 }
 
+/// What frees a lock from outside the build that holds it: the worker's abort hook, run after a
+/// hard time limit or an abandoning shutdown dropped the build. A build stuck in blocking code
+/// is not dropped until that code returns, and its lock (renewed by its own task) would live
+/// on; the hook stops the renewal and releases the lock by its value, so no newer holder's is
+/// touched.
+pub struct LockReleaser {
+    conn: Arc<RedisConn>,
+    user: i64,
+    value: String,
+    renewer: tokio::task::AbortHandle,
+}
+
+impl LockReleaser {
+    pub async fn release(self) {
+        self.renewer.abort();
+        release(self.conn, self.user, self.value).await;
+    }
+}
+
 impl BuildLock {
+    pub fn releaser(&self) -> LockReleaser {
+        LockReleaser {
+            conn: self.conn.clone(),
+            user: self.user,
+            value: self.value.clone(),
+            renewer: self.renewer.abort_handle(),
+        }
+    }
+
     /// Whether a coalesced request asked for another pass (and clears the ask).
     pub async fn take_again(&self) -> bool {
         let Ok(mut c) = self.conn.conn().await else {

@@ -33,6 +33,9 @@ pub struct Services {
     /// The one outgoing HTTP client (push services, audio downloads, the OpenAI APIs): one
     /// connection pool; each call sets its own timeout.
     pub http: reqwest::Client,
+    /// The client for URLs from user data (push endpoints, recording downloads): the outbound
+    /// policy on every name and redirect (`outbound`).
+    pub user_urls: reqwest::Client,
     pub metrics: Arc<Metrics>,
     /// The Postgres source's per-kind queries, read (and any override file checked) at start-up.
     source_queries: Vec<orbit_pipeline::source::KindQuery>,
@@ -64,6 +67,8 @@ impl Services {
             .connect_timeout(Duration::from_secs(10))
             .build()
             .context("building HTTP client")?;
+        let user_urls = crate::outbound::client(settings.http.allow_private_urls)
+            .context("building the HTTP client for user URLs")?;
         let chat = settings.chat.model.as_ref().map(|m| {
             ChatClient::new(
                 http.clone(),
@@ -83,6 +88,7 @@ impl Services {
             cache,
             chat,
             http,
+            user_urls,
             metrics: Arc::new(Metrics::new()),
             locks: cache_conn,
             embedder: OnceCell::new(),
@@ -144,6 +150,10 @@ impl Services {
                 chunk,
                 cpu_threads: threads,
                 reuse_vectors: true,
+                limits: orbit_pipeline::BuildLimits {
+                    max_document_bytes: self.settings.limits.document_bytes,
+                    max_documents: self.settings.limits.documents_per_build,
+                },
             },
             pool,
         })

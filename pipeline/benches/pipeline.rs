@@ -305,6 +305,7 @@ fn bench_pipeline(c: &mut Criterion) {
                             chunk: ChunkSettings::default(),
                             cpu_threads: threads,
                             reuse_vectors: true,
+                            ..Default::default()
                         },
                         pool: pool.clone(),
                     };

@@ -20,6 +20,8 @@ pub enum PipelineError {
     Chunk(#[from] ChunkError),
     #[error("build cancelled")]
     Cancelled,
+    #[error("{0}")]
+    Limit(String),
     #[error("pipeline stage failed: {0}")]
     Internal(String),
 }
@@ -30,9 +32,10 @@ impl Retryable for PipelineError {
             PipelineError::Source(e) => e.is_retryable(),
             PipelineError::Embed(e) => e.is_retryable(),
             PipelineError::Store(e) => e.is_retryable(),
-            PipelineError::Chunk(_) | PipelineError::Cancelled | PipelineError::Internal(_) => {
-                false
-            }
+            PipelineError::Chunk(_)
+            | PipelineError::Cancelled
+            | PipelineError::Limit(_)
+            | PipelineError::Internal(_) => false,
         }
     }
 

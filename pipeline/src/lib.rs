@@ -28,7 +28,7 @@ pub use error::PipelineError;
 pub use report::BuildReport;
 pub use retry::Retryable;
 pub use runner::Pipeline;
-pub use settings::{cpu_pool, CpuPool, PipelineSettings};
+pub use settings::{cpu_pool, BuildLimits, CpuPool, PipelineSettings};
 pub use types::{BuildScope, Chunk, CleanDocument, DocKind, EmbeddedChunk, RawDocument};
 
 /// The message of a caught panic, for an error that says what broke.

@@ -51,6 +51,8 @@ pub struct BuildReport {
     pub documents_kept: u64,
     pub empty_dropped: u64,
     pub duplicates_dropped: u64,
+    /// Documents whose text was cut at the document size limit (`BuildLimits`).
+    pub documents_truncated: u64,
     pub chunks: u64,
     pub packed_messages: u64,
     pub tokens: u64,
@@ -77,6 +79,8 @@ pub struct DocCounts {
     pub documents_kept: u64,
     pub empty_dropped: u64,
     pub duplicates_dropped: u64,
+    /// Documents whose text was cut at the document size limit.
+    pub truncated: u64,
     pub chunks: u64,
     pub packed_messages: u64,
     pub tokens: u64,
@@ -131,6 +135,7 @@ impl BuildReport {
             documents_kept: d.documents_kept,
             empty_dropped: d.empty_dropped,
             duplicates_dropped: d.duplicates_dropped,
+            documents_truncated: d.truncated,
             chunks: d.chunks,
             packed_messages: d.packed_messages,
             tokens: d.tokens,

@@ -59,8 +59,18 @@ impl Pipeline {
         let known = self.settings.reuse_vectors.then(|| self.store.clone());
         let (pool, db, emb) = (self.pool.clone(), self.store.clone(), self.embedder.clone());
         let hit_tx = store_tx.clone();
-        let x = extract::run(docs, docs_tx, stop(), progress, M::new("extract"));
-        let c = clean_chunk::spawn(chunker, pool, docs_rx, chunk_tx, stop());
+        let limits = self.settings.limits;
+        // Only one user's build is capped: a build of everyone streams at flat memory.
+        let max_docs = matches!(scope, BuildScope::User(_)).then_some(limits.max_documents);
+        let x = extract::run(docs, docs_tx, stop(), progress, M::new("extract"), max_docs);
+        let c = clean_chunk::spawn(
+            chunker,
+            pool,
+            docs_rx,
+            chunk_tx,
+            stop(),
+            limits.max_document_bytes,
+        );
         let r = reuse::run(known, chunk_rx, todo_tx, hit_tx, stop(), M::new("reuse"));
         let e = embed::run(emb, todo_rx, store_tx, stop(), M::new("embed"));
         let s = store::run(db, gen, store_rx, stop(), M::new("store"));

@@ -27,6 +27,31 @@ pub struct PipelineSettings {
     /// Chunks whose (user, content hash) already has a vector in the store keep it instead of
     /// being embedded again. Off for a full re-embed.
     pub reuse_vectors: bool,
+    pub limits: BuildLimits,
+}
+
+/// What one build takes in: a document's text past `max_document_bytes` is cut there (and
+/// counted), and a user's build that reads more than `max_documents` fails, naming the limit,
+/// instead of holding a memory no one asked for. A build of every user has no document cap: it
+/// streams at flat memory whatever its size.
+#[derive(Debug, Clone, Copy)]
+pub struct BuildLimits {
+    pub max_document_bytes: usize,
+    pub max_documents: u64,
+}
+
+/// A message or a note is kilobytes; 1 MiB is a book chapter.
+pub const DEFAULT_MAX_DOCUMENT_BYTES: usize = 1 << 20;
+/// Thousands of times the most active user's messages.
+pub const DEFAULT_MAX_DOCUMENTS: u64 = 5_000_000;
+
+impl Default for BuildLimits {
+    fn default() -> Self {
+        BuildLimits {
+            max_document_bytes: DEFAULT_MAX_DOCUMENT_BYTES,
+            max_documents: DEFAULT_MAX_DOCUMENTS,
+        }
+    }
 }
 
 impl Default for PipelineSettings {
@@ -37,6 +62,7 @@ impl Default for PipelineSettings {
                 .map(|n| n.get())
                 .unwrap_or(2),
             reuse_vectors: true,
+            limits: BuildLimits::default(),
         }
     }
 }

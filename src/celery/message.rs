@@ -24,6 +24,29 @@ pub enum DecodeError {
     Timestamp { field: &'static str, value: String },
     #[error("message is not UTF-8 (JSON is): refused as received")]
     NotUtf8,
+    #[error("the decoder panicked: {0}")]
+    Panic(String),
+    #[error("{what} is {bytes} bytes, over the {limit}-byte limit ({setting})")]
+    TooLarge {
+        what: &'static str,
+        bytes: usize,
+        limit: usize,
+        setting: &'static str,
+    },
+}
+
+/// What one message may hold: `ORBIT_MAX_MESSAGE_BYTES` and `ORBIT_MAX_ARGUMENT_BYTES`.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageLimits {
+    pub message_bytes: usize,
+    pub argument_bytes: usize,
+}
+
+impl MessageLimits {
+    pub const NONE: MessageLimits = MessageLimits {
+        message_bytes: usize::MAX,
+        argument_bytes: usize::MAX,
+    };
 }
 
 /// A failed decode, with whatever identity could still be read, so the failure can be
@@ -102,6 +125,32 @@ pub struct TaskMessage {
     pub raw: String,
 }
 
+/// The identity of an oversized envelope, read without holding its body: only `headers` and
+/// `properties` become values (the body is skipped as it is parsed). An envelope this cannot read
+/// (a duplicated top-level key) falls back to `identity`.
+fn identity_of_large(raw: &str) -> (Option<String>, Option<String>) {
+    #[derive(Deserialize)]
+    struct Ident {
+        #[serde(default)]
+        headers: Option<Value>,
+        #[serde(default)]
+        properties: Option<Value>,
+    }
+    let Ok(v) = serde_json::from_str::<Ident>(raw) else {
+        return identity(raw);
+    };
+    let text = |v: &Option<Value>, k: &str| {
+        v.as_ref()
+            .and_then(|v| v.get(k))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    (
+        text(&v.headers, "id").or_else(|| text(&v.properties, "correlation_id")),
+        text(&v.properties, "delivery_tag"),
+    )
+}
+
 /// The task id and delivery tag of an envelope the typed decode refused (a wrong-typed field,
 /// a duplicated key): read as plain JSON, as the fetch script's `cjson` read the tag it
 /// registered the message under (the last of duplicated keys wins in both), so the failure is
@@ -118,6 +167,29 @@ fn identity(raw: &str) -> (Option<String>, Option<String>) {
 }
 
 impl TaskMessage {
+    /// `decode` that cannot unwind: a panic anywhere in decoding (a bug, found by an input no
+    /// test had) becomes a failure with whatever identity a plain JSON read still gives, so the
+    /// message is answered, dead-lettered and acked instead of crashing the fetch loop and
+    /// coming back after every restart.
+    pub fn decode_guarded(
+        raw: &str,
+        decode: impl FnOnce(&str) -> Result<TaskMessage, Box<DecodeFailure>>,
+    ) -> Result<TaskMessage, Box<DecodeFailure>> {
+        use std::panic::{catch_unwind, AssertUnwindSafe};
+        match catch_unwind(AssertUnwindSafe(|| decode(raw))) {
+            Ok(r) => r,
+            Err(p) => {
+                let (task_id, delivery_tag) =
+                    catch_unwind(|| identity(raw)).unwrap_or((None, None));
+                Err(Box::new(DecodeFailure {
+                    error: DecodeError::Panic(orbit_pipeline::panic_text(p)),
+                    task_id,
+                    delivery_tag,
+                }))
+            }
+        }
+    }
+
     /// The failure for a message whose bytes are not UTF-8, with what of its identity its lossy
     /// copy still shows.
     pub fn not_utf8(lossy: &str) -> Box<DecodeFailure> {
@@ -130,6 +202,28 @@ impl TaskMessage {
     }
 
     pub fn decode(raw: &str) -> Result<TaskMessage, Box<DecodeFailure>> {
+        Self::decode_within(raw, MessageLimits::NONE)
+    }
+
+    /// `decode`, refusing a message or arguments past `limits` before they are decoded: an
+    /// oversized message costs its own bytes once, not the copies a decode makes.
+    pub fn decode_within(
+        raw: &str,
+        limits: MessageLimits,
+    ) -> Result<TaskMessage, Box<DecodeFailure>> {
+        if raw.len() > limits.message_bytes {
+            let (task_id, delivery_tag) = identity_of_large(raw);
+            return Err(Box::new(DecodeFailure {
+                error: DecodeError::TooLarge {
+                    what: "the message",
+                    bytes: raw.len(),
+                    limit: limits.message_bytes,
+                    setting: "ORBIT_MAX_MESSAGE_BYTES",
+                },
+                task_id,
+                delivery_tag,
+            }));
+        }
         let env: Envelope = serde_json::from_str(raw).map_err(|e| {
             let (task_id, delivery_tag) = identity(raw);
             Box::new(DecodeFailure {
@@ -168,6 +262,24 @@ impl TaskMessage {
                 return Err(fail(DecodeError::BodyEncoding(enc.to_string())));
             }
         }
+        let too_large = |bytes: usize| {
+            fail(DecodeError::TooLarge {
+                what: "the arguments",
+                bytes,
+                limit: limits.argument_bytes,
+                setting: "ORBIT_MAX_ARGUMENT_BYTES",
+            })
+        };
+        if let Value::String(b) = &env.body {
+            // base64 is 4 characters for 3 bytes: the decoded size, before decoding.
+            let decoded = match env.properties.body_encoding.as_deref() {
+                Some("base64") => b.len() / 4 * 3,
+                _ => b.len(),
+            };
+            if decoded > limits.argument_bytes {
+                return Err(too_large(decoded));
+            }
+        }
         let body_bytes = match (env.properties.body_encoding.as_deref(), &env.body) {
             (Some("base64"), Value::String(s)) => base64::engine::general_purpose::STANDARD
                 .decode(s.as_bytes())
@@ -178,6 +290,9 @@ impl TaskMessage {
             (Some(other), _) => return Err(fail(DecodeError::BodyEncoding(other.to_string()))),
             (None, _) => return Err(fail(DecodeError::Body("body is not a string".into()))),
         };
+        if body_bytes.len() > limits.argument_bytes {
+            return Err(too_large(body_bytes.len()));
+        }
         let (args, kwargs, has_canvas) = decode_body(&body_bytes).map_err(fail)?;
         let eta = parse_time("eta", headers.eta.as_deref()).map_err(fail)?;
         let expires = parse_time("expires", headers.expires.as_deref()).map_err(fail)?;
@@ -401,6 +516,68 @@ mod tests {
         assert!(matches!(f.error, DecodeError::Base64(_)));
         assert_eq!(f.task_id.as_deref(), Some("i"));
         assert_eq!(f.delivery_tag.as_deref(), Some("d"));
+    }
+
+    /// Issue 13: a panic inside the decoder is a decode failure that keeps the identity.
+    #[test]
+    fn a_panicking_decode_is_a_failure_with_the_identity() {
+        let raw = r#"{"body":"W1tdLHt9LHt9XQ==","headers":{"task":"t","id":"i5"},"properties":{"delivery_tag":"d5","body_encoding":"base64"}}"#;
+        let f = TaskMessage::decode_guarded(raw, |_| panic!("index out of bounds")).unwrap_err();
+        match &f.error {
+            DecodeError::Panic(m) => assert!(m.contains("index out of bounds"), "{m}"),
+            e => panic!("{e:?}"),
+        }
+        assert_eq!(
+            (f.task_id.as_deref(), f.delivery_tag.as_deref()),
+            (Some("i5"), Some("d5"))
+        );
+        assert!(TaskMessage::decode_guarded(raw, TaskMessage::decode).is_ok());
+    }
+
+    /// Issue 13, limits: an oversized message or argument list is refused before it is decoded,
+    /// and still names its task id and tag (so it is answered and acked).
+    #[test]
+    fn oversized_messages_and_arguments_are_refused_with_their_identity() {
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let body = format!(r#"[["{}"], {{}}, {{}}]"#, "x".repeat(10_000));
+        let raw = format!(
+            r#"{{"body":"{}","content-type":"application/json","headers":{{"task":"t","id":"i9"}},"properties":{{"delivery_tag":"d9","body_encoding":"base64"}}}}"#,
+            b64(&body)
+        );
+        let limits = |m, a| MessageLimits {
+            message_bytes: m,
+            argument_bytes: a,
+        };
+        assert!(TaskMessage::decode_within(&raw, limits(raw.len(), body.len())).is_ok());
+        for (l, what) in [
+            (limits(raw.len() - 1, usize::MAX), "the message"),
+            (limits(usize::MAX, body.len() - 1), "the arguments"),
+            (limits(usize::MAX, 5_000), "the arguments"),
+        ] {
+            let f = TaskMessage::decode_within(&raw, l).unwrap_err();
+            match &f.error {
+                DecodeError::TooLarge { what: w, .. } => assert_eq!(*w, what),
+                e => panic!("{e:?}"),
+            }
+            assert_eq!(
+                (f.task_id.as_deref(), f.delivery_tag.as_deref()),
+                (Some("i9"), Some("d9"))
+            );
+        }
+        // An oversized envelope with a duplicated key still shows its identity.
+        let dup = raw.replacen(r#"{"body":"#, r#"{"body":1,"body":"#, 1);
+        let f = TaskMessage::decode_within(&dup, limits(100, usize::MAX)).unwrap_err();
+        assert_eq!(f.task_id.as_deref(), Some("i9"));
+        // An inline (not base64) body is measured too.
+        let inline = format!(
+            r#"{{"body":{body},"headers":{{"task":"t","id":"i8"}},"properties":{{"delivery_tag":"d8"}}}}"#
+        );
+        let f = TaskMessage::decode_within(&inline, limits(usize::MAX, 5_000)).unwrap_err();
+        assert!(
+            matches!(f.error, DecodeError::TooLarge { .. }),
+            "{:?}",
+            f.error
+        );
     }
 
     /// Issue 13, defect 2: one wrong-typed field made the typed decode fail with no identity,

@@ -15,6 +15,10 @@ pub const UNACKED_INDEX: &str = "unacked_index";
 pub const UNACKED_MUTEX: &str = "unacked_mutex";
 /// kombu's lock lifetime for a restore sweep (`unacked_mutex_expire`).
 const UNACKED_MUTEX_MS: u64 = 300_000;
+/// Tries to free the restore mutex after a sweep, each on a fresh connection: a Redis restart
+/// (seconds) is outlasted, a long outage is left to the mutex's expiry.
+const MUTEX_RELEASE_TRIES: u32 = 10;
+const MUTEX_RELEASE_PAUSE: Duration = Duration::from_millis(500);
 /// Where messages that can never run go, with the reason.
 pub const DEAD_LETTER: &str = "orbit.dead";
 /// Restores per round trip of a sweep: bounds one sweep's hold on the mutex between reads.
@@ -126,11 +130,13 @@ return out
 /// (`AsyncResult.get()` waits on the channel); then retries re-published, dead letters kept, and
 /// acks. The worker calls it once when results and broker share a Redis, else once on each, results
 /// first.
+/// `orbit.dead` is trimmed to its newest `dead max` entries.
 /// KEYS: unacked_index, unacked, orbit.dead, meta keys…, publish lists…
-/// ARGV: expires, #results, #publish, #dead, #acks, results…, envelopes…, dead records…, tags…
+/// ARGV: expires, #results, #publish, #dead, #acks, dead max, results…, envelopes…, dead
+/// records…, tags…
 const FINISH_LUA: &str = r#"
 local nres, npub, ndead, nack = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local a, k, written = 6, 4, 0
+local a, k, written = 7, 4, 0
 for i = 0, nres - 1 do
   local key, val = KEYS[k + i], ARGV[a + i]
   local cur = redis.call('GET', key)
@@ -149,6 +155,7 @@ a, k = a + nres, k + nres
 for i = 0, npub - 1 do redis.call('LPUSH', KEYS[k + i], ARGV[a + i]) end
 a = a + npub
 for i = 0, ndead - 1 do redis.call('LPUSH', KEYS[3], ARGV[a + i]) end
+if ndead > 0 then redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[6]) - 1) end
 a = a + ndead
 if nack > 0 then
   local tags = {}
@@ -177,7 +184,8 @@ pub async fn finish(
         .arg(results.len())
         .arg(s.publish.len())
         .arg(s.dead.len())
-        .arg(s.acks.len());
+        .arg(s.acks.len())
+        .arg(s.dead_max.max(1));
     for (id, meta) in results {
         inv.key(meta_key(id)).arg(meta);
     }
@@ -216,7 +224,7 @@ return 0
 "#;
 
 /// What to settle in one broker transaction after results are stored.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Settlement {
     /// Delivery tags to remove from `unacked`.
     pub acks: Vec<String>,
@@ -224,6 +232,65 @@ pub struct Settlement {
     pub publish: Vec<(String, String)>,
     /// Dead-letter records for `orbit.dead`.
     pub dead: Vec<String>,
+    /// How many entries `orbit.dead` keeps, newest first, once these are added.
+    pub dead_max: usize,
+}
+
+impl Default for Settlement {
+    fn default() -> Self {
+        Settlement {
+            acks: Vec::new(),
+            publish: Vec::new(),
+            dead: Vec::new(),
+            dead_max: DeadLetters::default().max_entries,
+        }
+    }
+}
+
+/// How much `orbit.dead` keeps (`ORBIT_DEAD_LETTER_MAX`, `ORBIT_DEAD_LETTER_MAX_BYTES`): the
+/// newest entries, each with at most `max_entry_bytes` of its message.
+#[derive(Debug, Clone, Copy)]
+pub struct DeadLetters {
+    pub max_entries: usize,
+    pub max_entry_bytes: usize,
+}
+
+/// Dead letters kept by default: thousands of refused messages is an incident to read, and
+/// 10 000 entries of at most 64 KiB keep `orbit.dead` under about 650 MB in the worst case.
+pub const DEFAULT_DEAD_LETTERS: usize = 10_000;
+/// Bytes of one dead message kept by default: a real task message is a few KiB, so the whole
+/// of it; an oversized one keeps its head (the headers carry the task id) and its size.
+pub const DEFAULT_DEAD_LETTER_BYTES: usize = 64 * 1024;
+
+impl Default for DeadLetters {
+    fn default() -> Self {
+        DeadLetters {
+            max_entries: DEFAULT_DEAD_LETTERS,
+            max_entry_bytes: DEFAULT_DEAD_LETTER_BYTES,
+        }
+    }
+}
+
+impl DeadLetters {
+    /// The record kept in `orbit.dead`: why, from which list, when, and the message as received,
+    /// cut to `max_entry_bytes` (on a character boundary) with its full size noted.
+    pub fn record(&self, reason: &str, list: &str, raw: &str) -> String {
+        let mut cut = raw.len().min(self.max_entry_bytes);
+        while !raw.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let mut v = serde_json::json!({
+            "reason": reason,
+            "queue": list,
+            "at": super::message::iso(chrono::Utc::now()),
+            "raw": &raw[..cut],
+        });
+        if cut < raw.len() {
+            v["raw_bytes"] = raw.len().into();
+            v["truncated"] = true.into();
+        }
+        v.to_string()
+    }
 }
 
 impl Settlement {
@@ -235,6 +302,8 @@ impl Settlement {
 /// The broker side: the queue lists and the `unacked` bookkeeping.
 pub struct Broker {
     pub ops: RedisConn,
+    /// The bounds of `orbit.dead`, for the dead letters the broker writes itself (restores).
+    pub dead_letters: DeadLetters,
     blocking: RedisConn,
     fetch: Script,
     restore: Script,
@@ -245,6 +314,7 @@ impl Broker {
     pub fn open(url: &str, brpop_timeout: Duration) -> Result<Self, BrokerError> {
         Ok(Broker {
             ops: RedisConn::open(url, Duration::from_secs(10))?,
+            dead_letters: DeadLetters::default(),
             blocking: RedisConn::open(url, brpop_timeout + REPLY_GRACE)?,
             fetch: Script::new(FETCH_LUA),
             restore: Script::new(RESTORE_LUA),
@@ -374,10 +444,14 @@ impl Broker {
                             delivery_tag = %shown,
                             "unacked entry is not UTF-8; moved to {DEAD_LETTER}"
                         );
-                        let dead = dead_letter_record("unacked entry is not UTF-8", "", &text);
+                        let dead =
+                            self.dead_letters
+                                .record("unacked entry is not UTF-8", "", &text);
                         let r: Result<(), _> = redis::pipe()
                             .atomic()
                             .lpush(DEAD_LETTER, dead)
+                            .ignore()
+                            .ltrim(DEAD_LETTER, 0, self.dead_letters.max_entries as isize - 1)
                             .ignore()
                             .zrem(UNACKED_INDEX, raw_tag)
                             .ignore()
@@ -410,10 +484,13 @@ impl Broker {
                         delivery_tag = tag,
                         "unacked entry cannot be restored; moved to {DEAD_LETTER}"
                     );
-                    let dead = dead_letter_record("unrestorable unacked entry", "", &cur);
+                    let dead = self
+                        .dead_letters
+                        .record("unrestorable unacked entry", "", &cur);
                     self.settle(&Settlement {
                         acks: vec![tag.to_string()],
                         dead: vec![dead],
+                        dead_max: self.dead_letters.max_entries,
                         ..Default::default()
                     })
                     .await?;
@@ -457,19 +534,47 @@ impl Broker {
             .arg(UNACKED_MUTEX_MS)
             .query_async(&mut c)
             .await;
-        if self.ops.note(got).await?.is_none() {
-            return Ok(None);
+        match self.ops.note(got).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                // The SET may have landed with its reply lost: free what may be ours.
+                self.release_mutex(&token).await;
+                return Err(e.into());
+            }
         }
         let result = self.restore_stale_locked(visibility, skip).await;
-        let r: Result<i64, _> = self
-            .unlock
-            .key(UNACKED_MUTEX)
-            .arg(&token)
-            .invoke_async(&mut c)
-            .await;
-        // A failed unlock only delays the next sweep until the lock expires.
-        let _ = self.ops.note(r).await;
+        self.release_mutex(&token).await;
         result.map(Some)
+    }
+
+    /// Frees the restore mutex if it is still ours. A sweep that failed because Redis went away
+    /// broke the connection it held; unlocking on that one fails too, and the mutex would then
+    /// stop every worker's sweeps for its whole lifetime (5 minutes: the messages of a worker
+    /// that died meanwhile stay stranded that long). So the unlock gets a fresh connection and
+    /// a few tries; only a Redis that stays away longer leaves the mutex to its expiry.
+    async fn release_mutex(&self, token: &str) {
+        for attempt in 0..MUTEX_RELEASE_TRIES {
+            if attempt > 0 {
+                tokio::time::sleep(MUTEX_RELEASE_PAUSE).await;
+            }
+            let Ok(mut c) = self.ops.conn().await else {
+                continue;
+            };
+            let r: Result<i64, _> = self
+                .unlock
+                .key(UNACKED_MUTEX)
+                .arg(token)
+                .invoke_async(&mut c)
+                .await;
+            if self.ops.note(r).await.is_ok() {
+                return;
+            }
+        }
+        tracing::warn!(
+            "cannot release {UNACKED_MUTEX}; restore sweeps wait for it to expire ({} s)",
+            UNACKED_MUTEX_MS / 1000
+        );
     }
 
     async fn restore_stale_locked(
@@ -515,17 +620,6 @@ impl Broker {
             }
         }
     }
-}
-
-/// The record kept in `orbit.dead`: why, from which list, when, and the message as received.
-pub fn dead_letter_record(reason: &str, list: &str, raw: &str) -> String {
-    serde_json::json!({
-        "reason": reason,
-        "queue": list,
-        "at": super::message::iso(chrono::Utc::now()),
-        "raw": raw,
-    })
-    .to_string()
 }
 
 /// The result backend: `celery-task-meta-<id>` keys and channels.
@@ -579,6 +673,36 @@ impl Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_letter_records_are_cut_on_a_character_boundary_and_say_so() {
+        use serde_json::Value;
+        let d = DeadLetters {
+            max_entries: 3,
+            max_entry_bytes: 256,
+        };
+        let small: Value = serde_json::from_str(&d.record("why", "q", "short")).unwrap();
+        assert_eq!(small["raw"], "short");
+        assert!(small.get("truncated").is_none());
+        let raw = "é".repeat(300); // 600 bytes, 2 per character
+        let big: Value = serde_json::from_str(&d.record("why", "q", &raw)).unwrap();
+        assert_eq!(big["raw"].as_str().unwrap().len(), 256);
+        assert_eq!(
+            (big["raw_bytes"].as_u64(), big["truncated"].as_bool()),
+            (Some(600), Some(true))
+        );
+        assert_eq!(big["reason"], "why");
+        let odd = DeadLetters {
+            max_entry_bytes: 257,
+            ..d
+        };
+        let big: Value = serde_json::from_str(&odd.record("why", "q", &raw)).unwrap();
+        assert_eq!(
+            big["raw"].as_str().unwrap().len(),
+            256,
+            "cut back to a boundary"
+        );
+    }
 
     #[test]
     fn urls_are_redacted() {

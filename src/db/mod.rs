@@ -560,26 +560,40 @@ impl Db {
     }
 
     /// A request that arrived while `into` ran: it follows that build's status from now on.
-    /// False when `into` has already ended (it finished as this request arrived): nothing is
-    /// written, as no one would end this record.
+    /// None when that build has already ended (it finished as this request arrived): nothing is
+    /// written, as no one would end this record. Else the build it now follows: `into`, or the
+    /// build `into` itself follows (a redelivered build that found a newer one holding the
+    /// lock), so no record ever follows a follower, which no build's end would reach.
     ///
-    /// The row of `into` is locked first here and in `build_completed` / `build_failed`, so the
+    /// The rows followed are locked first here and in `build_completed` / `build_failed`, so the
     /// two cannot interleave: either this request is recorded before the build ends (and the
-    /// end, whose statement starts after the lock, finishes it too), or it sees the end.
+    /// end, whose statement starts after the lock, finishes it too), or it sees the end. The
+    /// records that followed this one move with it: the update of this row waits for any
+    /// request still coalescing into it, and the move (a later statement) sees that request.
     pub async fn build_coalesced(
         &self,
         id: i64,
         into: i64,
         task_id: &str,
-    ) -> Result<bool, DbError> {
+    ) -> Result<Option<i64>, DbError> {
         let mut tx = self.pool.begin().await?;
-        let status: Option<String> =
-            sqlx::query_scalar("SELECT status FROM orbitpilot_memorybuild WHERE id = $1 FOR SHARE")
-                .bind(into)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if !matches!(status.as_deref(), Some("planned" | "running")) {
-            return Ok(false);
+        let mut root = into;
+        for _ in 0..MAX_COALESCE_HOPS {
+            let row: Option<(String, Option<i64>)> = sqlx::query_as(
+                "SELECT status, coalesced_into_id FROM orbitpilot_memorybuild WHERE id = $1 FOR SHARE",
+            )
+            .bind(root)
+            .fetch_optional(&mut *tx)
+            .await?;
+            match row {
+                Some((status, next)) if matches!(status.as_str(), "planned" | "running") => {
+                    match next {
+                        Some(n) if n != root && n != id => root = n,
+                        _ => break,
+                    }
+                }
+                _ => return Ok(None),
+            }
         }
         sqlx::query(
             "UPDATE orbitpilot_memorybuild SET status = 'running', coalesced_into_id = $2, \
@@ -587,12 +601,20 @@ impl Db {
              WHERE id = $1 AND id <> $2",
         )
         .bind(id)
-        .bind(into)
+        .bind(root)
         .bind(task_id)
         .execute(&mut *tx)
         .await?;
+        sqlx::query(
+            "UPDATE orbitpilot_memorybuild SET coalesced_into_id = $2 \
+             WHERE coalesced_into_id = $1 AND status IN ('planned', 'running') AND id <> $2",
+        )
+        .bind(id)
+        .bind(root)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(Some(root))
     }
 
     // ---- AI usage ----------------------------------------------------------------------------
@@ -799,6 +821,10 @@ pub fn source_queries(overrides: Option<&std::path::Path>) -> anyhow::Result<Vec
 
 /// Takes the row lock of build `id` for the transaction: what orders a build's end against a
 /// request coalescing into it (`Db::build_coalesced`).
+/// Links followed from a build to the one it follows: chains are at most one link long once
+/// `build_coalesced` moves followers; the bound only stops a cycle a bug could make.
+const MAX_COALESCE_HOPS: usize = 8;
+
 async fn lock_build_row(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     id: i64,

@@ -72,6 +72,13 @@ Summarise what was said, list concrete action items (owner and due date only whe
 the overall sentiment, and estimate how many distinct people speak. Answer in the transcript's \
 language.";
 
+/// The model's analysis JSON, read and checked.
+pub fn parse_analysis(content: &str) -> Result<AudioAnalysis, String> {
+    serde_json::from_str::<AudioAnalysis>(content)
+        .map_err(|e| format!("the model's JSON does not match the schema: {e}"))
+        .and_then(|a| validate(&a).map(|_| a))
+}
+
 /// Checks what the schema cannot: the enum and a sane speaker count.
 fn validate(a: &AudioAnalysis) -> Result<(), String> {
     if !["positive", "neutral", "negative", "mixed"].contains(&a.sentiment.as_str()) {
@@ -174,9 +181,7 @@ async fn analyse(ctx: &TaskContext, audio_id: i64) -> TaskResult {
         ));
     }
     let content = done.content.unwrap_or_default();
-    let parsed: Result<AudioAnalysis, String> = serde_json::from_str::<AudioAnalysis>(&content)
-        .map_err(|e| format!("the model's JSON does not match the schema: {e}"))
-        .and_then(|a| validate(&a).map(|_| a));
+    let parsed = parse_analysis(&content);
     let a = match parsed {
         Ok(a) => a,
         // Malformed JSON is worth one more try (the task's retry); then it fails.

@@ -103,6 +103,7 @@ async fn run(ctx: TaskContext) -> TaskResult {
     if let Some(r) = &record {
         start_record(&ctx, r).await?;
     }
+    set_abort_hook(&ctx, record.clone(), lock.releaser());
 
     // The pipeline stops at the soft limit, or when the lock is lost (another run may be
     // writing the same user's memory).
@@ -152,12 +153,13 @@ async fn coalesce(
                 None,
             )
         })?;
+    let mut running = running;
     if let Some((db, id)) = &record {
         let following = db
             .build_coalesced(*id, running, &ctx.call.id)
             .await
             .map_err(|e| RAISES.retry("BuildError", e, None))?;
-        if !following {
+        let Some(root) = following else {
             // The running build ended between our lock attempt and now, and releases its lock
             // in a moment: this request builds on its own shortly instead of following a build
             // that will never end its record.
@@ -166,7 +168,8 @@ async fn coalesce(
                 format!("build {running} ended as this request arrived; building again"),
                 Some(COALESCE_MISSED_RETRY),
             ));
-        }
+        };
+        running = root;
     }
     tracing::info!(
         user_id = uid,
@@ -198,19 +201,28 @@ async fn start_record(ctx: &TaskContext, r: &Record) -> Result<(), TaskError> {
         }
         Err(e) => return Err(RAISES.retry("BuildError", e, None)),
     }
-    let r = r.clone();
+    Ok(())
+}
+
+/// What the worker does for a build it dropped (hard time limit, abandoning shutdown): the
+/// record ends `failed` (with every record coalesced into it, under its row lock), then the
+/// lock is released, in that order, so the next request neither follows the dead build nor
+/// waits out the lock's TTL.
+fn set_abort_hook(ctx: &TaskContext, record: Option<Record>, lock: lock::LockReleaser) {
     ctx.on_abort.set(move |reason| {
         Box::pin(async move {
             let message = match reason {
                 AbortReason::HardTimeLimit => HARD_LIMIT_MESSAGE,
                 AbortReason::Shutdown => SHUTDOWN_MESSAGE,
             };
-            if let Err(e) = r.db.build_failed(r.id, Some(r.fence), message).await {
-                tracing::error!(build_id = r.id, error = %e, "cannot record the aborted build");
+            if let Some(r) = record {
+                if let Err(e) = r.db.build_failed(r.id, Some(r.fence), message).await {
+                    tracing::error!(build_id = r.id, error = %e, "cannot record the aborted build");
+                }
             }
+            lock.release().await;
         })
     });
-    Ok(())
 }
 
 /// The build's bookkeeping when it completed: the record, the usage row of its paid embedding

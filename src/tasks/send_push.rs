@@ -185,10 +185,20 @@ async fn deliver(
         Err(e) => return Delivery::GiveUp(format!("cannot build the message: {e}")),
         Ok(m) => m,
     };
+    // The endpoint is user data: a browser's push service is on the internet, so one inside the
+    // worker's network is refused (never retried) unless the policy is lifted.
+    let allow_private = ctx.services.settings.http.allow_private_urls;
+    let endpoint = match reqwest::Url::parse(&msg.endpoint.to_string()) {
+        Ok(u) => u,
+        Err(e) => return Delivery::GiveUp(format!("the endpoint is not a URL: {e}")),
+    };
+    if let Err(e) = crate::outbound::check_url(&endpoint, allow_private) {
+        return Delivery::GiveUp(format!("endpoint refused: {e}"));
+    }
     let mut req = ctx
         .services
-        .http
-        .post(msg.endpoint.to_string())
+        .user_urls
+        .post(endpoint)
         .timeout(cfg.timeout)
         .header("TTL", msg.ttl.to_string());
     if let Some(u) = msg.urgency {
@@ -209,7 +219,10 @@ async fn deliver(
     let resp = match req.send().await {
         Ok(r) => r,
         Err(e) => {
-            return Delivery::Retry(format!("push service unreachable: {}", redact(&e)), None)
+            if let Some(refused) = crate::outbound::refusal(&e) {
+                return Delivery::GiveUp(format!("endpoint refused: {refused}"));
+            }
+            return Delivery::Retry(format!("push service unreachable: {}", redact(&e)), None);
         }
     };
     let status = resp.status().as_u16();

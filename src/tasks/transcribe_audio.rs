@@ -20,7 +20,7 @@ use crate::db::{BlinkStep, Db, UsageRow};
 
 pub const NAME: &str = "blink.transcribe_audio";
 const PARAMS: &[&str] = &["audio_id"];
-/// OpenAI's upload limit: 25 MiB.
+/// OpenAI's upload limit: 25 MiB, and the most `ORBIT_MAX_AUDIO_BYTES` may be.
 pub const MAX_UPLOAD_BYTES: u64 = 25 * 1024 * 1024;
 /// What the transcription API accepts, by file extension (it sniffs nothing else).
 pub const FORMATS: &[&str] = &[
@@ -48,8 +48,9 @@ struct Args {
     audio_id: i64,
 }
 
+/// The transcription API's `verbose_json` answer.
 #[derive(Deserialize)]
-struct Verbose {
+pub struct Verbose {
     text: String,
     #[serde(default)]
     language: Option<String>,
@@ -117,29 +118,46 @@ async fn load(ctx: &TaskContext, file: &str) -> Result<(String, Vec<u8>), TaskEr
         .next()
         .unwrap_or("audio")
         .to_string();
+    let max = ctx
+        .services
+        .settings
+        .limits
+        .audio_bytes
+        .min(MAX_UPLOAD_BYTES);
     let too_big = |n: u64| {
         R.permanent(
             "FileTooLarge",
             format!(
-                "the recording is {:.1} MiB; the transcription API takes at most 25 MiB",
-                n as f64 / 1048576.0
+                "the recording is {:.1} MiB; at most {:.1} MiB are transcribed \
+                 (ORBIT_MAX_AUDIO_BYTES; the transcription API takes 25 MiB)",
+                n as f64 / 1048576.0,
+                max as f64 / 1048576.0
             ),
         )
     };
     if file.starts_with("http://") || file.starts_with("https://") {
+        // The recording's URL is user data: one inside the worker's network is refused, for good.
+        let refused = |e: crate::outbound::OutboundError| {
+            R.permanent("AudioUrlRefused", format!("recording URL refused: {e}"))
+        };
+        let url = reqwest::Url::parse(file)
+            .map_err(|e| R.permanent("AudioNotFound", format!("not a URL: {e}")))?;
+        crate::outbound::check_url(&url, ctx.services.settings.http.allow_private_urls)
+            .map_err(refused)?;
         let resp = ctx
             .services
-            .http
-            .get(file)
+            .user_urls
+            .get(url)
             .timeout(Duration::from_secs(120))
             .send()
             .await
-            .map_err(|e| {
-                R.retry(
+            .map_err(|e| match crate::outbound::refusal(&e) {
+                Some(o) => refused(o),
+                None => R.retry(
                     "TranscriptionError",
                     format!("cannot download the recording: {}", redact(&e)),
                     None,
-                )
+                ),
             })?;
         let st = resp.status();
         if st.is_server_error() {
@@ -152,7 +170,7 @@ async fn load(ctx: &TaskContext, file: &str) -> Result<(String, Vec<u8>), TaskEr
         if !st.is_success() {
             return Err(R.permanent("AudioNotFound", format!("recording download: HTTP {st}")));
         }
-        if let Some(n) = resp.content_length().filter(|n| *n > MAX_UPLOAD_BYTES) {
+        if let Some(n) = resp.content_length().filter(|n| *n > max) {
             return Err(too_big(n));
         }
         let mut out = Vec::new();
@@ -166,7 +184,7 @@ async fn load(ctx: &TaskContext, file: &str) -> Result<(String, Vec<u8>), TaskEr
                 )
             })?;
             out.extend_from_slice(&chunk);
-            if out.len() as u64 > MAX_UPLOAD_BYTES {
+            if out.len() as u64 > max {
                 return Err(too_big(out.len() as u64));
             }
         }
@@ -178,7 +196,7 @@ async fn load(ctx: &TaskContext, file: &str) -> Result<(String, Vec<u8>), TaskEr
     let meta = tokio::fs::metadata(&path)
         .await
         .map_err(|e| R.permanent("AudioNotFound", format!("recording {file}: {e}")))?;
-    if meta.len() > MAX_UPLOAD_BYTES {
+    if meta.len() > max {
         return Err(too_big(meta.len()));
     }
     let bytes = tokio::fs::read(&path)
@@ -243,13 +261,18 @@ async fn upload(ctx: &TaskContext, name: String, bytes: Vec<u8>) -> Result<Verbo
         ),
         e => R.permanent("TranscriptionError", format!("transcription API {e}")),
     })?;
-    serde_json::from_str(&text).map_err(|e| {
+    parse_verbose(&text).map_err(|e| {
         R.retry(
             "TranscriptionError",
             format!("transcription answer malformed: {e}"),
             None,
         )
     })
+}
+
+/// The transcription API's answer, read.
+pub fn parse_verbose(text: &str) -> Result<Verbose, serde_json::Error> {
+    serde_json::from_str(text)
 }
 
 /// Text, segments and duration on the recording, the usage row, and the task's result.

@@ -12,8 +12,8 @@ use tracing::Instrument;
 use super::decide::{decide, Decision, Ending};
 use super::settle::{persist, Action, Completion};
 use super::Shared;
-use crate::celery::message::{queue_key, retry_envelope, DecodeError, TaskMessage};
-use crate::celery::redis::{dead_letter_record, Fetched};
+use crate::celery::message::{queue_key, retry_envelope, DecodeError, MessageLimits, TaskMessage};
+use crate::celery::redis::Fetched;
 use crate::celery::result::{encode_meta, ExceptionInfo, Outcome};
 use crate::tasks::TimeLimits;
 use crate::tasks::{AbortHook, AbortReason, Call, TaskConfig, TaskContext, TaskDef, TaskError};
@@ -35,8 +35,13 @@ pub async fn accept(sh: Arc<Shared>, fetched: Fetched, permit: OwnedSemaphorePer
         utf8,
         registered,
     } = fetched;
+    let limits = &sh.services.settings.limits;
+    let limits = MessageLimits {
+        message_bytes: limits.message_bytes,
+        argument_bytes: limits.argument_bytes,
+    };
     let decoded = if utf8 {
-        TaskMessage::decode(&raw)
+        TaskMessage::decode_guarded(&raw, |r| TaskMessage::decode_within(r, limits))
     } else {
         Err(TaskMessage::not_utf8(&raw))
     };
@@ -49,6 +54,8 @@ pub async fn accept(sh: Arc<Shared>, fetched: Fetched, permit: OwnedSemaphorePer
             let result = f.task_id.as_ref().map(|id| {
                 let (t, m) = match f.error {
                     DecodeError::ContentType(_) => ("ContentDisallowed", "kombu.exceptions"),
+                    DecodeError::TooLarge { .. } => ("MessageTooLarge", "orbit_worker.errors"),
+                    DecodeError::Panic(_) => ("PanicError", "orbit_worker.errors"),
                     _ => ("DecodeError", "kombu.exceptions"),
                 };
                 let exc = ExceptionInfo::bare(t, m, vec![reason.clone().into()]);
@@ -65,7 +72,7 @@ pub async fn accept(sh: Arc<Shared>, fetched: Fetched, permit: OwnedSemaphorePer
                 delivery_tag: tag,
                 result,
                 action: Action::DeadLetter {
-                    record: dead_letter_record(&reason, &list, &raw),
+                    record: sh.broker.dead_letters.record(&reason, &list, &raw),
                     ack,
                 },
                 permit: Some(permit),
@@ -108,8 +115,62 @@ pub async fn accept(sh: Arc<Shared>, fetched: Fetched, permit: OwnedSemaphorePer
         tracing::warn!(parent: &span, "Task {}[{}] carries a chain, callbacks or a chord: this worker runs the task but not the rest of the canvas", def.name, msg.id);
     }
     let queue = base_queue(&list).to_string();
-    sh.tracker
-        .spawn(run(sh.clone(), msg, def, queue, permit).instrument(span));
+    let guard = PanicGuard::of(&msg);
+    let sh2 = sh.clone();
+    sh.tracker.spawn(
+        async move {
+            use futures::FutureExt;
+            let r = std::panic::AssertUnwindSafe(run(sh2.clone(), msg, def, queue, permit))
+                .catch_unwind()
+                .await;
+            if let Err(p) = r {
+                guard
+                    .settle(&sh2, def.name, orbit_pipeline::panic_text(p))
+                    .await;
+            }
+        }
+        .instrument(span),
+    );
+}
+
+/// What settles a message whose handling panicked outside the task itself (the task's own
+/// panics are caught where it runs, in `execute`): a FAILURE result and an ack, so the message
+/// neither hangs in `unacked` nor comes back after every restart to panic again. A result
+/// already stored as SUCCESS is kept (the settle script never overwrites one).
+struct PanicGuard {
+    id: String,
+    parent_id: Option<String>,
+    delivery_tag: String,
+    ignore_result: bool,
+}
+
+impl PanicGuard {
+    fn of(msg: &TaskMessage) -> Self {
+        PanicGuard {
+            id: msg.id.clone(),
+            parent_id: msg.parent_id.clone(),
+            delivery_tag: msg.delivery_tag.clone(),
+            ignore_result: msg.ignore_result,
+        }
+    }
+
+    async fn settle(self, sh: &Shared, task: &str, panic: String) {
+        tracing::error!(panic = %panic, "Task {task}[{}] crashed the worker's handling of it: failing it and acking", self.id);
+        sh.services.metrics.task_finished(task, "FAILURE", None);
+        let exc = ExceptionInfo::raised("PanicError", "orbit_worker.errors", &panic, task);
+        let result = (!self.ignore_result).then(|| {
+            (
+                self.id.clone(),
+                encode_meta(
+                    &self.id,
+                    self.parent_id.as_deref(),
+                    &Outcome::Failure(exc),
+                    Utc::now(),
+                ),
+            )
+        });
+        sh.ack(self.delivery_tag, result, None).await;
+    }
 }
 
 /// `celery\x06\x163` → `celery`.

@@ -160,7 +160,12 @@ pub async fn run(
     blocks: TaskBlocks,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let broker = Broker::open(opts.broker_url.expose(), BRPOP_TIMEOUT)?;
+    let mut broker = Broker::open(opts.broker_url.expose(), BRPOP_TIMEOUT)?;
+    let limits = &services.settings.limits;
+    broker.dead_letters = crate::celery::redis::DeadLetters {
+        max_entries: limits.dead_letters,
+        max_entry_bytes: limits.dead_letter_bytes,
+    };
     let backend = Backend::open(opts.backend_url.expose(), opts.result_expires)?;
     let registry = Registry::new(opts.debug_tasks)?;
     let (settle_tx, settle_rx) = mpsc::channel(SETTLE_QUEUE);

@@ -131,7 +131,10 @@ pub async fn settler(sh: Arc<Shared>, mut rx: mpsc::Receiver<SettleMsg>) {
 
 async fn settle(sh: &Shared, batch: &mut Vec<Completion>) {
     let results: Vec<(String, String)> = batch.iter_mut().filter_map(|c| c.result.take()).collect();
-    let mut s = Settlement::default();
+    let mut s = Settlement {
+        dead_max: sh.broker.dead_letters.max_entries,
+        ..Default::default()
+    };
     let mut give_back = Vec::new();
     for c in batch.iter_mut() {
         let tag = c.delivery_tag.clone();

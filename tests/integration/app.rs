@@ -518,10 +518,40 @@ fn a_request_never_follows_a_build_that_already_ended() {
     assert_eq!(b[8], "", "coalesced into nothing: {b:?}");
 }
 
+/// A build that itself coalesces (here: the second record, whose earlier run left a follower,
+/// as a redelivered build that finds a newer one holding the lock does) takes its followers
+/// along: they follow the build that runs, and end with it. Before, they kept following the
+/// coalesced record, which no build's end reaches, and stayed `running`.
+#[test]
+fn followers_of_a_build_that_coalesces_move_to_the_build_that_runs() {
+    let t = TwoBuilds::start("coalesce-chain");
+    let (db, first, second) = (&t.db, &t.first, &t.second);
+    wait_for("the first build to run", Duration::from_secs(20), || {
+        (build_row(db, first)[0] == "running").then_some(())
+    });
+    // The second record ran once and gathered a follower before it lost its worker.
+    let follower = new_build(db, 4);
+    db.sql(&format!(
+        "UPDATE orbitpilot_memorybuild SET status = 'running', started_at = now() WHERE id = {second}; \
+         UPDATE orbitpilot_memorybuild SET status = 'running', coalesced_into_id = {second} WHERE id = {follower}"
+    ));
+    let r = t.second_and_results();
+    assert_eq!(r[1]["result"]["status"], "coalesced", "{r}");
+    assert_eq!(r[1]["result"]["coalesced_into"].to_string(), *first, "{r}");
+    assert_eq!(build_row(db, first)[0], "completed");
+    let f = build_row(db, &follower);
+    assert_eq!(
+        (f[0].as_str(), f[8].as_str()),
+        ("completed", first.as_str()),
+        "{f:?}"
+    );
+}
+
 /// Issue 13, defect 5 as reported: after a build hit its hard time limit, the next request
 /// for the user was coalesced into the dead build (its lock outlived it) and no build ran.
-/// Here (a build aborted at an await) it does not reproduce: the aborted task drops its lock.
-/// Kept as a guard; the defect stays open for a build stuck where an abort cannot reach it.
+/// Here (a build aborted at an await) the aborted task drops its lock; the worker's abort hook
+/// now also ends the record and releases the lock by value itself, for a build stuck where an
+/// abort cannot reach it (docs/schema.md, the state machine).
 #[test]
 fn a_build_after_a_hard_time_limit_runs_on_its_own() {
     let redis = RedisServer::start(false);
@@ -1006,4 +1036,94 @@ fn a_warm_shutdown_that_abandons_a_build_leaves_its_record_final() {
     );
     assert_eq!(unacked_len(&redis), 0, "given back, not left in unacked");
     assert_eq!(list(&redis, &q).len(), 1, "back on its queue");
+}
+
+/// The HTTP face's limits: a connection that sends nothing, one that sends half a head, and a
+/// kept-alive one idle after its answer are each closed after the header timeout; an oversized
+/// head is refused; and past the connection cap the next connection waits until one closes.
+#[test]
+fn the_http_face_closes_idle_and_half_sent_connections_and_caps_them() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let redis = RedisServer::start(false);
+    let q = unique_queue("httplimits");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _w = crate::celery_harness::WorkerProc::start_env(
+        &redis,
+        &["-Q", &q, "--http", &addr],
+        &[
+            ("ORBIT_HTTP_HEADER_TIMEOUT", "1"),
+            ("ORBIT_HTTP_MAX_CONNECTIONS", "3"),
+        ],
+    );
+    assert_eq!(http_get(&addr, "/healthz", None).0, 200);
+    // Closed: the read ends (EOF or reset) long before the client's own 15 s limit.
+    let closed_by_server = |mut s: TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut buf = Vec::new();
+        match s.read_to_end(&mut buf) {
+            Ok(_) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    };
+    let silent = TcpStream::connect(&addr).unwrap();
+    assert!(closed_by_server(silent), "a silent connection stayed open");
+    let mut half = TcpStream::connect(&addr).unwrap();
+    half.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+        .unwrap();
+    assert!(closed_by_server(half), "a half-sent head stayed open");
+    let mut kept = TcpStream::connect(&addr).unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut first = [0u8; 12];
+    kept.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    assert!(
+        closed_by_server(kept),
+        "an idle kept-alive connection stayed open"
+    );
+    // A 64 KiB header: refused, not buffered.
+    let mut big = TcpStream::connect(&addr).unwrap();
+    let filler = "a".repeat(64 * 1024);
+    let _ = write!(
+        big,
+        "GET /healthz HTTP/1.1\r\nhost: x\r\nx-filler: {filler}\r\n\r\n"
+    );
+    big.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut answer = String::new();
+    let _ = big.read_to_string(&mut answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer:.80}"
+    );
+
+    // The cap: three held connections, each with half a head; the fourth waits for a slot.
+    let held: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut next = TcpStream::connect(&addr).unwrap();
+    next.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    next.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    let early = next.read(&mut b);
+    assert!(
+        early.is_err(),
+        "a fourth connection was served while three were open: {early:?}"
+    );
+    // The held ones time out and free their slots: the waiting one is served.
+    next.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut answer = String::new();
+    next.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:.80}");
+    drop(held);
 }

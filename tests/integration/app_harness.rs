@@ -125,6 +125,53 @@ struct DoubleState {
     /// Requests to `/v1/embeddings`, answered or not.
     embedding_requests: usize,
     auths: Vec<Option<String>>,
+    /// Random embedding faults, when set (the chaos suite).
+    faults: Option<Faults>,
+}
+
+/// Embedding faults at a rate, each of the kinds a real API shows: a 429 with `retry-after`, a
+/// 500, a stall past the client's timeout, a malformed body, vectors of the wrong length.
+struct Faults {
+    percent: u64,
+    rng: u64,
+    injected: std::collections::BTreeMap<&'static str, u64>,
+}
+
+impl Faults {
+    /// xorshift64: reproducible from the seed, no dependency.
+    fn next(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    fn pick(&mut self, inputs: usize) -> Option<Reply> {
+        if self.next() % 100 >= self.percent {
+            return None;
+        }
+        let (name, reply) = match self.next() % 5 {
+            0 => (
+                "429",
+                Reply::Status(
+                    429,
+                    vec![("retry-after", "1")],
+                    json!({"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}).to_string(),
+                ),
+            ),
+            1 => ("500", Reply::Status(500, vec![], "{}".into())),
+            2 => ("stall", Reply::Stall),
+            3 => ("malformed", Reply::Body("{\"object\": \"list\", \"data\": [".into())),
+            _ => {
+                let data: Vec<Value> = (0..inputs)
+                    .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.5, 0.5, 0.5]}))
+                    .collect();
+                ("wrong_length", Reply::Body(json!({"object": "list", "data": data}).to_string()))
+            }
+        };
+        *self.injected.entry(name).or_default() += 1;
+        Some(reply)
+    }
 }
 
 /// An OpenAI-compatible double on its own thread and runtime, so blocking test code never stalls
@@ -214,6 +261,26 @@ impl ApiDouble {
         self.state.lock().unwrap().auths.clone()
     }
 
+    /// From now on, `percent` of embedding requests get a random fault (`Faults`); 0 stops them.
+    pub fn set_faults(&self, percent: u64, seed: u64) {
+        let mut s = self.state.lock().unwrap();
+        let injected = s.faults.take().map(|f| f.injected).unwrap_or_default();
+        s.faults = Some(Faults {
+            percent,
+            rng: seed.max(1),
+            injected,
+        });
+    }
+
+    /// The faults injected so far, by kind.
+    pub fn faults_injected(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        let s = self.state.lock().unwrap();
+        s.faults
+            .as_ref()
+            .map(|f| f.injected.clone())
+            .unwrap_or_default()
+    }
+
     /// Worker environment for the OpenAI embedder against this double.
     pub fn embedder_env(&self) -> Vec<(&'static str, String)> {
         vec![
@@ -244,7 +311,9 @@ async fn serve(mut sock: tokio::net::TcpStream, st: Arc<Mutex<DoubleState>>) {
                 s.transcriptions.pop_front()
             } else {
                 s.embedding_requests += 1;
-                s.embeddings.pop_front()
+                let scripted = s.embeddings.pop_front();
+                let n = embedding_inputs(&body).len();
+                scripted.or_else(|| s.faults.as_mut().and_then(|f| f.pick(n)))
             }
         }
         .unwrap_or(Reply::Ok);

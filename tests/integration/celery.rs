@@ -406,6 +406,66 @@ fn unregistered_names_fail_and_garbage_lands_in_the_dead_letter_list() {
     assert_eq!(r["state"], "SUCCESS");
 }
 
+/// Issue 13, limits: a message or argument list past its limit is answered with
+/// MessageTooLarge and acked, its dead letter keeps a bounded head of it with its size, and
+/// `orbit.dead` keeps only its newest entries.
+#[test]
+fn oversized_messages_are_answered_and_orbit_dead_stays_bounded() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("big");
+    let w = WorkerProc::start_env(
+        &redis,
+        &args(&q, &[]),
+        &[
+            ("ORBIT_MAX_MESSAGE_BYTES", "200000"),
+            ("ORBIT_MAX_ARGUMENT_BYTES", "50000"),
+            ("ORBIT_DEAD_LETTER_MAX", "3"),
+            ("ORBIT_DEAD_LETTER_MAX_BYTES", "4096"),
+        ],
+    );
+    let tasks: Vec<Value> = [60_000usize, 300_000, 70_000, 400_000, 80_000]
+        .iter()
+        .map(|n| json!({"name": "orbit.echo", "args": ["x".repeat(*n)]}))
+        .collect();
+    let ids = send(&redis, &q, json!(tasks));
+    let r = celery_client(&redis, &q, json!({"op": "get", "ids": ids, "timeout": 30}));
+    for (i, r) in r.as_array().unwrap().iter().enumerate() {
+        assert_eq!(r["state"], "FAILURE", "{i}: {r:.300}");
+        assert_eq!(r["raised"]["type"], "MessageTooLarge", "{i}: {r:.300}");
+        let what = if i % 2 == 1 {
+            "the message"
+        } else {
+            "the arguments"
+        };
+        assert!(
+            r["raised"]["str"].as_str().unwrap().contains(what),
+            "{i}: {r:.300}"
+        );
+    }
+    let dead = list(&redis, "orbit.dead");
+    assert_eq!(dead.len(), 3, "trimmed to ORBIT_DEAD_LETTER_MAX");
+    for d in &dead {
+        assert!(d.len() < 5000, "{} bytes", d.len());
+        let v: Value = serde_json::from_str(d).unwrap();
+        assert_eq!(v["truncated"], true, "{v:.200}");
+        assert!(v["raw_bytes"].as_u64().unwrap() > 60_000, "{v:.200}");
+        assert!(v["reason"].as_str().unwrap().contains("limit"), "{v:.200}");
+    }
+    wait_for("acks", Duration::from_secs(5), || {
+        (unacked_len(&redis) == 0).then_some(())
+    });
+    let ok = call(
+        &redis,
+        &q,
+        "orbit.echo",
+        json!(["fits"]),
+        json!({}),
+        json!({}),
+    );
+    assert_eq!(ok["state"], "SUCCESS", "{ok}");
+    drop(w);
+}
+
 #[test]
 fn soft_and_hard_time_limits() {
     let redis = RedisServer::start(false);

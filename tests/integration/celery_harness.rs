@@ -150,6 +150,8 @@ impl WorkerProc {
             .env("ORBIT_EMBEDDER", "hashing")
             .env("ORBIT_DATA_DIR", dir.path().join("data"))
             .env("NO_COLOR", "1")
+            // Every outside service here is on loopback.
+            .env("ORBIT_ALLOW_PRIVATE_URLS", "true")
             .stdout(Stdio::null())
             .stderr(file);
         for (k, v) in env {
@@ -170,9 +172,18 @@ impl WorkerProc {
     }
 
     pub fn wait_log(&self, what: &str, needle: &str) {
-        wait_for(what, Duration::from_secs(60), || {
-            self.log().contains(needle).then_some(())
-        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !self.log().contains(needle) {
+            if std::time::Instant::now() > deadline {
+                let log = self.log();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                panic!(
+                    "timed out waiting for {what}; the worker's last lines:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn pid(&self) -> i32 {

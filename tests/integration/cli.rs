@@ -225,3 +225,48 @@ fn eval_scores_a_hand_computed_case() {
     let err = one_line_error(&out);
     assert!(err.contains("q.jsonl:1"), "{err}");
 }
+
+/// Issue 13, limits: a question past ORBIT_MAX_QUESTION_CHARS, a build past
+/// ORBIT_MAX_DOCUMENTS_PER_BUILD, and a limit set out of range are each one clear line naming
+/// the setting; a document past ORBIT_MAX_DOCUMENT_BYTES is cut and counted in the report.
+#[test]
+fn input_limits_are_settings_with_clear_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let out = cmd(d.path())
+        .env("ORBIT_MAX_QUESTION_CHARS", "20")
+        .args([
+            "ask",
+            "--user",
+            "1",
+            "what is the wifi password of the office in Lisbon?",
+        ])
+        .output()
+        .unwrap();
+    let err = one_line_error(&out);
+    assert!(err.contains("ORBIT_MAX_QUESTION_CHARS"), "{err}");
+    let out = cmd(d.path())
+        .env("ORBIT_MAX_DOCUMENTS_PER_BUILD", "10")
+        .args(["build", "--user", "1", "--source"])
+        .arg(fixture("sample.jsonl"))
+        .output()
+        .unwrap();
+    let err = one_line_error(&out);
+    assert!(err.contains("ORBIT_MAX_DOCUMENTS_PER_BUILD"), "{err}");
+    let out = cmd(d.path())
+        .env("ORBIT_MAX_MESSAGE_BYTES", "12")
+        .args(["build", "--user", "1", "--source"])
+        .arg(fixture("sample.jsonl"))
+        .output()
+        .unwrap();
+    let err = one_line_error(&out);
+    assert!(err.contains("ORBIT_MAX_MESSAGE_BYTES"), "{err}");
+    let out = cmd(d.path())
+        .env("ORBIT_MAX_DOCUMENT_BYTES", "1024")
+        .args(["build", "--user", "1", "--json", "--source"])
+        .arg(fixture("sample.jsonl"))
+        .output()
+        .unwrap();
+    succeeded(&out);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["documents_truncated"].as_u64().unwrap() > 0, "{r}");
+}

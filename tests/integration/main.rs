@@ -9,6 +9,8 @@ mod app;
 mod app_harness;
 mod celery;
 mod celery_harness;
+mod chaos;
 mod cli;
 mod in_process;
+mod security;
 mod side;

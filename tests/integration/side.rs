@@ -95,7 +95,7 @@ fn side_worker(redis: &RedisServer, db: &PgDb, q: &str, env: &[(&str, String)]) 
 // ---- Web Push ---------------------------------------------------------------------------------
 
 /// A VAPID key pair: the PEM and the public key as browsers are given it (base64url).
-fn vapid(dir: &Path) -> (String, String) {
+pub(crate) fn vapid(dir: &Path) -> (String, String) {
     let pem = dir.join("vapid.pem");
     let ok = Command::new("openssl")
         .args([
@@ -422,6 +422,95 @@ fn web_push_failures_land_on_the_right_action_and_retries_skip_what_was_served()
     assert_eq!(
         db.sql("SELECT count(*) FROM notifications_pushsubscription WHERE user_id = 203"),
         "5"
+    );
+}
+
+/// The outbound policy with its default (tests otherwise lift it): a push endpoint or recording
+/// URL inside the worker's network, by literal address or by a name that resolves there, is
+/// refused for good: no request reaches it, nothing is retried, the reason is stated.
+#[test]
+fn outbound_urls_into_the_workers_network_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_wpt, wpt) = web_push_testing();
+    let (pem, public) = vapid(dir.path());
+    let keys = subscribe(&wpt, &public);
+    let (svc, hits) = push_service(vec![]);
+    let port = svc.rsplit(':').next().unwrap().to_string();
+    let db = users_db();
+    add_sub(&db, 202, &format!("http://{svc}/literal"), &keys);
+    add_sub(&db, 202, &format!("http://localhost:{port}/named"), &keys);
+    let redis = RedisServer::start(false);
+    let q = unique_queue("ssrf");
+    let _w = side_worker(
+        &redis,
+        &db,
+        &q,
+        &[
+            ("VAPID_PRIVATE_KEY", pem),
+            ("ORBIT_ALLOW_PRIVATE_URLS", "false".into()),
+            ("MEDIA_ROOT", dir.path().to_str().unwrap().into()),
+            ("OPENAI_API_KEY", API_KEY.into()),
+            ("ORBIT_MAX_AUDIO_BYTES", "2028".into()),
+        ],
+    );
+    let payload =
+        json!({"kind": "group_invite", "title": "t", "body": "b", "url": "/", "tag": "x"});
+    let r = call(
+        &redis,
+        &q,
+        "notifications.send_push",
+        json!([202, payload]),
+        json!({}),
+        json!({}),
+    );
+    assert_eq!(r["state"], "SUCCESS", "{r}");
+    assert_eq!(r["result"]["failed"].as_u64(), Some(2), "{r}");
+    for e in r["result"]["errors"].as_array().unwrap() {
+        assert!(
+            e["error"].as_str().unwrap().contains("endpoint refused"),
+            "{r}"
+        );
+    }
+    for url in [
+        format!("http://{svc}/a.wav"),
+        format!("http://localhost:{port}/a.wav"),
+        "http://169.254.169.254/latest/meta-data/a.wav".to_string(),
+    ] {
+        let id = db.sql(&format!("INSERT INTO blink_blinkaudio (owner_id, audio_file) VALUES (202, '{url}') RETURNING id"));
+        let r = call(
+            &redis,
+            &q,
+            "blink.transcribe_audio",
+            json!([id.parse::<i64>().unwrap()]),
+            json!({}),
+            json!({}),
+        );
+        assert_eq!(r["raised"]["type"], "AudioUrlRefused", "{url}: {r}");
+    }
+    assert!(
+        hits.lock().unwrap().is_empty(),
+        "{:?}",
+        hits.lock().unwrap()
+    );
+    // And the audio size limit is a setting: a 4 KiB file is over this worker's 2 KiB.
+    std::fs::create_dir_all(dir.path().join("blink")).unwrap();
+    std::fs::write(dir.path().join("blink/small.wav"), vec![0u8; 4096]).unwrap();
+    let id = db.sql("INSERT INTO blink_blinkaudio (owner_id, audio_file) VALUES (202, 'blink/small.wav') RETURNING id");
+    let r = call(
+        &redis,
+        &q,
+        "blink.transcribe_audio",
+        json!([id.parse::<i64>().unwrap()]),
+        json!({}),
+        json!({}),
+    );
+    assert_eq!(r["raised"]["type"], "FileTooLarge", "{r}");
+    assert!(
+        r["raised"]["str"]
+            .as_str()
+            .unwrap()
+            .contains("ORBIT_MAX_AUDIO_BYTES"),
+        "{r}"
     );
 }
 

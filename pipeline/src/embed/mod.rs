@@ -10,7 +10,7 @@ use serde::Serialize;
 
 pub use hashing::HashingEmbedder;
 pub use local::{LocalEmbedder, LOCAL_MODEL_FILES};
-pub use openai::{OpenAiEmbedder, OpenAiSettings, EMBED_MAX_INLINE_WAIT};
+pub use openai::{decode_embeddings, OpenAiEmbedder, OpenAiSettings, EMBED_MAX_INLINE_WAIT};
 
 use crate::http_call::CallError;
 use crate::retry::Retryable;

@@ -92,30 +92,38 @@ impl OpenAiEmbedder {
             .map_err(CallError::Decode)
     }
 
-    /// The vectors of a 200 answer, in input order, each of the model's dimension.
     fn decode(&self, inputs: usize, body: &[u8]) -> Result<Vec<Vec<f32>>, String> {
-        let parsed: EmbeddingResponse = serde_json::from_slice(body).map_err(|e| e.to_string())?;
-        if parsed.data.len() != inputs {
-            return Err(format!("{} vectors for {inputs} inputs", parsed.data.len()));
-        }
-        let mut out: Vec<Option<Vec<f32>>> = vec![None; inputs];
-        for d in parsed.data {
-            let slot = out
-                .get_mut(d.index)
-                .ok_or_else(|| format!("index {} out of range", d.index))?;
-            if d.embedding.len() != self.settings.dimension {
-                return Err(format!(
-                    "vector of {} dimensions, expected {}",
-                    d.embedding.len(),
-                    self.settings.dimension
-                ));
-            }
-            *slot = Some(d.embedding);
-        }
-        out.into_iter()
-            .map(|v| v.ok_or_else(|| "duplicate index in response".to_string()))
-            .collect()
+        decode_embeddings(body, inputs, self.settings.dimension)
     }
+}
+
+/// The vectors of a 200 answer to `/v1/embeddings`, in input order, each of `dimension`: one per
+/// input, every index once, or why not.
+pub fn decode_embeddings(
+    body: &[u8],
+    inputs: usize,
+    dimension: usize,
+) -> Result<Vec<Vec<f32>>, String> {
+    let parsed: EmbeddingResponse = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    if parsed.data.len() != inputs {
+        return Err(format!("{} vectors for {inputs} inputs", parsed.data.len()));
+    }
+    let mut out: Vec<Option<Vec<f32>>> = vec![None; inputs];
+    for d in parsed.data {
+        let slot = out
+            .get_mut(d.index)
+            .ok_or_else(|| format!("index {} out of range", d.index))?;
+        if d.embedding.len() != dimension {
+            return Err(format!(
+                "vector of {} dimensions, expected {dimension}",
+                d.embedding.len(),
+            ));
+        }
+        *slot = Some(d.embedding);
+    }
+    out.into_iter()
+        .map(|v| v.ok_or_else(|| "duplicate index in response".to_string()))
+        .collect()
 }
 
 #[derive(Deserialize)]

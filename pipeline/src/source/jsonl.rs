@@ -180,7 +180,7 @@ fn read_file(path: &Path, scope: &BuildScope, tx: &Tx) -> bool {
             });
             continue;
         }
-        match serde_json::from_slice::<RawDocument>(body) {
+        match parse_line(body) {
             Ok(doc) => {
                 if scope.includes(doc.user_id) {
                     batch.docs.push(doc);
@@ -205,6 +205,11 @@ fn read_file(path: &Path, scope: &BuildScope, tx: &Tx) -> bool {
         return tx.blocking_send(Ok(batch)).is_ok();
     }
     true
+}
+
+/// One JSONL line (its trailing newline trimmed) as a document.
+pub fn parse_line(body: &[u8]) -> Result<RawDocument, serde_json::Error> {
+    serde_json::from_slice::<RawDocument>(body)
 }
 
 /// Like `read_until(b'\n')` but stops storing past `MAX_LINE_BYTES` (still consuming the line),

@@ -10,7 +10,7 @@ use futures::Stream;
 use crate::types::RawDocument;
 pub use crate::types::{BuildScope, Rejection};
 
-pub use jsonl::JsonlSource;
+pub use jsonl::{parse_line, JsonlSource};
 pub use postgres::{KindQuery, PostgresSource};
 
 /// Documents per batch a source hands on: large enough that channel hand-offs are noise next to

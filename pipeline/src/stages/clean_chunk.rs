@@ -33,19 +33,22 @@ pub async fn spawn(
     rx: mpsc::Receiver<SourceBatch>,
     tx: mpsc::Sender<Vec<Chunk>>,
     stop: CancellationToken,
+    max_document_bytes: usize,
 ) -> Result<CleanChunkReport, PipelineError> {
-    tokio::task::spawn_blocking(move || run(chunker, pool, rx, tx, stop))
+    tokio::task::spawn_blocking(move || run(chunker, pool, rx, tx, stop, max_document_bytes))
         .await
         .map_err(|e| PipelineError::Internal(e.to_string()))?
 }
 
-/// Runs until `rx` closes. Blocking: call it from `spawn_blocking`.
+/// Runs until `rx` closes. Blocking: call it from `spawn_blocking`. A document's text past
+/// `max_document_bytes` is cut there first, on a character boundary, and counted.
 pub fn run(
     chunker: Chunker,
     pool: Arc<rayon::ThreadPool>,
     mut rx: mpsc::Receiver<SourceBatch>,
     tx: mpsc::Sender<Vec<Chunk>>,
     stop: CancellationToken,
+    max_document_bytes: usize,
 ) -> Result<CleanChunkReport, PipelineError> {
     let cleaner = Cleaner::new();
     let mut dedup = Deduper::default();
@@ -60,9 +63,15 @@ pub fn run(
         if stop.is_cancelled() {
             return Err(PipelineError::Cancelled);
         }
-        let Some(batch) = clean.blocking_recv(&mut rx) else {
+        let Some(mut batch) = clean.blocking_recv(&mut rx) else {
             break;
         };
+        for d in batch.docs.iter_mut() {
+            if d.text.len() > max_document_bytes {
+                cut_at(&mut d.text, max_document_bytes);
+                docs.truncated += 1;
+            }
+        }
         docs.documents_read += batch.docs.len() as u64;
         docs.bytes_read += batch.bytes;
         docs.add_rejections(batch.rejected);
@@ -113,6 +122,13 @@ pub fn run(
     }
     send(&mut chunk, &tx, tail)?;
 
+    if docs.truncated > 0 {
+        tracing::warn!(
+            documents = docs.truncated,
+            limit_bytes = max_document_bytes,
+            "documents over the size limit were cut to it"
+        );
+    }
     clean.items_in = docs.documents_read;
     clean.items_out = docs.documents_kept;
     chunk.items_in = docs.documents_kept;
@@ -157,34 +173,24 @@ fn send(
     meter.blocking_send(tx, batch)
 }
 
+/// Cuts `text` to at most `max` bytes, back to the last character boundary.
+fn cut_at(text: &mut String, max: usize) {
+    let mut at = max.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    text.truncate(at);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::chunk::ChunkSettings;
-    use crate::types::{DocKind, RawDocument};
-
-    fn doc(user_id: i64, id: &str, text: &str) -> RawDocument {
-        RawDocument {
-            user_id,
-            kind: DocKind::Note,
-            source_id: id.into(),
-            text: text.into(),
-            created_at: chrono::DateTime::UNIX_EPOCH,
-            conversation_id: None,
-            title: None,
-            author: None,
-            meta: None,
-        }
-    }
+    use crate::stages::testing::doc;
 
     #[test]
     fn cleans_dedups_and_chunks_over_channels() {
-        let pool = Arc::new(
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(2)
-                .build()
-                .unwrap(),
-        );
+        let pool = crate::settings::cpu_pool(2).unwrap();
         let chunker = Chunker::new(ChunkSettings::default()).unwrap();
         let (in_tx, in_rx) = mpsc::channel(2);
         let (out_tx, mut out_rx) = mpsc::channel(16);
@@ -210,7 +216,15 @@ mod tests {
         };
         in_tx.blocking_send(batch).unwrap();
         drop(in_tx);
-        let r = run(chunker, pool, in_rx, out_tx, CancellationToken::new()).unwrap();
+        let r = run(
+            chunker,
+            pool,
+            in_rx,
+            out_tx,
+            CancellationToken::new(),
+            usize::MAX,
+        )
+        .unwrap();
         let mut chunks = Vec::new();
         while let Some(b) = out_rx.blocking_recv() {
             chunks.extend(b);
@@ -238,12 +252,7 @@ mod tests {
 
     #[test]
     fn no_terms_when_the_store_keeps_no_lexical_index() {
-        let pool = Arc::new(
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(1)
-                .build()
-                .unwrap(),
-        );
+        let pool = crate::settings::cpu_pool(1).unwrap();
         let chunker = Chunker::new(ChunkSettings {
             lexical_terms: false,
             ..Default::default()
@@ -258,26 +267,63 @@ mod tests {
             })
             .unwrap();
         drop(in_tx);
-        run(chunker, pool, in_rx, out_tx, CancellationToken::new()).unwrap();
+        run(
+            chunker,
+            pool,
+            in_rx,
+            out_tx,
+            CancellationToken::new(),
+            usize::MAX,
+        )
+        .unwrap();
         let chunks = out_rx.blocking_recv().unwrap();
         assert_eq!(chunks.len(), 1);
         assert_eq!(chunks[0].terms, "");
     }
 
+    /// Issue 13, limits: a document past the size limit is cut to it on a character boundary,
+    /// counted, and still chunked; one under it is untouched.
+    #[test]
+    fn documents_past_the_size_limit_are_cut_and_counted() {
+        let pool = crate::settings::cpu_pool(1).unwrap();
+        let chunker = Chunker::new(ChunkSettings::default()).unwrap();
+        let (in_tx, in_rx) = mpsc::channel(1);
+        let (out_tx, mut out_rx) = mpsc::channel(64);
+        // 2-byte characters, so the limit (odd) falls inside one.
+        let big = "é".repeat(5_000);
+        in_tx
+            .blocking_send(SourceBatch {
+                docs: vec![doc(1, "big", &big), doc(1, "small", "Short note.")],
+                ..Default::default()
+            })
+            .unwrap();
+        drop(in_tx);
+        let r = run(chunker, pool, in_rx, out_tx, CancellationToken::new(), 1001).unwrap();
+        let mut chunks = Vec::new();
+        while let Some(b) = out_rx.blocking_recv() {
+            chunks.extend(b);
+        }
+        assert_eq!(r.docs.truncated, 1);
+        assert_eq!(r.docs.documents_kept, 2);
+        let big_bytes: usize = chunks
+            .iter()
+            .filter(|c| c.source_ids == ["big"])
+            .map(|c| c.byte_end - c.byte_start)
+            .max()
+            .unwrap();
+        assert!(big_bytes <= 1000, "{big_bytes}");
+        assert!(chunks.iter().any(|c| c.text == "Short note."));
+    }
+
     #[test]
     fn a_stopped_build_ends_the_stage() {
-        let pool = Arc::new(
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(1)
-                .build()
-                .unwrap(),
-        );
+        let pool = crate::settings::cpu_pool(1).unwrap();
         let chunker = Chunker::new(ChunkSettings::default()).unwrap();
         let (_in_tx, in_rx) = mpsc::channel(1);
         let (out_tx, _out_rx) = mpsc::channel(1);
         let stop = CancellationToken::new();
         stop.cancel();
-        let r = run(chunker, pool, in_rx, out_tx, stop);
+        let r = run(chunker, pool, in_rx, out_tx, stop, usize::MAX);
         assert!(matches!(r, Err(PipelineError::Cancelled)));
     }
 }

@@ -14,17 +14,25 @@ use crate::source::{SourceBatch, SourceStream};
 /// Called with the input bytes of each batch read.
 pub type ProgressFn = Arc<dyn Fn(u64) + Send + Sync>;
 
-/// Forwards every batch of `stream` until it ends; its first error ends the build.
+/// Forwards every batch of `stream` until it ends; its first error ends the build, and so does
+/// reading more than `max_docs` documents.
 pub async fn run(
     mut stream: SourceStream,
     tx: mpsc::Sender<SourceBatch>,
     stop: CancellationToken,
     progress: Option<ProgressFn>,
     mut meter: StageMeter,
+    max_docs: Option<u64>,
 ) -> Result<StageReport, PipelineError> {
     while let Some(batch) = until_stopped(&stop, stream.next()).await? {
         let batch = batch?;
         meter.items_out += batch.docs.len() as u64;
+        if let Some(max) = max_docs.filter(|m| meter.items_out > *m) {
+            return Err(PipelineError::Limit(format!(
+                "the build read more than {max} documents, the per-build limit \
+                 (ORBIT_MAX_DOCUMENTS_PER_BUILD); nothing was swept"
+            )));
+        }
         meter.bytes_out += batch.bytes;
         // The reader works ahead on its own thread: its busy time is what it measured.
         meter.add_busy(batch.busy);
@@ -40,7 +48,7 @@ pub async fn run(
 mod tests {
     use super::*;
     use crate::source::SourceError;
-    use crate::stages::testing::drain;
+    use crate::stages::testing::{doc, drain};
     use std::sync::atomic::{AtomicU64, Ordering};
 
     fn batch(n: usize) -> SourceBatch {
@@ -67,6 +75,7 @@ mod tests {
             CancellationToken::new(),
             Some(progress),
             StageMeter::new("extract"),
+            None,
         ));
         let got = drain(rx).await;
         let r = stage.await.unwrap().unwrap();
@@ -88,9 +97,42 @@ mod tests {
             CancellationToken::new(),
             None,
             StageMeter::new("extract"),
+            None,
         )
         .await;
         assert!(matches!(r, Err(PipelineError::Source(_))), "{r:?}");
         assert_eq!(drain(rx).await.len(), 1);
+    }
+
+    /// Issue 13, limits: a build that reads past its document cap fails, naming the limit.
+    #[tokio::test]
+    async fn reading_past_the_document_cap_fails_the_build() {
+        let docs = |n: usize| SourceBatch {
+            docs: (0..n).map(|i| doc(1, &i.to_string(), "x")).collect(),
+            ..Default::default()
+        };
+        for (cap, ok) in [(5u64, true), (4, false)] {
+            let stream: SourceStream =
+                Box::pin(futures::stream::iter(vec![Ok(docs(3)), Ok(docs(2))]));
+            let (tx, rx) = mpsc::channel(4);
+            let r = run(
+                stream,
+                tx,
+                CancellationToken::new(),
+                None,
+                StageMeter::new("extract"),
+                Some(cap),
+            )
+            .await;
+            drain(rx).await;
+            match r {
+                Ok(_) => assert!(ok, "cap {cap}"),
+                Err(PipelineError::Limit(m)) => {
+                    assert!(!ok, "cap {cap}");
+                    assert!(m.contains("ORBIT_MAX_DOCUMENTS_PER_BUILD"), "{m}");
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        }
     }
 }

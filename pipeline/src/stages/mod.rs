@@ -179,11 +179,25 @@ pub(crate) async fn until_stopped<T>(
 
 #[cfg(test)]
 pub(crate) mod testing {
-    //! What the stage tests share: a chunk made from text, and draining a channel.
-    use crate::types::Chunk;
+    //! What the stage tests share: a document or a chunk made from text, and draining a channel.
+    use crate::types::{Chunk, DocKind, RawDocument};
 
     pub fn chunk(user_id: i64, text: &str) -> Chunk {
         Chunk::note(user_id, &format!("s-{text}"), text)
+    }
+
+    pub fn doc(user_id: i64, id: &str, text: &str) -> RawDocument {
+        RawDocument {
+            user_id,
+            kind: DocKind::Note,
+            source_id: id.into(),
+            text: text.into(),
+            created_at: chrono::DateTime::UNIX_EPOCH,
+            conversation_id: None,
+            title: None,
+            author: None,
+            meta: None,
+        }
     }
 
     pub async fn drain<T>(mut rx: tokio::sync::mpsc::Receiver<T>) -> Vec<T> {

@@ -47,6 +47,7 @@ impl Env {
                 chunk,
                 cpu_threads: 2,
                 reuse_vectors: true,
+                ..Default::default()
             },
             pool: orbit_pipeline::cpu_pool(2).unwrap(),
         }

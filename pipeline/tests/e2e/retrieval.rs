@@ -72,19 +72,29 @@ const WORDS: &[&str] = &[
     "नमस्ते",
     "band",
     "river",
+    // What a user prefix looks like in the index (`u1x…`, `n1x…`), so no prefix scheme that
+    // lets text pass for another user's term goes unseen.
+    "u1x",
+    "n1x",
+    "u11xwifi",
+    "11x",
 ];
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+/// User ids that collide in naive encodings: 0, negatives, 1 / 11 / 111, the extremes.
+const USERS: &[i64] = &[-3, -1, 0, 1, 2, 11, 111, i64::MAX, i64::MIN + 1];
 
-    /// Users draw their notes from one small vocabulary, so every question's words are in other
-    /// users' memories too: lexical and hybrid results are still only the asker's.
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Tenant isolation as a property (docs/security.md). Users draw their notes from one
+    /// small vocabulary, so every question's words are in other users' memories too: dense,
+    /// lexical and hybrid results are still only the asker's.
     #[test]
-    fn lexical_and_hybrid_never_cross_users(
+    fn no_search_of_any_mode_ever_crosses_users(
         notes in prop::collection::vec(
-            (-3i64..4, prop::collection::vec(0..WORDS.len(), 1..6)), 1..40),
+            (prop::sample::select(USERS), prop::collection::vec(0..WORDS.len(), 1..6)), 1..40),
         questions in prop::collection::vec(
-            (-3i64..4, prop::collection::vec(0..WORDS.len(), 1..4)), 1..8),
+            (prop::sample::select(USERS), prop::collection::vec(0..WORDS.len(), 1..4)), 1..8),
     ) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
@@ -104,11 +114,11 @@ proptest! {
                 let q: Vec<&str> = w.iter().map(|&j| WORDS[j]).collect();
                 let q = q.join(" ");
                 let own = format!("u{u}-");
+                let v = HashingEmbedder::new(HASH_DIM).embed_one(&q);
                 for hits in [
+                    env.store.search_dense(*u, &v, 50).await.unwrap(),
                     env.store.search_lexical(*u, &q, 50).await.unwrap(),
-                    env.store.search_hybrid(
-                        *u, &HashingEmbedder::new(HASH_DIM).embed_one(&q), &q, 50, &Fusion::default(),
-                    ).await.unwrap(),
+                    env.store.search_hybrid(*u, &v, &q, 50, &Fusion::default()).await.unwrap(),
                 ] {
                     for h in &hits {
                         assert_eq!(h.user_id, *u, "{q}: {hits:?}");
