@@ -16,7 +16,7 @@ export ORBIT_MODEL_DIR ?= $(MODEL_DIR)
 export TIKTOKEN_CACHE_DIR ?= $(TIKTOKEN_DIR)
 export ORBIT_TEST_PYTHON ?= $(VENV)/bin/python
 
-.PHONY: node-servers postgres all demo test eval bench bench-e2e bench-celery lint model venv tiktoken-cache corpus-100m corpus-1g tools release clean
+.PHONY: node-servers postgres all demo test eval bench bench-e2e bench-celery lint model venv tiktoken-cache corpus-100m corpus-1g tools release clean chaos fuzz fuzz-smoke cargo-fuzz
 
 all: release
 
@@ -96,6 +96,41 @@ demo: tools model release
 
 test: tools postgres model venv tiktoken-cache node-servers
 	cargo test --workspace --all-targets --no-fail-fast
+	$(MAKE) chaos ROUNDS=2
+	$(MAKE) fuzz-smoke
+
+# The chaos suite alone (it loads both cores, so it does not share them with the other tests):
+# kill -9, Redis restarts, Postgres backend kills and embedding API faults, ROUNDS rounds.
+ROUNDS ?= 20
+chaos: tools postgres venv
+	ORBIT_CHAOS_ROUNDS=$(ROUNDS) cargo test --test integration chaos:: -- --ignored --nocapture
+
+# Fuzzing with cargo fuzz on the stable toolchain: libFuzzer without a sanitizer (`-s none`;
+# ../shared/docs/fuzzing.md). New inputs go to a corpus outside the clone; the committed seeds
+# in fuzz/corpus are read, never written. `make fuzz` runs every target FUZZ_RUNS executions.
+FUZZ_TARGETS := celery_message result_encoding jsonl_line cleaner chunker openai_responses
+FUZZ_RUNS ?= 1000000
+FUZZ_SMOKE_SECS ?= 15
+FUZZ_CORPUS ?= $(CACHE)/fuzz-corpus
+FUZZ_FLAGS := -rss_limit_mb=2048 -timeout=10 -max_len=65536
+cargo-fuzz:
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+fuzz: cargo-fuzz
+	@for t in $(FUZZ_TARGETS); do mkdir -p $(FUZZ_CORPUS)/$$t; \
+	  echo "== fuzz $$t: $(FUZZ_RUNS) runs"; \
+	  cargo fuzz run --fuzz-dir fuzz -s none $$t $(FUZZ_CORPUS)/$$t fuzz/corpus/$$t -- \
+	    -runs=$(FUZZ_RUNS) $(FUZZ_FLAGS) -print_final_stats=1 > $(CACHE)/fuzz-$$t.log 2>&1 \
+	    || { tail -40 $(CACHE)/fuzz-$$t.log; exit 1; }; \
+	  grep -E 'stat::number_of_executed_units|stat::peak_rss_mb' $(CACHE)/fuzz-$$t.log; \
+	done
+fuzz-smoke: cargo-fuzz
+	@for t in $(FUZZ_TARGETS); do mkdir -p $(FUZZ_CORPUS)/$$t; \
+	  echo "== fuzz smoke $$t: $(FUZZ_SMOKE_SECS) s"; \
+	  cargo fuzz run --fuzz-dir fuzz -s none $$t $(FUZZ_CORPUS)/$$t fuzz/corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SMOKE_SECS) $(FUZZ_FLAGS) -print_final_stats=1 > $(CACHE)/fuzz-$$t.log 2>&1 \
+	    || { tail -40 $(CACHE)/fuzz-$$t.log; exit 1; }; \
+	  grep -E 'stat::number_of_executed_units' $(CACHE)/fuzz-$$t.log; \
+	done
 
 lint: tools
 	@cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt

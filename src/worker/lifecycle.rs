@@ -118,19 +118,26 @@ pub async fn accept(sh: Arc<Shared>, fetched: Fetched, permit: OwnedSemaphorePer
     let guard = PanicGuard::of(&msg);
     let sh2 = sh.clone();
     sh.tracker.spawn(
-        async move {
-            use futures::FutureExt;
-            let r = std::panic::AssertUnwindSafe(run(sh2.clone(), msg, def, queue, permit))
-                .catch_unwind()
-                .await;
-            if let Err(p) = r {
-                guard
-                    .settle(&sh2, def.name, orbit_pipeline::panic_text(p))
-                    .await;
-            }
-        }
+        or_on_panic(
+            run(sh.clone(), msg, def, queue, permit),
+            move |panic| async move { guard.settle(&sh2, def.name, panic).await },
+        )
         .instrument(span),
     );
+}
+
+/// Runs `fut`; should it panic, `on_panic` runs with the panic's message instead of the panic
+/// going on up (where it would end the spawned task and leave its message unsettled).
+async fn or_on_panic<F, G, H>(fut: F, on_panic: G)
+where
+    F: std::future::Future<Output = ()>,
+    G: FnOnce(String) -> H,
+    H: std::future::Future<Output = ()>,
+{
+    use futures::FutureExt;
+    if let Err(p) = std::panic::AssertUnwindSafe(fut).catch_unwind().await {
+        on_panic(orbit_pipeline::panic_text(p)).await;
+    }
 }
 
 /// What settles a message whose handling panicked outside the task itself (the task's own
@@ -449,5 +456,34 @@ fn panic_text(e: tokio::task::JoinError) -> String {
         orbit_pipeline::panic_text(e.into_panic())
     } else {
         "task was cancelled".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_in_a_messages_handling_reaches_its_settlement() {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let s = seen.clone();
+        or_on_panic(
+            async {
+                let v: Vec<u8> = Vec::new();
+                let _ = v[usize::from(v.is_empty())]; // index out of bounds
+            },
+            move |p| async move {
+                *s.lock().unwrap() = Some(p);
+            },
+        )
+        .await;
+        let p = seen
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("the panic was not handed on");
+        assert!(p.contains("index out of bounds"), "{p}");
+        // And a future that ends normally never calls it.
+        or_on_panic(async {}, |_| async { panic!("called for no panic") }).await;
     }
 }

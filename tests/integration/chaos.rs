@@ -146,7 +146,7 @@ fn chaos_rounds_lose_nothing_and_leave_nothing_stuck() {
     let seed: u64 = std::env::var("ORBIT_CHAOS_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0x5eed_c4a0_5);
+        .unwrap_or(0x5eed_c4a0);
     let mut rng = Rng(seed);
     let db = PgDb::seeded(&fixture("sample.jsonl"));
     let mut redis = RedisServer::start(true);

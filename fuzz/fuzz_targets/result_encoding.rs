@@ -1,0 +1,35 @@
+//! The result and exception encoders: any strings and any JSON value give a record that is JSON,
+//! names the task id given, and keeps the value.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use orbit_worker::celery::result::{encode_meta, py_str_repr, ExceptionInfo, Outcome};
+
+fuzz_target!(|data: &[u8]| {
+    let text = String::from_utf8_lossy(data);
+    let mut parts = text.splitn(5, '\u{1}');
+    let id = parts.next().unwrap_or("");
+    let exc_type = parts.next().unwrap_or("");
+    let module = parts.next().unwrap_or("");
+    let message = parts.next().unwrap_or("");
+    let rest = parts.next().unwrap_or("");
+    let now = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+    let value: serde_json::Value =
+        serde_json::from_str(rest).unwrap_or(serde_json::Value::String(rest.into()));
+    let exc = ExceptionInfo::raised(exc_type, module, message, id);
+    let _ = exc.repr();
+    let _ = py_str_repr(message);
+    for outcome in [
+        Outcome::Success(value.clone()),
+        Outcome::Failure(exc.clone()),
+        Outcome::Retry(exc),
+        Outcome::Revoked { expired: true },
+    ] {
+        let meta = encode_meta(id, Some(message), &outcome, now);
+        let back: serde_json::Value = serde_json::from_str(&meta).expect("a record is JSON");
+        assert_eq!(back["task_id"], id);
+        if let Outcome::Success(_) = outcome {
+            assert_eq!(back["result"], value);
+        }
+    }
+});
