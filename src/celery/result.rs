@@ -255,6 +255,18 @@ mod tests {
         assert_eq!(py_str_repr("a'b\"c\n"), "'a\\'b\"c\\n'");
     }
 
+    /// Found by the `result_encoding` fuzz target: a record carries its value's own encoding
+    /// (a long integer literal read as a float included), never a re-rounded one.
+    #[test]
+    fn a_value_is_carried_as_it_encodes() {
+        let v: Value = serde_json::from_str(&format!(r#"{{"a": [{}]}}"#, "1".repeat(51))).unwrap();
+        let meta = encode_meta("id", None, &Outcome::Success(v.clone()), Utc::now());
+        assert!(
+            meta.contains(&format!("\"result\": {}", to_python_json(&v))),
+            "{meta}"
+        );
+    }
+
     /// Rebuilt from what each captured record says, our encoding is the captured bytes.
     #[test]
     fn captured_results_are_byte_identical() {
