@@ -76,6 +76,17 @@ fn byte_flags(s: &str) -> u8 {
     s.bytes().fold(0, |acc, b| acc | BYTE_FLAGS[b as usize])
 }
 
+/// The largest byte index of `s` at most `max` that falls on a character boundary: where to cut
+/// a text to a byte budget without splitting a character (`str::floor_char_boundary`, which
+/// this crate's minimum Rust does not have).
+pub fn floor_char_boundary(s: &str, max: usize) -> usize {
+    let mut at = max.min(s.len());
+    while !s.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
+}
+
 /// The whole text transformation, exposed for tests and benches. Hidden characters (controls
 /// other than line breaks and tabs, invisible format characters) go first, so the markup look
 /// sees the text as it reads: `"\0***"` is a thematic break, as `"***"` is. Texts without one

@@ -80,10 +80,7 @@ fn fold_unicode(word: &str, out: &mut String) {
     let composed: String = out.nfc().collect();
     *out = composed;
     if out.len() > MAX_TERM_BYTES {
-        let mut end = MAX_TERM_BYTES;
-        while !out.is_char_boundary(end) {
-            end -= 1;
-        }
+        let end = crate::clean::floor_char_boundary(out, MAX_TERM_BYTES);
         out.truncate(end);
     }
 }

@@ -275,10 +275,7 @@ impl DeadLetters {
     /// The record kept in `orbit.dead`: why, from which list, when, and the message as received,
     /// cut to `max_entry_bytes` (on a character boundary) with its full size noted.
     pub fn record(&self, reason: &str, list: &str, raw: &str) -> String {
-        let mut cut = raw.len().min(self.max_entry_bytes);
-        while !raw.is_char_boundary(cut) {
-            cut -= 1;
-        }
+        let cut = orbit_pipeline::clean::floor_char_boundary(raw, self.max_entry_bytes);
         let mut v = serde_json::json!({
             "reason": reason,
             "queue": list,

@@ -68,7 +68,8 @@ pub fn run(
         };
         for d in batch.docs.iter_mut() {
             if d.text.len() > max_document_bytes {
-                cut_at(&mut d.text, max_document_bytes);
+                let at = crate::clean::floor_char_boundary(&d.text, max_document_bytes);
+                d.text.truncate(at);
                 docs.truncated += 1;
             }
         }
@@ -171,15 +172,6 @@ fn send(
         meter.tokens += c.token_count as u64;
     }
     meter.blocking_send(tx, batch)
-}
-
-/// Cuts `text` to at most `max` bytes, back to the last character boundary.
-fn cut_at(text: &mut String, max: usize) {
-    let mut at = max.min(text.len());
-    while !text.is_char_boundary(at) {
-        at -= 1;
-    }
-    text.truncate(at);
 }
 
 #[cfg(test)]
