@@ -72,7 +72,9 @@ fn fold(word: &str, out: &mut String) {
 fn fold_unicode(word: &str, out: &mut String) {
     out.clear();
     for c in word.nfd() {
-        if is_optional_mark(c) || (c.is_ascii() && !c.is_ascii_alphanumeric()) {
+        // A control character inside a word (a C1 control such as U+0095, which the segmenter
+        // joins to a following combining mark) is no letter of it.
+        if is_optional_mark(c) || c.is_control() || (c.is_ascii() && !c.is_ascii_alphanumeric()) {
             continue;
         }
         out.extend(c.to_lowercase());
@@ -216,6 +218,20 @@ mod tests {
         let mut s = STOP_WORDS.to_vec();
         s.sort_unstable();
         assert_eq!(s, STOP_WORDS, "binary_search needs the list sorted");
+    }
+
+    /// Fuzz finding (cleaner target): a C1 control (U+0095) before a Devanagari vowel sign is one
+    /// segmenter word, and the control stayed in its term; the store's FTS5 query quotes each
+    /// term and relies on terms holding no control character.
+    #[test]
+    fn no_term_holds_a_control_character() {
+        for text in ["\u{95}\u{93e}", "a\u{85}\u{301}b", "\u{9f}\u{94d} x"] {
+            for t in query_terms(text) {
+                assert!(!t.chars().any(char::is_control), "{text:?} gave {t:?}");
+                assert!(!t.is_empty());
+            }
+        }
+        assert_eq!(query_terms("\u{95}\u{93e}"), vec!["\u{93e}"]);
     }
 
     #[test]
