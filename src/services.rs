@@ -97,6 +97,13 @@ impl Services {
         })
     }
 
+    /// Uses `embedder` instead of the configured one: for a program embedding the worker as a
+    /// library with an embedder of its own (and for tests of how the worker treats one).
+    pub fn with_embedder(self, embedder: Arc<dyn Embedder>) -> Self {
+        let _ = self.embedder.set(embedder);
+        self
+    }
+
     pub async fn embedder(&self) -> Result<Arc<dyn Embedder>> {
         let s = &self.settings;
         self.embedder

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use orbit_pipeline::embed::{EmbedError, EmbedLimits, Embedder, HashingEmbedder};
 use orbit_pipeline::secret::Secret;
 use orbit_worker::config::{Settings, Table};
 use orbit_worker::services::Services;
@@ -39,13 +40,28 @@ struct InProcess {
 
 impl InProcess {
     fn start(redis: &RedisServer, q: &str) -> Self {
+        Self::start_with(redis, q, &[], None)
+    }
+
+    /// With more settings, and optionally an embedder of the test's own.
+    fn start_with(
+        redis: &RedisServer,
+        q: &str,
+        more: &[(&str, &str)],
+        embedder: Option<Arc<dyn Embedder>>,
+    ) -> Self {
         let url = redis.url();
-        let vars = [
+        let mut vars = vec![
             ("ORBIT_CACHE_URL", url.as_str()),
             ("ORBIT_EMBEDDER", "hashing"),
         ];
+        vars.extend_from_slice(more);
         let (shared, blocks) = Settings::from_vars(&Table(&vars)).unwrap().split();
-        let services = Arc::new(Services::new(shared).unwrap());
+        let mut services = Services::new(shared).unwrap();
+        if let Some(e) = embedder {
+            services = services.with_embedder(e);
+        }
+        let services = Arc::new(services);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -120,6 +136,78 @@ fn an_absurd_time_limit_header_is_bounded_not_a_poison_message() {
         let meta = wait_meta(&redis, id, "SUCCESS", Duration::from_secs(30));
         assert_eq!(meta["result"]["args"], json!([arg]));
     }
+    worker.stop(&redis);
+}
+
+/// An embedder that holds the runtime thread it is polled on (blocking code that no abort can
+/// reach, as a C library stuck in a call would) the first time it is called, then hashes.
+struct StuckOnce {
+    inner: HashingEmbedder,
+    stuck: std::sync::atomic::AtomicBool,
+    hold: Duration,
+}
+
+#[async_trait::async_trait]
+impl Embedder for StuckOnce {
+    fn model_id(&self) -> &str {
+        self.inner.model_id()
+    }
+    fn dimension(&self) -> usize {
+        self.inner.dimension()
+    }
+    fn limits(&self) -> EmbedLimits {
+        self.inner.limits()
+    }
+    async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, EmbedError> {
+        if !self.stuck.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(self.hold);
+        }
+        self.inner.embed(texts).await
+    }
+}
+
+/// Issue 13, defect 5: a build past its hard time limit kept its build lock (renewed, as its
+/// future was never dropped while its thread was stuck), so the next build of the user was
+/// coalesced into the dead one and never ran. The worker's abort hook now releases the lock
+/// by value once the abort's drop has had its bounded wait.
+#[test]
+fn a_build_stuck_past_its_hard_limit_does_not_keep_the_users_lock() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("stuck-build");
+    let data = tempfile::tempdir().unwrap();
+    let source = format!("{}/fixtures/sample.jsonl", env!("CARGO_MANIFEST_DIR"));
+    let dir = data.path().to_str().unwrap();
+    let stuck = Arc::new(StuckOnce {
+        inner: HashingEmbedder::new(64),
+        stuck: false.into(),
+        // Past the hard limit (2 s) and the worker's 10 s wait for the aborted task's drop.
+        hold: Duration::from_secs(25),
+    });
+    let worker = InProcess::start_with(
+        &redis,
+        &q,
+        &[("ORBIT_SOURCE", source.as_str()), ("ORBIT_DATA_DIR", dir)],
+        Some(stuck),
+    );
+    let ids = send(
+        &redis,
+        &q,
+        json!([{"name": "orbitpilot.build_memory", "args": [3, 101],
+                "options": {"time_limit": 2}}]),
+    );
+    let dead = wait_meta(&redis, &ids[0], "FAILURE", Duration::from_secs(40));
+    assert_eq!(dead["result"]["exc_type"], "TimeLimitExceeded", "{dead}");
+    // The stuck thread still holds the dead build's future: the next build must not follow it.
+    let ids = send(
+        &redis,
+        &q,
+        json!([{"name": "orbitpilot.build_memory", "args": [3, 102]}]),
+    );
+    let next = wait_meta(&redis, &ids[0], "SUCCESS", Duration::from_secs(40));
+    assert_eq!(
+        next["result"]["status"], "completed",
+        "not coalesced into the dead build: {next}"
+    );
     worker.stop(&redis);
 }
 
