@@ -16,7 +16,7 @@ export ORBIT_MODEL_DIR ?= $(MODEL_DIR)
 export TIKTOKEN_CACHE_DIR ?= $(TIKTOKEN_DIR)
 export ORBIT_TEST_PYTHON ?= $(VENV)/bin/python
 
-.PHONY: node-servers postgres all demo test eval bench bench-e2e bench-celery lint model venv tiktoken-cache corpus-100m corpus-1g tools release clean chaos fuzz fuzz-smoke cargo-fuzz
+.PHONY: qdrant node-servers postgres all demo test eval bench bench-e2e bench-celery lint model venv tiktoken-cache corpus-100m corpus-1g tools release clean chaos fuzz fuzz-smoke cargo-fuzz
 
 all: release
 
@@ -81,6 +81,22 @@ $(TIKTOKEN_DIR)/.ok:
 	done
 	touch $@
 
+# The Qdrant 1.18 server the store tests run against (no registry ships one): built from its
+# public source into ../shared/tools/qdrant (its README says how), copied into the cache so a
+# clone anywhere finds it. The tests start one per test process on free loopback ports.
+QDRANT_TOOLS ?= $(firstword $(wildcard $(CURDIR)/../shared/tools/qdrant /work/shared/tools/qdrant))
+QDRANT_CACHE_TOOLS := $(CACHE)/qdrant-tools
+export ORBIT_QDRANT_START ?= $(QDRANT_CACHE_TOOLS)/start-qdrant
+qdrant: $(QDRANT_CACHE_TOOLS)/.ok
+$(QDRANT_CACHE_TOOLS)/.ok:
+	@test -n "$(QDRANT_TOOLS)" && test -f "$(QDRANT_TOOLS)/qdrant.xz" || { \
+	  echo "the Qdrant server for the tests is missing: expected ../shared/tools/qdrant (qdrant.xz, start-qdrant; see its README), or set QDRANT_TOOLS"; exit 1; }
+	@mkdir -p $(QDRANT_CACHE_TOOLS)
+	cp $(QDRANT_TOOLS)/qdrant.xz $(QDRANT_TOOLS)/start-qdrant $(QDRANT_TOOLS)/README.md $(QDRANT_TOOLS)/LICENSE $(QDRANT_CACHE_TOOLS)/
+	chmod u+w,+x $(QDRANT_CACHE_TOOLS)/start-qdrant
+	d=$$(mktemp -d); read http grpc pid < <(bash $(QDRANT_CACHE_TOOLS)/start-qdrant $$d) && kill $$pid; rm -rf $$d
+	touch $@
+
 release: tools
 	cargo build --release --bin orbit-worker
 
@@ -94,7 +110,7 @@ demo: tools model release
 	@echo; echo '$$ orbit-worker ask --user 1 "What medication does Pickles the cat take?"'
 	ORBIT_DATA_DIR=$(DEMO_DATA) ORBIT_CHAT_MODEL= $(BIN) ask --user 1 "What medication does Pickles the cat take?"
 
-test: tools postgres model venv tiktoken-cache node-servers
+test: tools postgres model venv tiktoken-cache node-servers qdrant
 	cargo test --workspace --all-targets --no-fail-fast
 	$(MAKE) chaos ROUNDS=2
 	$(MAKE) fuzz-smoke

@@ -176,6 +176,42 @@ pub struct PipelineConfig {
     pub embed_timeout: Duration,
     /// How long a build lock lives without renewal (a dead worker's lock frees itself).
     pub build_lock_ttl: Duration,
+    /// The Qdrant server store, when QDRANT_URL is set; else the embedded store in `data_dir`.
+    pub qdrant: Option<orbit_pipeline::store::QdrantSettings>,
+}
+
+/// QDRANT_URL (the gRPC port, 6334), QDRANT_API_KEY, ORBIT_QDRANT_ALIAS, ORBIT_QDRANT_TIMEOUT.
+fn qdrant(v: &dyn Vars) -> Result<Option<orbit_pipeline::store::QdrantSettings>> {
+    let Some(url) = var(v, "QDRANT_URL") else {
+        return Ok(None);
+    };
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(bad(
+            "QDRANT_URL",
+            "must be an http(s) URL of the gRPC port, like http://127.0.0.1:6334",
+        ));
+    }
+    let alias = var(v, "ORBIT_QDRANT_ALIAS")
+        .unwrap_or_else(|| orbit_pipeline::store::DEFAULT_ALIAS.to_string());
+    // What Qdrant accepts in a name, and short enough for the versions named after it.
+    if alias.is_empty()
+        || alias.len() > 100
+        || !alias
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(bad(
+            "ORBIT_QDRANT_ALIAS",
+            "must be 1 to 100 of A-Z, a-z, 0-9, _ and -",
+        ));
+    }
+    Ok(Some(orbit_pipeline::store::QdrantSettings {
+        url,
+        api_key: secret(v, "QDRANT_API_KEY"),
+        alias,
+        timeout: positive_seconds(v, "ORBIT_QDRANT_TIMEOUT", 30.0)?,
+        lexical: parse(v, "ORBIT_LEXICAL_INDEX")?.unwrap_or(true),
+    }))
 }
 
 impl PipelineConfig {
@@ -218,6 +254,7 @@ impl PipelineConfig {
             embed_batch_tokens: parse(v, "ORBIT_EMBED_BATCH_TOKENS")?,
             embed_timeout: positive_seconds(v, "ORBIT_EMBED_TIMEOUT", 60.0)?,
             build_lock_ttl: seconds(v, "ORBIT_BUILD_LOCK_TTL", 60.0)?,
+            qdrant: qdrant(v)?,
         };
         if c.build_lock_ttl < Duration::from_secs(3) {
             return Err(bad("ORBIT_BUILD_LOCK_TTL", "must be at least 3 seconds"));

@@ -41,7 +41,14 @@ pub fn embedder(
     Ok(Arc::new(WithLimits::new(base, limits)))
 }
 
+/// The Qdrant server when QDRANT_URL is set, else the embedded store in ORBIT_DATA_DIR.
 pub async fn store(s: &PipelineConfig) -> Result<Arc<dyn VectorStore>> {
+    if let Some(q) = &s.qdrant {
+        let store = orbit_pipeline::store::QdrantStore::connect(q.clone())
+            .await
+            .with_context(|| format!("connecting to the Qdrant server at {}", q.url))?;
+        return Ok(Arc::new(store));
+    }
     Ok(Arc::new(
         SqliteStore::open_with(&s.data_dir, s.lexical_index)
             .await

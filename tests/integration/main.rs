@@ -4,6 +4,8 @@
 
 #[path = "../../pipeline/tests/support/common.rs"]
 mod helpers;
+#[path = "../../pipeline/tests/support/qdrant.rs"]
+mod qdrant_server;
 
 mod app;
 mod app_harness;
@@ -12,5 +14,6 @@ mod celery_harness;
 mod chaos;
 mod cli;
 mod in_process;
+mod qdrant;
 mod security;
 mod side;

@@ -1,7 +1,8 @@
-//! Store: the `VectorStore` trait (vectors and, beside them, the lexical index of the same points)
-//! and the embedded SQLite implementation with exact search and FTS5.
+//! Store: the `VectorStore` trait (vectors and, beside them, the lexical index of the same points),
+//! the embedded SQLite implementation with exact search and FTS5, and the Qdrant server one.
 
 mod null;
+mod qdrant;
 mod sqlite;
 pub mod vector_cache;
 
@@ -10,6 +11,9 @@ use serde::Serialize;
 use uuid::Uuid;
 
 pub use null::NullStore;
+pub use qdrant::{
+    collection_name as qdrant_collection_name, QdrantSettings, QdrantStore, DEFAULT_ALIAS,
+};
 pub use sqlite::SqliteStore;
 
 use crate::search::Fusion;
@@ -30,6 +34,10 @@ pub enum StoreError {
     },
     #[error("vector store: {0}")]
     Backend(String),
+    /// Needs a human: a refused API key, a collection of another shape, a server that is not
+    /// Qdrant. Never retried.
+    #[error("vector store configuration: {0}")]
+    Config(String),
     #[error("query vector has {got} dimensions, store has {want}")]
     Dimension { got: usize, want: usize },
 }
@@ -44,6 +52,27 @@ impl crate::retry::Retryable for StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         StoreError::Backend(e.to_string())
+    }
+}
+
+/// The prefix every indexed term of `user_id` carries: a letter, the digits, `x`, so no user's
+/// prefix is another's (`-5` is `n5x`, never `u5x`) and the ASCII tokenizer keeps it whole.
+/// Per-user terms give each user document frequencies of their own memory in both stores.
+pub(crate) fn term_prefix(user_id: i64) -> String {
+    let sign = if user_id < 0 { 'n' } else { 'u' };
+    format!("{sign}{}x", user_id.unsigned_abs())
+}
+
+/// A chunk's index terms (`Chunk::terms`), computed here if a producer left them empty.
+pub(crate) fn chunk_terms<'a>(
+    title: Option<&str>,
+    text: &str,
+    terms: &'a str,
+) -> std::borrow::Cow<'a, str> {
+    if terms.is_empty() && !text.is_empty() {
+        std::borrow::Cow::Owned(crate::lexical::index_terms(title, text))
+    } else {
+        std::borrow::Cow::Borrowed(terms)
     }
 }
 

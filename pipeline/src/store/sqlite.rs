@@ -23,7 +23,7 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use uuid::Uuid;
 
 use super::vector_cache::{UserCache, UserVectors, VectorCache, Versioned, VECTOR_CACHE_BYTES};
-use super::{BuildGeneration, SearchHit, StoreError, VectorStore};
+use super::{chunk_terms, term_prefix, BuildGeneration, SearchHit, StoreError, VectorStore};
 use crate::types::BuildScope;
 use crate::types::EmbeddedChunk;
 
@@ -107,23 +107,10 @@ pub struct SqliteStore {
     lexical: bool,
 }
 
-/// The prefix every indexed term of `user_id` carries: a letter, the digits, `x`, so no user's
-/// prefix is another's (`-5` is `n5x`, never `u5x`) and the ASCII tokenizer keeps it whole.
-fn term_prefix(user_id: i64) -> String {
-    let sign = if user_id < 0 { 'n' } else { 'u' };
-    format!("{sign}{}x", user_id.unsigned_abs())
-}
-
 /// The stored terms of a chunk: its index terms (`Chunk::terms`, computed here if a producer
 /// left them empty), each with the user's prefix.
 fn indexed_terms(user_id: i64, title: Option<&str>, text: &str, terms: &str) -> String {
-    let computed;
-    let terms = if terms.is_empty() && !text.is_empty() {
-        computed = crate::lexical::index_terms(title, text);
-        &computed
-    } else {
-        terms
-    };
+    let terms = chunk_terms(title, text, terms);
     let prefix = term_prefix(user_id);
     let mut out = String::with_capacity(terms.len() + (prefix.len() + 1) * terms.len() / 6);
     for t in terms.split(' ').filter(|t| !t.is_empty()) {

@@ -5,6 +5,10 @@
 #[path = "../support/common.rs"]
 mod helpers;
 
+#[path = "../support/qdrant.rs"]
+mod qdrant_server;
+
+mod conformance;
 mod env;
 mod local_model;
 mod openai;
