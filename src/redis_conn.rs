@@ -20,6 +20,27 @@ pub enum ConnError {
     Url { url: String, reason: String },
 }
 
+impl ConnError {
+    /// The server's TLS refused us or we refused its certificate (an unknown CA, a name that does
+    /// not match, no client certificate where one is required): configuration, which waiting
+    /// never fixes, unlike a refused or dropped connection. rustls reports these as text only.
+    pub fn is_tls_refusal(&self) -> bool {
+        let ConnError::Redis(e) = self else {
+            return false;
+        };
+        let text = e.to_string();
+        [
+            "invalid peer certificate",
+            "peer sent no certificates",
+            "received fatal alert",
+            "InvalidCertificate",
+            "UnknownIssuer",
+        ]
+        .iter()
+        .any(|m| text.contains(m))
+    }
+}
+
 /// `redis://:secret@host/0` → `redis://:***@host/0`, and `?password=secret` → `?password=***`
 /// (the form redis-py and kombu also take), for logs.
 pub fn redact_url(url: &str) -> String {
@@ -44,11 +65,16 @@ pub fn redact_url(url: &str) -> String {
 
 /// The `password` query parameter, percent-decoded (as redis-py reads it).
 fn query_password(url: &str) -> Option<String> {
+    query_param(url, "password")
+}
+
+/// A query parameter of the URL (name case-insensitive), percent-decoded.
+fn query_param(url: &str, name: &str) -> Option<String> {
     let (_, q) = url.split_once('?')?;
     let q = q.split('#').next().unwrap_or(q);
     let v = q.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
-        k.eq_ignore_ascii_case("password").then_some(v)
+        k.eq_ignore_ascii_case(name).then_some(v)
     })?;
     let b = v.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -71,6 +97,50 @@ fn query_password(url: &str) -> Option<String> {
         }
     }
     Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// The TLS options of a `rediss://` URL, spelled as kombu and redis-py read them from the query:
+/// `ssl_cert_reqs` (`required`, `optional`, `none`, or `CERT_REQUIRED`…), `ssl_ca_certs` (a PEM
+/// file of the CAs to trust instead of the system's), `ssl_certfile` and `ssl_keyfile` (a client
+/// certificate, for servers that ask for one).
+#[derive(Debug, Default, PartialEq)]
+struct TlsOptions {
+    /// False only for `ssl_cert_reqs=none`: the server's certificate is not checked.
+    verify: bool,
+    ca_certs: Option<String>,
+    certfile: Option<String>,
+    keyfile: Option<String>,
+}
+
+fn tls_options(url: &str) -> Result<Option<TlsOptions>, String> {
+    if !url
+        .get(..9)
+        .is_some_and(|s| s.eq_ignore_ascii_case("rediss://"))
+    {
+        return Ok(None);
+    }
+    let reqs = query_param(url, "ssl_cert_reqs").unwrap_or_else(|| "required".into());
+    // CERT_OPTIONAL on a client checks the certificate the server sends, and a TLS server always
+    // sends one: the same as required.
+    let verify = match reqs.to_ascii_lowercase().trim_start_matches("cert_") {
+        "required" | "optional" => true,
+        "none" => false,
+        other => {
+            return Err(format!(
+                "ssl_cert_reqs={other:?}: expected required, optional or none"
+            ))
+        }
+    };
+    let o = TlsOptions {
+        verify,
+        ca_certs: query_param(url, "ssl_ca_certs"),
+        certfile: query_param(url, "ssl_certfile"),
+        keyfile: query_param(url, "ssl_keyfile"),
+    };
+    if o.certfile.is_some() != o.keyfile.is_some() {
+        return Err("ssl_certfile and ssl_keyfile go together".into());
+    }
+    Ok(Some(o))
 }
 
 fn redact_userinfo(url: &str) -> String {
@@ -113,7 +183,57 @@ impl RedisConn {
                 info = info.set_redis_settings(settings);
             }
         }
-        let client = redis::Client::open(info).map_err(bad)?;
+        let tls = tls_options(url).map_err(|reason| ConnError::Url {
+            url: redact_url(url),
+            reason,
+        })?;
+        let client = match tls {
+            None => redis::Client::open(info).map_err(bad)?,
+            Some(o) => {
+                if !o.verify {
+                    if let redis::ConnectionAddr::TcpTls {
+                        host,
+                        port,
+                        tls_params,
+                        ..
+                    } = info.addr().clone()
+                    {
+                        info = info.set_addr(redis::ConnectionAddr::TcpTls {
+                            host,
+                            port,
+                            insecure: true,
+                            tls_params,
+                        });
+                    }
+                }
+                let read = |what: &str, path: &str| {
+                    std::fs::read(path).map_err(|e| ConnError::Url {
+                        url: redact_url(url),
+                        reason: format!("cannot read {what} {path}: {e}"),
+                    })
+                };
+                let root_cert = o
+                    .ca_certs
+                    .as_deref()
+                    .map(|p| read("ssl_ca_certs", p))
+                    .transpose()?;
+                let client_tls = match (&o.certfile, &o.keyfile) {
+                    (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
+                        client_cert: read("ssl_certfile", c)?,
+                        client_key: read("ssl_keyfile", k)?,
+                    }),
+                    _ => None,
+                };
+                redis::Client::build_with_tls(
+                    info,
+                    redis::TlsCertificates {
+                        client_tls,
+                        root_cert,
+                    },
+                )
+                .map_err(bad)?
+            }
+        };
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(reply_timeout));
@@ -165,6 +285,31 @@ impl RedisConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_options_are_read_as_kombu_spells_them() {
+        assert_eq!(tls_options("redis://h/0").unwrap(), None);
+        let o = tls_options("rediss://h:6380/0").unwrap().unwrap();
+        assert!(o.verify && o.ca_certs.is_none(), "verified by default");
+        let o = tls_options("rediss://h/0?ssl_cert_reqs=CERT_NONE")
+            .unwrap()
+            .unwrap();
+        assert!(!o.verify);
+        let o = tls_options("REDISS://h/0?ssl_cert_reqs=optional&ssl_ca_certs=%2Ftmp%2Fca.pem")
+            .unwrap()
+            .unwrap();
+        assert!(o.verify);
+        assert_eq!(o.ca_certs.as_deref(), Some("/tmp/ca.pem"));
+        let o = tls_options("rediss://h/0?ssl_certfile=/c.pem&ssl_keyfile=/k.pem")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (o.certfile.as_deref(), o.keyfile.as_deref()),
+            (Some("/c.pem"), Some("/k.pem"))
+        );
+        assert!(tls_options("rediss://h/0?ssl_cert_reqs=maybe").is_err());
+        assert!(tls_options("rediss://h/0?ssl_certfile=/c.pem").is_err());
+    }
 
     #[test]
     fn query_passwords_are_read_and_never_shown() {

@@ -200,6 +200,22 @@ pub async fn run(
     if o.events {
         tracing::info!("-E: task events are not sent yet; they come with the monitoring work");
     }
+    // A TLS refusal (a CA that does not sign the server's certificate, ssl_cert_reqs against a
+    // self-signed server) is configuration: said once, and the worker stops.
+    for (what, conn) in [
+        ("broker", &sh.broker.ops),
+        ("result backend", &sh.backend.conn),
+        ("cache", &*sh.services.locks),
+    ] {
+        if let Err(e) = conn.ping().await {
+            if e.is_tls_refusal() {
+                anyhow::bail!(
+                    "cannot connect to the {what} over TLS: {e}; check ssl_ca_certs and \
+                     ssl_cert_reqs in its rediss:// URL"
+                );
+            }
+        }
+    }
     // Never a silent hang: each failed attempt to reach Redis logs, then we keep trying.
     tokio::select! {
         _ = persist("connect to broker", || sh.broker.ops.ping()) => {}

@@ -35,6 +35,92 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     persist: bool,
     child: Option<Child>,
+    /// A TLS-only server (`start_tls`): its throwaway CA and certificate.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A throwaway CA, a server certificate it signs for 127.0.0.1, and a second CA that signs
+/// nothing here (the wrong one).
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub wrong_ca: PathBuf,
+}
+
+impl TlsFiles {
+    /// Made with the openssl command, as an operator would.
+    pub fn make(dir: &std::path::Path) -> TlsFiles {
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        for ca in ["ca", "wrong-ca"] {
+            run(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=orbit test {ca}"),
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.pem"),
+            ]);
+        }
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+        )
+        .unwrap();
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.pem",
+        ]);
+        TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+            wrong_ca: dir.join("wrong-ca.pem"),
+        }
+    }
 }
 
 impl RedisServer {
@@ -45,6 +131,22 @@ impl RedisServer {
             dir: tempfile::tempdir().unwrap(),
             persist,
             child: None,
+            tls: None,
+        };
+        s.spawn();
+        s
+    }
+
+    /// A redis-server that speaks TLS only (no plain port), with a CA of the test's own.
+    pub fn start_tls() -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = TlsFiles::make(dir.path());
+        let mut s = RedisServer {
+            port: free_port(),
+            dir,
+            persist: false,
+            child: None,
+            tls: Some(tls),
         };
         s.spawn();
         s
@@ -52,15 +154,21 @@ impl RedisServer {
 
     fn spawn(&mut self) {
         let aof = if self.persist { "yes" } else { "no" };
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
+        let mut cmd = Command::new("redis-server");
+        match &self.tls {
+            None => cmd.args(["--port", &self.port.to_string()]),
+            Some(t) => cmd
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&t.cert)
+                .arg("--tls-key-file")
+                .arg(&t.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&t.ca)
+                .args(["--tls-auth-clients", "no"]),
+        };
+        let child = cmd
+            .args(["--bind", "127.0.0.1", "--save", ""])
             .args(["--appendonly", aof, "--appendfsync", "always"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -69,23 +177,49 @@ impl RedisServer {
             .spawn()
             .expect("redis-server (make test installs it)");
         self.child = Some(child);
-        let url = self.url();
         wait_for("redis-server to answer", Duration::from_secs(10), || {
-            let c = redis::Client::open(url.as_str()).ok()?;
-            let mut con = c.get_connection().ok()?;
+            let mut con = self.client().get_connection().ok()?;
             redis::cmd("PING").query::<String>(&mut con).ok()
         });
     }
 
+    /// The URL as kombu and our worker read it: `rediss://…?ssl_cert_reqs=required&ssl_ca_certs=…`
+    /// for a TLS server.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        match &self.tls {
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+            Some(t) => self.tls_url(&format!(
+                "ssl_cert_reqs=required&ssl_ca_certs={}",
+                t.ca.display()
+            )),
+        }
+    }
+
+    pub fn tls_files(&self) -> &TlsFiles {
+        self.tls.as_ref().expect("a TLS server (start_tls)")
+    }
+
+    /// The TLS URL with another query (`ssl_cert_reqs=none`, a wrong CA, …).
+    pub fn tls_url(&self, query: &str) -> String {
+        format!("rediss://127.0.0.1:{}/0?{query}", self.port)
+    }
+
+    fn client(&self) -> redis::Client {
+        match &self.tls {
+            None => redis::Client::open(self.url().as_str()).unwrap(),
+            Some(t) => redis::Client::build_with_tls(
+                format!("rediss://127.0.0.1:{}/0", self.port).as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(&t.ca).unwrap()),
+                },
+            )
+            .unwrap(),
+        }
     }
 
     pub fn con(&self) -> redis::Connection {
-        redis::Client::open(self.url().as_str())
-            .unwrap()
-            .get_connection()
-            .unwrap()
+        self.client().get_connection().unwrap()
     }
 
     pub fn kill(&mut self) {

@@ -17,3 +17,4 @@ mod in_process;
 mod qdrant;
 mod security;
 mod side;
+mod tls;
