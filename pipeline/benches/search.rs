@@ -1,20 +1,28 @@
-//! Search latency on the embedded store, inside one process (no process start, no model): a user
-//! with 10 k and one with 100 k chunks of chat-like text among other users, 384-dimension
-//! vectors, questions of a few words. Prints p50 / p99 / max per mode, with each mode's first
-//! (cold) search shown apart: dense reads the user's vectors into memory, lexical their term
-//! counts.
+//! Search latency on the embedded store and on a Qdrant server, side by side, inside one process
+//! (no process start, no model): a user with 10 k and one with 100 k chunks of chat-like text
+//! among other users, 384-dimension vectors, questions of a few words; the same seeded data and
+//! questions in both stores. Prints p50 / p99 / max per store and mode, with each mode's first
+//! (cold) search shown apart: the embedded dense search reads the user's vectors into memory,
+//! lexical their term counts.
 //!
-//! `cargo bench -p orbit-pipeline --bench search` (ORBIT_BENCH_SEARCH_SIZES=10000,100000). Under
+//! `cargo bench -p orbit-pipeline --bench search` (ORBIT_BENCH_SEARCH_SIZES=10000,100000). The
+//! Qdrant server is the tests' (`make qdrant`; started on free loopback ports), or QDRANT_URL;
+//! without either the Qdrant rows are skipped with a line saying so. Under
 //! `cargo test --all-targets` (no `--bench` argument) it runs once small, as a smoke test.
 
 use std::time::Instant;
 
 use orbit_pipeline::report::percentile;
 use orbit_pipeline::search::{search, Fusion, SearchMode, SearchRequest};
-use orbit_pipeline::store::{SqliteStore, VectorStore};
+use orbit_pipeline::store::{QdrantSettings, QdrantStore, SqliteStore, VectorStore};
 use orbit_pipeline::types::{Chunk, EmbeddedChunk};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
+
+#[path = "../tests/support/common.rs"]
+mod helpers;
+#[path = "../tests/support/qdrant.rs"]
+mod qdrant_server;
 
 const DIM: usize = 384;
 /// Questions timed per mode and size: enough for a p99 that is not the maximum.
@@ -36,7 +44,7 @@ fn unit_vector(rng: &mut StdRng) -> Vec<f32> {
     v.into_iter().map(|x| x / n).collect()
 }
 
-async fn fill(store: &SqliteStore, user: i64, n: usize, rng: &mut StdRng) {
+async fn fill(store: &dyn VectorStore, user: i64, n: usize, rng: &mut StdRng) {
     let gen = store.begin_build().await.unwrap();
     let mut batch = Vec::with_capacity(512);
     for i in 0..n {
@@ -62,24 +70,75 @@ async fn main() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
+    println!("search latency, {DIM} dims, {questions_per_row} questions per row (ms)");
+    println!(
+        "{:<9} {:>8} {:<8} {:>8} {:>8} {:>8} {:>10}",
+        "store", "chunks", "mode", "p50", "p99", "max", "cold"
+    );
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path()).await.unwrap();
+    let embedded = SqliteStore::open(dir.path()).await.unwrap();
+    run("embedded", &embedded, &sizes, questions_per_row, benching).await;
+    let _server;
+    let url = match std::env::var("QDRANT_URL") {
+        Ok(u) => Some(u),
+        Err(_) if qdrant_available() => {
+            _server = qdrant_server::QdrantServer::start_with(&[]);
+            Some(_server.url())
+        }
+        Err(_) => None,
+    };
+    let Some(url) = url else {
+        println!("qdrant: skipped (no QDRANT_URL and no test server: `make qdrant`)");
+        return;
+    };
+    let qdrant = QdrantStore::connect(QdrantSettings {
+        url,
+        api_key: std::env::var("QDRANT_API_KEY")
+            .ok()
+            .map(orbit_pipeline::secret::Secret::new),
+        alias: qdrant_server::unique_alias("bench_search"),
+        timeout: std::time::Duration::from_secs(60),
+        lexical: true,
+    })
+    .await
+    .unwrap();
+    run("qdrant", &qdrant, &sizes, questions_per_row, benching).await;
+    qdrant.reset().await.unwrap();
+}
+
+/// Whether the tests' Qdrant server can be started here.
+fn qdrant_available() -> bool {
+    let home = std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default());
+    std::env::var("ORBIT_QDRANT_START").is_ok_and(|p| std::path::Path::new(&p).exists())
+        || home
+            .join(".cache/orbit-worker/qdrant-tools/start-qdrant")
+            .exists()
+        || helpers::repo()
+            .join("../shared/tools/qdrant/start-qdrant")
+            .exists()
+}
+
+/// One store's rows: the same seed, so both stores hold the same chunks and get the same
+/// questions.
+async fn run(
+    name: &str,
+    store: &dyn VectorStore,
+    sizes: &[usize],
+    questions_per_row: usize,
+    benching: bool,
+) {
     store.ensure_model("bench", DIM).await.unwrap();
     let mut rng = StdRng::seed_from_u64(7);
-    // Neighbours: other users' chunks share the vocabulary and the file.
-    fill(&store, 9_999, if benching { 5_000 } else { 200 }, &mut rng).await;
-    println!(
-        "search latency, embedded store, {DIM} dims, {questions_per_row} questions per row (ms)"
-    );
-    println!(
-        "{:>8} {:<8} {:>8} {:>8} {:>8} {:>10}",
-        "chunks", "mode", "p50", "p99", "max", "cold"
-    );
+    // Neighbours: other users' chunks share the vocabulary and the store.
+    fill(store, 9_999, if benching { 5_000 } else { 200 }, &mut rng).await;
     for (ui, &n) in sizes.iter().enumerate() {
         let user = ui as i64 + 1;
         let t = Instant::now();
-        fill(&store, user, n, &mut rng).await;
-        eprintln!("  filled {n} chunks in {:.1} s", t.elapsed().as_secs_f64());
+        fill(store, user, n, &mut rng).await;
+        eprintln!(
+            "  {name}: filled {n} chunks in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
         let questions: Vec<(String, Vec<f32>)> = (0..questions_per_row)
             .map(|_| {
                 let q: Vec<String> = (0..6).map(|_| word(&mut rng)).collect();
@@ -100,7 +159,7 @@ async fn main() {
                     fusion: Fusion::default(),
                 };
                 let t = Instant::now();
-                let hits = search(&store, &req).await.unwrap();
+                let hits = search(store, &req).await.unwrap();
                 let took = t.elapsed().as_secs_f64() * 1e3;
                 assert!(hits.iter().all(|h| h.user_id == user));
                 if cold.is_none() {
@@ -112,7 +171,7 @@ async fn main() {
             ms.sort_by(f64::total_cmp);
             let c = format!("{:>10.1}", cold.unwrap_or(0.0));
             println!(
-                "{n:>8} {:<8} {:>8.2} {:>8.2} {:>8.2} {c}",
+                "{name:<9} {n:>8} {:<8} {:>8.2} {:>8.2} {:>8.2} {c}",
                 mode.as_str(),
                 percentile(&ms, 0.5),
                 percentile(&ms, 0.99),
