@@ -1,6 +1,7 @@
 //! Embed: the `Embedder` trait, request batching by token budget and count, and the
 //! implementations (OpenAI-compatible HTTP, a local MiniLM on candle, a deterministic hasher).
 
+pub mod budget;
 mod hashing;
 mod local;
 mod openai;
@@ -10,7 +11,10 @@ use serde::Serialize;
 
 pub use hashing::HashingEmbedder;
 pub use local::{LocalEmbedder, LOCAL_MODEL_FILES};
-pub use openai::{decode_embeddings, OpenAiEmbedder, OpenAiSettings, EMBED_MAX_INLINE_WAIT};
+pub use openai::{
+    decode_embeddings, OpenAiEmbedder, OpenAiSettings, EMBED_MAX_INLINE_WAIT,
+    MAX_ADAPTIVE_IN_FLIGHT,
+};
 
 use crate::http_call::CallError;
 use crate::retry::Retryable;

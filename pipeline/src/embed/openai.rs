@@ -2,14 +2,21 @@
 //! (`http_call`): short inline retries, then "gave up", or the task layer when the server asks
 //! for a longer wait.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Deserialize;
 
+use super::budget::{Budget, RateHeaders};
 use super::{EmbedError, EmbedLimits, Embedder};
-use crate::http_call::{call_with_retry, send, CallError, CallPolicy};
+use crate::http_call::{call_with_retry, send_observed, CallError, CallPolicy};
 use crate::secret::Secret;
+use crate::tokenize::Encoding;
+
+/// The most requests the rate budget lets grow in flight from the configured start: past a
+/// few dozen, a high-latency tier is limited by its TPM, not by concurrency.
+pub const MAX_ADAPTIVE_IN_FLIGHT: usize = 32;
 
 /// The longest wait slept inside one call (`ORBIT_HTTP_MAX_INLINE_WAIT` in the worker): a task has
 /// 270 s, and a longer hint is better spent re-published with an ETA than holding a slot.
@@ -63,6 +70,9 @@ pub struct OpenAiEmbedder {
     settings: OpenAiSettings,
     client: reqwest::Client,
     url: String,
+    /// The key's rate limit as the answers' headers tell it, shared by every request of this
+    /// embedder (the stage's concurrent batches, every build of the process).
+    budget: Arc<Budget>,
 }
 
 impl OpenAiEmbedder {
@@ -74,20 +84,56 @@ impl OpenAiEmbedder {
             )));
         }
         let url = format!("{}/embeddings", settings.base_url.trim_end_matches('/'));
+        let budget = Arc::new(Budget::new(
+            settings.limits.max_in_flight,
+            MAX_ADAPTIVE_IN_FLIGHT.max(settings.limits.max_in_flight),
+        ));
         Ok(Self {
             settings,
             client,
             url,
+            budget,
         })
     }
 
-    async fn attempt(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, CallError> {
+    /// Requests the budget lets go at once now (it starts at the configured `max_in_flight`).
+    pub fn in_flight_allowed(&self) -> usize {
+        self.budget.allowed()
+    }
+
+    /// One request, when the budget has room for its `tokens`; what the answer's headers say
+    /// goes back into the budget.
+    async fn attempt(&self, texts: &[String], tokens: usize) -> Result<Vec<Vec<f32>>, CallError> {
+        let slot = self.budget.acquire(tokens).await;
         let req = self
             .client
             .post(&self.url)
             .timeout(self.settings.timeout)
             .json(&serde_json::json!({"model": self.settings.model, "input": texts, "encoding_format": "float"}));
-        let body = send(req, self.settings.api_key.as_ref()).await?;
+        let budget = &self.budget;
+        let sent = send_observed(req, self.settings.api_key.as_ref(), |h| {
+            budget.observe(&RateHeaders::read(|k| {
+                h.get(k).and_then(|v| v.to_str().ok()).map(str::to_string)
+            }))
+        })
+        .await;
+        let body = match sent {
+            Ok(b) => {
+                slot.done();
+                b
+            }
+            Err(e) => {
+                if let CallError::Status {
+                    status: 429,
+                    retry_after,
+                    ..
+                } = &e
+                {
+                    slot.refused(*retry_after);
+                }
+                return Err(e);
+            }
+        };
         self.decode(texts.len(), body.as_bytes())
             .map_err(CallError::Decode)
     }
@@ -145,13 +191,21 @@ impl Embedder for OpenAiEmbedder {
     fn dimension(&self) -> usize {
         self.settings.dimension
     }
+    /// The configured limits, but as many requests in flight as the rate budget may grow to:
+    /// the budget, not the stage, decides how many go at once (from the configured number).
     fn limits(&self) -> EmbedLimits {
-        self.settings.limits
+        EmbedLimits {
+            max_in_flight: MAX_ADAPTIVE_IN_FLIGHT.max(self.settings.limits.max_in_flight),
+            ..self.settings.limits
+        }
     }
 
     async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, EmbedError> {
+        // What the API counts against the key's TPM: the inputs' tokens (the text-embedding-3
+        // models read cl100k_base).
+        let tokens: usize = texts.iter().map(|t| Encoding::Cl100kBase.count(t)).sum();
         call_with_retry(&self.settings.policy, "embedding request", || {
-            self.attempt(&texts)
+            self.attempt(&texts, tokens)
         })
         .await
         .map_err(EmbedError::from)

@@ -48,6 +48,25 @@ struct Double {
 /// Latency of a successful answer: enough for requests to overlap, as they do against the API.
 const LATENCY: Duration = Duration::from_millis(20);
 
+/// Writes one HTTP/1.1 answer; false when the client has gone.
+async fn respond<K: std::fmt::Display, V: std::fmt::Display>(
+    sock: &mut tokio::net::TcpStream,
+    status: u16,
+    headers: Vec<(K, V)>,
+    body: &str,
+) -> bool {
+    let mut resp = format!(
+        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        resp.push_str(&format!("{k}: {v}\r\n"));
+    }
+    resp.push_str("\r\n");
+    resp.push_str(body);
+    sock.write_all(resp.as_bytes()).await.is_ok()
+}
+
 /// Serves `script` in order, then successes.
 async fn double(script: Vec<Reply>) -> Double {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -114,13 +133,7 @@ async fn double(script: Vec<Reply>) -> Double {
                             )
                         }
                     };
-                    let mut resp = format!("HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n", body.len());
-                    for (k, v) in headers {
-                        resp.push_str(&format!("{k}: {v}\r\n"));
-                    }
-                    resp.push_str("\r\n");
-                    resp.push_str(&body);
-                    if sock.write_all(resp.as_bytes()).await.is_err() {
+                    if !respond(&mut sock, status, headers, &body).await {
                         return;
                     }
                 }
@@ -305,11 +318,12 @@ async fn a_build_through_the_double_keeps_several_requests_in_flight_and_order()
         "{requests} requests for {} chunks",
         r.chunks
     );
-    // max_in_flight is 3: the pipeline uses all three, and never more.
-    assert_eq!(
-        d.concurrency.lock().unwrap().1,
-        3,
-        "peak concurrent requests"
+    // max_in_flight 3 is where the rate budget starts (halved by the 429, then one more per
+    // unhindered answer); it never grows past its maximum.
+    let peak = d.concurrency.lock().unwrap().1;
+    assert!(
+        (2..=orbit_pipeline::embed::MAX_ADAPTIVE_IN_FLIGHT).contains(&peak),
+        "peak concurrent requests {peak}"
     );
     // Each stored vector is the one for its own text: order survived batching and retries.
     let h = HashingEmbedder::new(DIM);
@@ -324,4 +338,203 @@ async fn a_build_through_the_double_keeps_several_requests_in_flight_and_order()
         hits[0].score > 0.999,
         "stored vector is not this text's: {hits:?}"
     );
+}
+
+/// A double with OpenAI's rate limiting: a tokens-per-minute bucket (refilled continuously,
+/// starting at `start` tokens), the `x-ratelimit-*` headers on every answer, and a 429 with
+/// `retry-after` for a request the bucket cannot pay for. Counts what it embedded and refused.
+struct Limited {
+    base_url: String,
+    counts: Arc<Mutex<Counts>>,
+}
+
+/// (tokens embedded, requests answered, 429s sent, times of the 429s).
+type Counts = (u64, u64, u64, Vec<Instant>);
+
+async fn limited_double(tpm: f64, start: f64, latency: Duration) -> Limited {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counts: Arc<Mutex<Counts>> = Arc::default();
+    let bucket = Arc::new(Mutex::new((start.min(tpm), Instant::now())));
+    let c2 = counts.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let (counts, bucket) = (c2.clone(), bucket.clone());
+            tokio::spawn(async move {
+                loop {
+                    let Some((_, _, body)) = read_request(&mut sock).await else {
+                        return;
+                    };
+                    let inputs = crate::helpers::embedding_inputs(&body);
+                    let tokens: f64 = inputs
+                        .iter()
+                        .map(|t| orbit_pipeline::tokenize::Encoding::Cl100kBase.count(t) as f64)
+                        .sum();
+                    let rate = tpm / 60.0;
+                    let (paid, level) = {
+                        let mut b = bucket.lock().unwrap();
+                        let now = Instant::now();
+                        b.0 = (b.0 + rate * now.duration_since(b.1).as_secs_f64()).min(tpm);
+                        b.1 = now;
+                        if b.0 >= tokens {
+                            b.0 -= tokens;
+                            (true, b.0)
+                        } else {
+                            (false, b.0)
+                        }
+                    };
+                    let reset_ms = ((tpm - level) / rate * 1000.0).ceil() as u64;
+                    let mut headers = vec![
+                        ("x-ratelimit-limit-tokens".to_string(), format!("{tpm}")),
+                        (
+                            "x-ratelimit-remaining-tokens".to_string(),
+                            format!("{}", level.floor()),
+                        ),
+                        (
+                            "x-ratelimit-reset-tokens".to_string(),
+                            format!("{reset_ms}ms"),
+                        ),
+                        (
+                            "x-ratelimit-limit-requests".to_string(),
+                            "10000".to_string(),
+                        ),
+                        (
+                            "x-ratelimit-remaining-requests".to_string(),
+                            "9999".to_string(),
+                        ),
+                    ];
+                    let (status, body) = if paid {
+                        tokio::time::sleep(latency).await;
+                        let mut c = counts.lock().unwrap();
+                        c.0 += tokens as u64;
+                        c.1 += 1;
+                        let e = HashingEmbedder::new(DIM);
+                        let data: Vec<serde_json::Value> = inputs
+                            .iter()
+                            .enumerate()
+                            .map(|(i, t)| serde_json::json!({"object": "embedding", "index": i, "embedding": e.embed_one(t)}))
+                            .collect();
+                        (
+                            200,
+                            serde_json::json!({"object": "list", "data": data}).to_string(),
+                        )
+                    } else {
+                        let wait = (tokens - level) / rate;
+                        headers.push(("retry-after".to_string(), format!("{wait:.3}")));
+                        let mut c = counts.lock().unwrap();
+                        c.2 += 1;
+                        c.3.push(Instant::now());
+                        (
+                            429,
+                            r#"{"error":{"message":"Rate limit reached for tokens per min","type":"tokens","code":"rate_limit_exceeded"}}"#.to_string(),
+                        )
+                    };
+                    if !respond(&mut sock, status, headers, &body).await {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Limited {
+        base_url: format!("http://{addr}/v1"),
+        counts,
+    }
+}
+
+/// Batches of about `tokens` tokens each.
+fn batches(n: usize, tokens: usize) -> Vec<Vec<String>> {
+    (0..n)
+        .map(|i| {
+            (0..4)
+                .map(|j| {
+                    (0..tokens / 4)
+                        .map(|k| format!("w{}", (i * 7919 + j * 104_729 + k) % 50_000))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn limited_embedder(d: &Limited, in_flight: usize) -> Arc<OpenAiEmbedder> {
+    let mut s = OpenAiSettings::new(
+        &d.base_url,
+        Some(Secret::new("sk-test-123")),
+        "text-embedding-3-small",
+    );
+    s.dimension = DIM;
+    s.limits = EmbedLimits {
+        max_inputs: 8,
+        max_batch_tokens: 8_000,
+        max_in_flight: in_flight,
+    };
+    s.policy.max_attempts = 8;
+    Arc::new(OpenAiEmbedder::new(s, reqwest::Client::new()).unwrap())
+}
+
+/// Embeds every batch, `concurrency` at a time, as the embed stage does.
+async fn embed_all(e: Arc<OpenAiEmbedder>, work: Vec<Vec<String>>, concurrency: usize) {
+    use futures::StreamExt;
+    futures::stream::iter(work)
+        .map(|b| {
+            let e = e.clone();
+            async move { e.embed(b).await.unwrap() }
+        })
+        .buffer_unordered(concurrency)
+        .collect::<Vec<_>>()
+        .await;
+}
+
+/// A key whose bucket is nearly spent: the first request finds out (one 429 at most), and from
+/// then on requests go out as the budget refills, with no other refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedder_paces_itself_under_the_rate_limit_after_one_429_at_most() {
+    // 600 k tokens a minute is 10 k a second; 40 k tokens from a bucket of 1 k take about 4 s.
+    let d = limited_double(600_000.0, 1_000.0, Duration::from_millis(30)).await;
+    let e = limited_embedder(&d, 4);
+    let work = batches(40, 1_000);
+    let sent: u64 = work
+        .iter()
+        .flatten()
+        .map(|t| orbit_pipeline::tokenize::Encoding::Cl100kBase.count(t) as u64)
+        .sum();
+    embed_all(e.clone(), work, 16).await;
+    let c = d.counts.lock().unwrap();
+    assert_eq!(c.0, sent, "every token embedded once");
+    assert_eq!(c.1, 40);
+    assert!(c.2 <= 1, "{} requests refused with 429", c.2);
+}
+
+/// Without the budget (each answer's headers ignored) the same work is refused again and again:
+/// what the test above rules out does happen here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_requests_at_once_on_a_spent_key_are_refused_repeatedly_without_pacing() {
+    let d = limited_double(600_000.0, 1_000.0, Duration::from_millis(30)).await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/embeddings", d.base_url);
+    let mut refused = 0;
+    let sends = batches(16, 1_000).into_iter().map(|b| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            client
+                .post(&url)
+                .json(&serde_json::json!({"model": "m", "input": b}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    for s in futures::future::join_all(sends).await {
+        if s == 429 {
+            refused += 1;
+        }
+    }
+    assert!(refused > 1, "the double does limit: {refused}");
 }
