@@ -510,6 +510,28 @@ async fn the_embedder_paces_itself_under_the_rate_limit_after_one_429_at_most() 
     assert!(c.2 <= 1, "{} requests refused with 429", c.2);
 }
 
+/// Two workers on one key (two embedders, one double): both finish and every token is embedded
+/// exactly once, refusals and retries included. How often they are refused is printed, not
+/// asserted: each worker refills its own budget at the key's full rate between answers, so two
+/// overspend until a 429 holds them back (a known gap, said in the README's embedder section).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_on_one_key_both_finish_and_embed_every_token_once() {
+    let d = limited_double(600_000.0, 1_000.0, Duration::from_millis(30)).await;
+    let (a, b) = (limited_embedder(&d, 4), limited_embedder(&d, 4));
+    let (wa, wb) = (batches(30, 1_000), batches(30, 1_000));
+    let sent: u64 = wa
+        .iter()
+        .chain(&wb)
+        .flatten()
+        .map(|t| orbit_pipeline::tokenize::Encoding::Cl100kBase.count(t) as u64)
+        .sum();
+    tokio::join!(embed_all(a, wa, 16), embed_all(b, wb, 16));
+    let c = d.counts.lock().unwrap();
+    assert_eq!(c.0, sent, "every token embedded once");
+    assert_eq!(c.1, 60, "every batch answered once");
+    eprintln!("two workers on one key: {} requests refused with 429", c.2);
+}
+
 /// Without the budget (each answer's headers ignored) the same work is refused again and again:
 /// what the test above rules out does happen here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
