@@ -155,6 +155,8 @@ pub struct PipelineConfig {
     pub openai_api_key: Option<Secret>,
     pub openai_base_url: String,
     pub embed_model: String,
+    /// Sent as the embeddings request's `dimensions` (text-embedding-3 shortens its vectors).
+    pub embed_dimensions: Option<usize>,
     pub model_dir: PathBuf,
     pub hashing_dim: usize,
     /// None: the embedder's preference, else 512.
@@ -229,6 +231,7 @@ impl PipelineConfig {
             openai_base_url: api_base(v, "OPENAI_BASE_URL")?,
             embed_model: var(v, "ORBIT_EMBED_MODEL")
                 .unwrap_or_else(|| "text-embedding-3-small".into()),
+            embed_dimensions: parse(v, "ORBIT_EMBED_DIMENSIONS")?,
             model_dir: var(v, "ORBIT_MODEL_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| default_model_dir(v)),
@@ -264,6 +267,19 @@ impl PipelineConfig {
         }
         if c.hashing_dim == 0 {
             return Err(bad("ORBIT_HASHING_DIM", "must be at least 1"));
+        }
+        if c.embed_dimensions == Some(0) {
+            return Err(bad("ORBIT_EMBED_DIMENSIONS", "must be at least 1"));
+        }
+        // OpenAI embeds at most this many tokens of one input; a longer chunk is refused whole.
+        const OPENAI_MAX_INPUT_TOKENS: usize = 8_192;
+        if c.resolved_embedder() == EmbedderKind::OpenAi
+            && c.chunk_tokens.is_some_and(|n| n > OPENAI_MAX_INPUT_TOKENS)
+        {
+            return Err(bad(
+                "ORBIT_CHUNK_TOKENS",
+                "the OpenAI embeddings API takes at most 8192 tokens per input",
+            ));
         }
         if c.embedder == EmbedderKind::OpenAi && c.openai_api_key.is_none() {
             return Err(bad("OPENAI_API_KEY", "ORBIT_EMBEDDER=openai needs it"));

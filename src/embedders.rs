@@ -24,6 +24,10 @@ pub fn embedder(
                 OpenAiSettings::new(&s.openai_base_url, s.openai_api_key.clone(), &s.embed_model);
             cfg.policy.max_inline_wait = max_inline_wait;
             cfg.timeout = s.embed_timeout;
+            if let Some(d) = s.embed_dimensions {
+                cfg.dimension = d;
+                cfg.request_dimensions = Some(d);
+            }
             // Where the rate budget starts, and (below) the most the stage sends at once;
             // unset, the budget starts at 4 and grows as the key's limits allow.
             if let Some(n) = s.embed_in_flight {

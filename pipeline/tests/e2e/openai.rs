@@ -48,6 +48,28 @@ struct Double {
 /// Latency of a successful answer: enough for requests to overlap, as they do against the API.
 const LATENCY: Duration = Duration::from_millis(20);
 
+/// The `data` of an answer to `body`, as the API gives it: `dimensions` long (else `DIM`), as
+/// base64 of little-endian f32 when `encoding_format` is `base64`, else JSON floats.
+fn embeddings_as_asked(body: &serde_json::Value, inputs: &[String]) -> Vec<serde_json::Value> {
+    use base64::Engine;
+    let dim = body["dimensions"].as_u64().map_or(DIM, |d| d as usize);
+    let e = HashingEmbedder::new(dim);
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let v = e.embed_one(t);
+            let embedding = if body["encoding_format"] == "base64" {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                serde_json::Value::from(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                serde_json::json!(v)
+            };
+            serde_json::json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect()
+}
+
 /// Writes one HTTP/1.1 answer; false when the client has gone.
 async fn respond<K: std::fmt::Display, V: std::fmt::Display>(
     sock: &mut tokio::net::TcpStream,
@@ -95,6 +117,7 @@ async fn double(script: Vec<Reply>) -> Double {
                         .pop_front()
                         .unwrap_or(Reply::Embeddings);
                     let inputs = crate::helpers::embedding_inputs(&body);
+                    let asked = body.clone();
                     seen.lock().unwrap().push(Seen {
                         at: Instant::now(),
                         path,
@@ -115,12 +138,7 @@ async fn double(script: Vec<Reply>) -> Double {
                             }
                             tokio::time::sleep(LATENCY).await;
                             conc.lock().unwrap().0 -= 1;
-                            let e = HashingEmbedder::new(DIM);
-                            let mut data: Vec<serde_json::Value> = inputs
-                                .iter()
-                                .enumerate()
-                                .map(|(i, t)| serde_json::json!({"object": "embedding", "index": i, "embedding": e.embed_one(t)}))
-                                .collect();
+                            let mut data = embeddings_as_asked(&asked, &inputs);
                             data.reverse();
                             let body = serde_json::json!({
                                 "object": "list", "data": data, "model": "text-embedding-3-small",
@@ -185,7 +203,31 @@ async fn vectors_come_back_in_input_order_with_auth_and_model() {
     assert_eq!(seen[0].path, "/v1/embeddings");
     assert_eq!(seen[0].auth.as_deref(), Some("Bearer sk-test-123"));
     assert_eq!(seen[0].body["model"], "text-embedding-3-small");
-    assert_eq!(seen[0].body["encoding_format"], "float");
+    assert_eq!(seen[0].body["encoding_format"], "base64");
+    assert!(
+        seen[0].body.get("dimensions").is_none(),
+        "no dimensions unless set"
+    );
+}
+
+/// The request asks for base64 vectors (as OpenAI's clients do) and, when set, `dimensions`; the
+/// answer's base64 decodes to vectors of that size.
+#[tokio::test]
+async fn vectors_are_asked_as_base64_with_the_dimensions_set() {
+    let d = double(vec![]).await;
+    let mut s = OpenAiSettings::new(&d.base_url, None, "text-embedding-3-small");
+    s.dimension = 8;
+    s.request_dimensions = Some(8);
+    let e = OpenAiEmbedder::new(s, reqwest::Client::new()).unwrap();
+    let v = e.embed(texts()).await.unwrap();
+    assert_eq!(v.len(), texts().len());
+    let want = HashingEmbedder::new(8);
+    for (got, t) in v.iter().zip(texts()) {
+        assert_eq!(got, &want.embed_one(&t), "{t}");
+    }
+    let seen = d.seen.lock().unwrap();
+    assert_eq!(seen[0].body["encoding_format"], "base64");
+    assert_eq!(seen[0].body["dimensions"], 8);
 }
 
 #[tokio::test]
@@ -411,12 +453,7 @@ async fn limited_double(tpm: f64, start: f64, latency: Duration) -> Limited {
                         let mut c = counts.lock().unwrap();
                         c.0 += tokens as u64;
                         c.1 += 1;
-                        let e = HashingEmbedder::new(DIM);
-                        let data: Vec<serde_json::Value> = inputs
-                            .iter()
-                            .enumerate()
-                            .map(|(i, t)| serde_json::json!({"object": "embedding", "index": i, "embedding": e.embed_one(t)}))
-                            .collect();
+                        let data = embeddings_as_asked(&body, &inputs);
                         (
                             200,
                             serde_json::json!({"object": "list", "data": data}).to_string(),
