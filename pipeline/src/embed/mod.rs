@@ -82,6 +82,15 @@ pub trait Embedder: Send + Sync {
     }
     /// One vector per text, in input order, L2-normalised.
     async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, EmbedError>;
+    /// `embed` for texts whose token count the caller already has (the chunks counted theirs):
+    /// an embedder that meters tokens uses it instead of counting again.
+    async fn embed_counted(
+        &self,
+        texts: Vec<String>,
+        _tokens: usize,
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
+        self.embed(texts).await
+    }
 }
 
 /// Groups items into requests under both the count and the token budget of `EmbedLimits`.
@@ -157,6 +166,13 @@ impl Embedder for WithLimits {
     }
     async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, EmbedError> {
         self.inner.embed(texts).await
+    }
+    async fn embed_counted(
+        &self,
+        texts: Vec<String>,
+        tokens: usize,
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
+        self.inner.embed_counted(texts, tokens).await
     }
 }
 

@@ -112,11 +112,6 @@ impl OpenAiEmbedder {
         body
     }
 
-    /// Requests the budget lets go at once now (it starts at the configured `max_in_flight`).
-    pub fn in_flight_allowed(&self) -> usize {
-        self.budget.allowed()
-    }
-
     /// One request, when the budget has room for its `tokens`; what the answer's headers say
     /// goes back into the budget.
     async fn attempt(&self, texts: &[String], tokens: usize) -> Result<Vec<Vec<f32>>, CallError> {
@@ -259,10 +254,20 @@ impl Embedder for OpenAiEmbedder {
         }
     }
 
+    /// A question or any text not yet counted: what the API counts against the key's TPM is
+    /// the inputs' tokens (the text-embedding-3 models read cl100k_base).
     async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, EmbedError> {
-        // What the API counts against the key's TPM: the inputs' tokens (the text-embedding-3
-        // models read cl100k_base).
         let tokens: usize = texts.iter().map(|t| Encoding::Cl100kBase.count(t)).sum();
+        self.embed_counted(texts, tokens).await
+    }
+
+    /// Chunks, counted when they were made: nothing is tokenized again here. The budget's
+    /// estimate is corrected by every answer's remaining count anyway.
+    async fn embed_counted(
+        &self,
+        texts: Vec<String>,
+        tokens: usize,
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
         call_with_retry(&self.settings.policy, "embedding request", || {
             self.attempt(&texts, tokens)
         })

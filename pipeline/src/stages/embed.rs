@@ -87,7 +87,8 @@ pub async fn run(
 fn request(embedder: Arc<dyn Embedder>, chunks: Vec<Chunk>) -> Request {
     Box::pin(async move {
         let texts = chunks.iter().map(|c| c.text.clone()).collect();
-        let vectors = embedder.embed(texts).await?;
+        let tokens = chunks.iter().map(|c| c.token_count).sum();
+        let vectors = embedder.embed_counted(texts, tokens).await?;
         if vectors.len() != chunks.len() {
             return Err(EmbedError::Decode(format!(
                 "{} vectors for {} inputs",
