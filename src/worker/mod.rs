@@ -20,7 +20,7 @@ use crate::config::TaskBlocks;
 use crate::services::Services;
 use crate::tasks::Registry;
 use orbit_pipeline::secret::Secret;
-use settle::{persist, Action, Backoff, Completion, SettleMsg, SETTLE_QUEUE};
+use settle::{persist_unless, Action, Backoff, Completion, SettleMsg, SETTLE_QUEUE};
 
 /// kombu's `BRPOP … 1`: how long one idle poll blocks, and so how fast a shutdown stops fetching.
 const BRPOP_TIMEOUT: Duration = Duration::from_secs(1);
@@ -200,30 +200,32 @@ pub async fn run(
     if o.events {
         tracing::info!("-E: task events are not sent yet; they come with the monitoring work");
     }
-    // A TLS refusal (a CA that does not sign the server's certificate, ssl_cert_reqs against a
-    // self-signed server) is configuration: said once, and the worker stops.
+    // Never a silent hang: each failed attempt to reach Redis logs, then we keep trying; but a
+    // TLS refusal (a CA that does not sign the server's certificate, ssl_cert_reqs against a
+    // self-signed server) is configuration, which no wait fixes: said once, and the worker stops.
+    let tls_refused = |what: &str, e: crate::redis_conn::ConnError| {
+        anyhow::anyhow!(
+            "cannot connect to the {what} over TLS: {e}; check ssl_ca_certs and ssl_cert_reqs \
+             in its rediss:// URL"
+        )
+    };
     for (what, conn) in [
         ("broker", &sh.broker.ops),
         ("result backend", &sh.backend.conn),
-        ("cache", &*sh.services.locks),
     ] {
-        if let Err(e) = conn.ping().await {
-            if e.is_tls_refusal() {
-                anyhow::bail!(
-                    "cannot connect to the {what} over TLS: {e}; check ssl_ca_certs and \
-                     ssl_cert_reqs in its rediss:// URL"
-                );
+        let doing = format!("connect to {what}");
+        tokio::select! {
+            r = persist_unless(&doing, || conn.ping(), |e| e.is_tls_refusal()) => {
+                r.map_err(|e| tls_refused(what, e))?
             }
+            _ = shutdown.cancelled() => return Ok(()),
         }
     }
-    // Never a silent hang: each failed attempt to reach Redis logs, then we keep trying.
-    tokio::select! {
-        _ = persist("connect to broker", || sh.broker.ops.ping()) => {}
-        _ = shutdown.cancelled() => return Ok(()),
-    }
-    tokio::select! {
-        _ = persist("connect to result backend", || sh.backend.conn.ping()) => {}
-        _ = shutdown.cancelled() => return Ok(()),
+    // The cache is not waited for (tasks that need it retry), but its URL is checked the same.
+    if let Err(e) = sh.services.locks.ping().await {
+        if e.is_tls_refusal() {
+            return Err(tls_refused("cache", e));
+        }
     }
     sweep(&sh).await;
 

@@ -48,7 +48,25 @@ pub enum SettleMsg {
 
 /// Runs `op` until it succeeds, with backoff, and an error line every few seconds so an outage
 /// is never silent.
-pub async fn persist<T, E, F, Fut>(what: &str, mut op: F) -> T
+pub async fn persist<T, E, F, Fut>(what: &str, op: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: std::fmt::Display + Sync,
+{
+    match persist_unless(what, op, |_| false).await {
+        Ok(v) => v,
+        Err(_) => unreachable!("no error is fatal"),
+    }
+}
+
+/// `persist`, except that an error `fatal` says no wait can fix (a refused TLS certificate)
+/// ends it at once with that error.
+pub async fn persist_unless<T, E, F, Fut>(
+    what: &str,
+    mut op: F,
+    fatal: impl Fn(&E) -> bool,
+) -> Result<T, E>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
@@ -59,8 +77,9 @@ where
         match op().await {
             Ok(v) => {
                 backoff.recovered(what);
-                return v;
+                return Ok(v);
             }
+            Err(e) if fatal(&e) => return Err(e),
             Err(e) => backoff.wait(what, &e).await,
         }
     }
