@@ -110,6 +110,12 @@ pub type VectorsByHash =
 /// Identifies one build's writes, so points the build did not produce can be deleted after it.
 pub type BuildGeneration = i64;
 
+/// The generation after `last`: the wall clock in microseconds, bumped past `last` (kept by the
+/// store) so generations strictly increase even when clocks are close or step back.
+pub(crate) fn next_generation(last: BuildGeneration) -> BuildGeneration {
+    chrono::Utc::now().timestamp_micros().max(last + 1)
+}
+
 #[async_trait]
 pub trait VectorStore: Send + Sync {
     /// Records the model and dimension on first use; a different one is `ModelMismatch`.

@@ -690,7 +690,7 @@ impl VectorStore for QdrantStore {
                 ))
             }
         };
-        let gen = chrono::Utc::now().timestamp_micros().max(last + 1);
+        let gen = super::next_generation(last);
         let mut payload = HashMap::new();
         payload.insert("last_gen".to_string(), Value::from(gen));
         self.client

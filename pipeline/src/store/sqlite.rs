@@ -601,7 +601,7 @@ impl VectorStore for SqliteStore {
                 .fetch_optional(&mut *tx)
                 .await?;
         let last = last.and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
-        let gen = chrono::Utc::now().timestamp_micros().max(last + 1);
+        let gen = super::next_generation(last);
         sqlx::query("INSERT OR REPLACE INTO store_meta (key, value) VALUES ('last_gen', ?)")
             .bind(gen.to_string())
             .execute(&mut *tx)
