@@ -84,7 +84,7 @@ $(TIKTOKEN_DIR)/.ok:
 # The Qdrant 1.18 server the store tests run against (no registry ships one): built from its
 # public source into ../shared/tools/qdrant (its README says how), copied into the cache so a
 # clone anywhere finds it. The tests start one per test process on free loopback ports.
-QDRANT_TOOLS ?= $(firstword $(wildcard $(CURDIR)/../shared/tools/qdrant /work/shared/tools/qdrant))
+QDRANT_TOOLS ?= $(wildcard $(CURDIR)/../shared/tools/qdrant)
 QDRANT_CACHE_TOOLS := $(CACHE)/qdrant-tools
 export ORBIT_QDRANT_START ?= $(QDRANT_CACHE_TOOLS)/start-qdrant
 qdrant: $(QDRANT_CACHE_TOOLS)/.ok

@@ -295,11 +295,12 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(!o.verify);
-        let o = tls_options("REDISS://h/0?ssl_cert_reqs=optional&ssl_ca_certs=%2Ftmp%2Fca.pem")
-            .unwrap()
-            .unwrap();
+        let o =
+            tls_options("REDISS://h/0?ssl_cert_reqs=optional&ssl_ca_certs=certs%2Fca%20test.pem")
+                .unwrap()
+                .unwrap();
         assert!(o.verify);
-        assert_eq!(o.ca_certs.as_deref(), Some("/tmp/ca.pem"));
+        assert_eq!(o.ca_certs.as_deref(), Some("certs/ca test.pem"));
         let o = tls_options("rediss://h/0?ssl_certfile=/c.pem&ssl_keyfile=/k.pem")
             .unwrap()
             .unwrap();
