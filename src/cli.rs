@@ -70,6 +70,9 @@ pub enum Command {
     Health,
     /// Build one user's memory, or every user's.
     Build(BuildArgs),
+    /// Move every memory to another embedding model: a new store version built beside the live
+    /// one, resumable, switched to once (docs/stores.md).
+    Reembed(crate::reembed::ReembedArgs),
     /// Print a user's nearest chunks for a query.
     Search(SearchArgs),
     /// Answer a question from a user's memory, as `orbitpilot.generate_answer` does.
@@ -189,6 +192,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Worker(a) => worker(settings, a).await,
         Command::Health => health().await,
         Command::Build(a) => build(settings, a).await,
+        Command::Reembed(a) => crate::reembed::run(settings, a).await,
         Command::Search(a) => search(settings, a).await,
         Command::Ask(a) => ask(settings, a).await,
         Command::Eval(a) => crate::eval::run(settings, a).await,

@@ -172,6 +172,8 @@ pub struct PipelineConfig {
     pub encoding: Encoding,
     pub cpu_threads: usize,
     pub embed_in_flight: Option<usize>,
+    /// Bound of the embedding cache (`ORBIT_EMBED_CACHE_MB`, default 1024; 0 turns it off).
+    pub embed_cache_bytes: u64,
     pub embed_batch_inputs: Option<usize>,
     pub embed_batch_tokens: Option<usize>,
     /// How long one embedding request may take before it counts as stalled and is retried.
@@ -253,6 +255,10 @@ impl PipelineConfig {
                     .unwrap_or(2)
             }),
             embed_in_flight: parse(v, "ORBIT_EMBED_IN_FLIGHT")?,
+            embed_cache_bytes: parse::<u64>(v, "ORBIT_EMBED_CACHE_MB")?
+                .map_or(orbit_pipeline::embed::cache::DEFAULT_CACHE_BYTES, |mb| {
+                    mb << 20
+                }),
             embed_batch_inputs: parse(v, "ORBIT_EMBED_BATCH_INPUTS")?,
             embed_batch_tokens: parse(v, "ORBIT_EMBED_BATCH_TOKENS")?,
             embed_timeout: positive_seconds(v, "ORBIT_EMBED_TIMEOUT", 60.0)?,

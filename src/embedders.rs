@@ -4,10 +4,10 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use orbit_pipeline::embed::{
-    EmbedLimits, Embedder, HashingEmbedder, LocalEmbedder, OpenAiEmbedder, OpenAiSettings,
-    WithLimits,
+    CachedEmbedder, EmbedLimits, Embedder, EmbeddingCache, HashingEmbedder, LocalEmbedder,
+    OpenAiEmbedder, OpenAiSettings, PgEmbeddingCache, SqliteEmbeddingCache, WithLimits,
 };
-use orbit_pipeline::store::{SqliteStore, VectorStore};
+use orbit_pipeline::store::{LiveSqliteStore, VectorStore};
 
 use crate::config::{EmbedderKind, PipelineConfig};
 
@@ -50,6 +50,49 @@ pub fn embedder(
     Ok(Arc::new(WithLimits::new(base, limits)))
 }
 
+/// The embedding cache: a table of the app's Postgres when the worker has one (every worker on
+/// every machine shares it), else SQLite in ORBIT_DATA_DIR. None when turned off (a bound of 0),
+/// for the hashing embedder (cheaper to run than to look up), or when it cannot be opened (it
+/// saves money, it never stops a build: logged).
+pub async fn embedding_cache(
+    s: &PipelineConfig,
+    pg: Option<&sqlx::PgPool>,
+) -> Option<Arc<dyn EmbeddingCache>> {
+    if s.embed_cache_bytes == 0 || s.resolved_embedder() == EmbedderKind::Hashing {
+        return None;
+    }
+    let cache: Result<Arc<dyn EmbeddingCache>, _> = match pg {
+        Some(pool) => PgEmbeddingCache::open(pool.clone(), s.embed_cache_bytes)
+            .await
+            .map(|c| Arc::new(c) as Arc<dyn EmbeddingCache>),
+        None => SqliteEmbeddingCache::open(&s.data_dir, s.embed_cache_bytes)
+            .await
+            .map(|c| Arc::new(c) as Arc<dyn EmbeddingCache>),
+    };
+    match cache {
+        Ok(c) => {
+            tracing::info!(cache = %c.describe(), bound_mb = s.embed_cache_bytes >> 20, "embedding cache");
+            Some(c)
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "embedding cache unavailable; embedding without it");
+            None
+        }
+    }
+}
+
+/// `e` behind the embedding cache, when there is one.
+pub async fn cached(
+    s: &PipelineConfig,
+    pg: Option<&sqlx::PgPool>,
+    e: Arc<dyn Embedder>,
+) -> Arc<dyn Embedder> {
+    match embedding_cache(s, pg).await {
+        Some(c) => Arc::new(CachedEmbedder::new(e, c)),
+        None => e,
+    }
+}
+
 /// The Qdrant server when QDRANT_URL is set, else the embedded store in ORBIT_DATA_DIR.
 pub async fn store(s: &PipelineConfig) -> Result<Arc<dyn VectorStore>> {
     if let Some(q) = &s.qdrant {
@@ -59,7 +102,7 @@ pub async fn store(s: &PipelineConfig) -> Result<Arc<dyn VectorStore>> {
         return Ok(Arc::new(store));
     }
     Ok(Arc::new(
-        SqliteStore::open_with(&s.data_dir, s.lexical_index)
+        LiveSqliteStore::open(&s.data_dir, s.lexical_index)
             .await
             .with_context(|| format!("opening vector store in {}", s.data_dir.display()))?,
     ))

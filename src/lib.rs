@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod pricing;
 pub mod redis_conn;
+pub mod reembed;
 pub mod services;
 pub mod tasks;
 pub mod worker;

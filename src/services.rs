@@ -114,7 +114,9 @@ impl Services {
                     self.http.clone(),
                     s.http.max_inline_wait,
                 );
-                tokio::task::spawn_blocking(move || embedders::embedder(&p, http, wait)).await?
+                let e = tokio::task::spawn_blocking(move || embedders::embedder(&p, http, wait))
+                    .await??;
+                Ok(embedders::cached(&s.pipeline, self.db.as_ref().map(|d| d.pool()), e).await)
             })
             .await
             .cloned()

@@ -129,23 +129,23 @@ pub fn redact(e: &reqwest::Error) -> String {
 /// answer. Any other status is the `CallError` of the status table, with the server's hint; a
 /// transport failure is `Connect`, redacted.
 pub async fn send(req: reqwest::RequestBuilder, key: Option<&Secret>) -> Result<String, CallError> {
-    send_observed(req, key, |_| {}).await
+    send_observed(req, key, |_, _| {}).await
 }
 
-/// `send`, with the response's headers shown to `observe` whatever the status (the rate-limit
-/// headers of a 429 say as much as a success's).
+/// `send`, with the response's status and headers shown to `observe` whatever the status (the
+/// rate-limit headers of a 429 say as much as a success's).
 pub async fn send_observed(
     req: reqwest::RequestBuilder,
     key: Option<&Secret>,
-    observe: impl FnOnce(&reqwest::header::HeaderMap),
+    observe: impl FnOnce(u16, &reqwest::header::HeaderMap),
 ) -> Result<String, CallError> {
     let req = match key {
         Some(k) => req.bearer_auth(k.expose()),
         None => req,
     };
     let resp = req.send().await.map_err(|e| CallError::transport(&e))?;
-    observe(resp.headers());
     let status = resp.status().as_u16();
+    observe(status, resp.headers());
     let hint = retry_hint(resp.headers());
     let text = resp.text().await.map_err(|e| CallError::transport(&e))?;
     if !(200..300).contains(&status) {

@@ -247,7 +247,7 @@ fn metric(parsed: &Value, name: &str, labels: Value) -> Option<f64> {
 fn the_embed_stage_reports_requests_and_bytes_as_the_api_saw_them() {
     let redis = RedisServer::start(false);
     let db = PgDb::seeded(&fixture("sample.jsonl"));
-    let api = ApiDouble::start();
+    let api = OpenAiDouble::start();
     let q = unique_queue("embedcount");
     let addr = format!("127.0.0.1:{}", free_port());
     let mut env = api.embedder_env();
@@ -300,7 +300,7 @@ fn the_embed_stage_reports_requests_and_bytes_as_the_api_saw_them() {
 fn build_records_failure_soft_limit_and_retry_through_the_queue() {
     let redis = RedisServer::start(false);
     let db = PgDb::seeded(&fixture("sample.jsonl"));
-    let api = ApiDouble::start();
+    let api = OpenAiDouble::start();
     let q = unique_queue("buildfail");
     let mut env = api.embedder_env();
     // One request at a time, so a scripted reply lands on the request it is meant for.
@@ -413,7 +413,7 @@ fn build_records_failure_soft_limit_and_retry_through_the_queue() {
 struct TwoBuilds {
     redis: RedisServer,
     db: PgDb,
-    _api: ApiDouble,
+    _api: OpenAiDouble,
     _worker: WorkerProc,
     q: String,
     first: String,
@@ -425,7 +425,7 @@ impl TwoBuilds {
     fn start(name: &str) -> Self {
         let redis = RedisServer::start(false);
         let db = PgDb::seeded(&fixture("sample.jsonl"));
-        let api = ApiDouble::start();
+        let api = OpenAiDouble::start();
         let q = unique_queue(name);
         let mut env = api.embedder_env();
         env.push(("ORBIT_EMBED_IN_FLIGHT", "1".into()));
@@ -556,7 +556,7 @@ fn followers_of_a_build_that_coalesces_move_to_the_build_that_runs() {
 fn a_build_after_a_hard_time_limit_runs_on_its_own() {
     let redis = RedisServer::start(false);
     let db = PgDb::seeded(&fixture("sample.jsonl"));
-    let api = ApiDouble::start();
+    let api = OpenAiDouble::start();
     let q = unique_queue("after-hard-limit");
     let mut env = api.embedder_env();
     env.push(("ORBIT_EMBED_IN_FLIGHT", "1".into()));
@@ -602,7 +602,7 @@ fn chunks_of(db: &PgDb, env: &[(&str, &str)], user: i64) -> Vec<Value> {
 #[test]
 fn incremental_rebuilds_follow_edits_and_deletions_and_embed_only_what_changed() {
     let db = PgDb::seeded(&fixture("sample.jsonl"));
-    let api = ApiDouble::start();
+    let api = OpenAiDouble::start();
     let data = tempfile::tempdir().unwrap();
     let data = data.path().to_str().unwrap().to_string();
     let mut env: Vec<(&str, String)> = api.embedder_env();
@@ -705,7 +705,7 @@ fn generate_answer_through_the_queue_cites_only_the_askers_rows_and_caches_for_d
     let dir = tempfile::tempdir().unwrap();
     let db = PgDb::seeded(&shared_words_corpus(dir.path()));
     let redis = RedisServer::start(false);
-    let api = ApiDouble::start();
+    let api = OpenAiDouble::start();
     let data = dir.path().join("vectors");
     let data = data.to_str().unwrap().to_string();
     let q = unique_queue("ask");
@@ -1006,7 +1006,7 @@ fn healthz_names_the_failing_part() {
 fn a_warm_shutdown_that_abandons_a_build_leaves_its_record_final() {
     let redis = RedisServer::start(false);
     let db = PgDb::seeded(&fixture("sample.jsonl"));
-    let api = ApiDouble::start();
+    let api = OpenAiDouble::start();
     let q = unique_queue("buildstop");
     let mut env = api.embedder_env();
     env.push(("ORBIT_EMBED_IN_FLIGHT", "1".into()));

@@ -62,7 +62,7 @@ struct Tally {
     untrue_records: usize,
 }
 
-fn worker(redis: &RedisServer, db: &PgDb, data: &Path, api: &ApiDouble, q: &str) -> WorkerProc {
+fn worker(redis: &RedisServer, db: &PgDb, data: &Path, api: &OpenAiDouble, q: &str) -> WorkerProc {
     let url = db.url();
     let data = data.to_str().unwrap().to_string();
     let mut env: Vec<(&str, String)> = vec![
@@ -150,7 +150,7 @@ fn chaos_rounds_lose_nothing_and_leave_nothing_stuck() {
     let mut rng = Rng(seed);
     let db = PgDb::seeded(&fixture("sample.jsonl"));
     let mut redis = RedisServer::start(true);
-    let api = ApiDouble::start();
+    let api = OpenAiDouble::start();
     let data = tempfile::tempdir().unwrap();
     let q = unique_queue("chaos");
     let mut workers = [

@@ -4,6 +4,8 @@
 
 #[path = "../../pipeline/tests/support/common.rs"]
 mod helpers;
+#[path = "../../pipeline/tests/support/openai_double.rs"]
+mod openai_double;
 #[path = "../../pipeline/tests/support/qdrant.rs"]
 mod qdrant_server;
 

@@ -35,7 +35,7 @@ fn a_full_run_logs_none_of_its_secrets() {
     let db = PgDb::seeded(&fixture("sample.jsonl"));
     // Trust authentication ignores the password; the URL still carries it everywhere it goes.
     let db_url = db.url().replace("postgres@", &format!("postgres:{PG_PW}@"));
-    let api = ApiDouble::start();
+    let api = OpenAiDouble::start();
     // One refusal first, as the real API words it (its own message masks the key).
     api.script_embeddings(vec![Reply::Status(
         401,

@@ -771,7 +771,7 @@ fn transcription_and_analysis_through_the_queue() {
     let media = tempfile::tempdir().unwrap();
     audio_fixtures(media.path());
     let db = users_db();
-    let api = ApiDouble::start();
+    let api = OpenAiDouble::start();
     let redis = RedisServer::start(false);
     let q = unique_queue("blink");
     let _w = side_worker(

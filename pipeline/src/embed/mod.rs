@@ -2,6 +2,7 @@
 //! implementations (OpenAI-compatible HTTP, a local MiniLM on candle, a deterministic hasher).
 
 pub mod budget;
+pub mod cache;
 mod hashing;
 mod local;
 mod openai;
@@ -9,6 +10,7 @@ mod openai;
 use async_trait::async_trait;
 use serde::Serialize;
 
+pub use cache::{CachedEmbedder, EmbeddingCache, PgEmbeddingCache, SqliteEmbeddingCache};
 pub use hashing::HashingEmbedder;
 pub use local::{LocalEmbedder, LOCAL_MODEL_FILES};
 pub use openai::{
@@ -76,6 +78,10 @@ pub trait Embedder: Send + Sync {
     fn model_id(&self) -> &str;
     fn dimension(&self) -> usize;
     fn limits(&self) -> EmbedLimits;
+    /// The provider's limits on this key as last heard (tokens, requests a minute), if any.
+    fn rate_limit(&self) -> Option<(f64, f64)> {
+        None
+    }
     /// Chunk size this model reads whole, when smaller than the pipeline default.
     fn preferred_chunk_tokens(&self) -> Option<usize> {
         None
@@ -160,6 +166,9 @@ impl Embedder for WithLimits {
     }
     fn limits(&self) -> EmbedLimits {
         self.limits
+    }
+    fn rate_limit(&self) -> Option<(f64, f64)> {
+        self.inner.rate_limit()
     }
     fn preferred_chunk_tokens(&self) -> Option<usize> {
         self.inner.preferred_chunk_tokens()

@@ -34,6 +34,10 @@ pub struct OpenAiSettings {
     /// model's own size.
     pub request_dimensions: Option<usize>,
     pub limits: EmbedLimits,
+    /// Whether the number in flight grows from `limits.max_in_flight` while latency, not the
+    /// rate limit, holds throughput back (up to `MAX_ADAPTIVE_IN_FLIGHT`); off, exactly that
+    /// many go at once (the benchmark's one-at-a-time baseline).
+    pub adaptive: bool,
     pub timeout: Duration,
     /// The inline retry layer of each request.
     pub policy: CallPolicy,
@@ -63,8 +67,20 @@ impl OpenAiSettings {
                 max_batch_tokens: 64_000,
                 max_in_flight: 4,
             },
+            adaptive: true,
             timeout: Duration::from_secs(60),
             policy: CallPolicy::short(EMBED_MAX_INLINE_WAIT),
+        }
+    }
+}
+
+impl OpenAiSettings {
+    /// The most requests in flight at any time.
+    fn max_in_flight(&self) -> usize {
+        if self.adaptive {
+            MAX_ADAPTIVE_IN_FLIGHT.max(self.limits.max_in_flight)
+        } else {
+            self.limits.max_in_flight.max(1)
         }
     }
 }
@@ -90,7 +106,7 @@ impl OpenAiEmbedder {
         let url = format!("{}/embeddings", settings.base_url.trim_end_matches('/'));
         let budget = Arc::new(Budget::new(
             settings.limits.max_in_flight,
-            MAX_ADAPTIVE_IN_FLIGHT.max(settings.limits.max_in_flight),
+            settings.max_in_flight(),
         ));
         Ok(Self {
             settings,
@@ -121,11 +137,11 @@ impl OpenAiEmbedder {
             .post(&self.url)
             .timeout(self.settings.timeout)
             .json(&self.request_body(texts));
-        let budget = &self.budget;
-        let sent = send_observed(req, self.settings.api_key.as_ref(), |h| {
-            budget.observe(&RateHeaders::read(|k| {
-                h.get(k).and_then(|v| v.to_str().ok()).map(str::to_string)
-            }))
+        let sent = send_observed(req, self.settings.api_key.as_ref(), |status, h| {
+            slot.observe(
+                status != 429,
+                &RateHeaders::read(|k| h.get(k).and_then(|v| v.to_str().ok()).map(str::to_string)),
+            )
         })
         .await;
         let body = match sent {
@@ -249,9 +265,12 @@ impl Embedder for OpenAiEmbedder {
     /// the budget, not the stage, decides how many go at once (from the configured number).
     fn limits(&self) -> EmbedLimits {
         EmbedLimits {
-            max_in_flight: MAX_ADAPTIVE_IN_FLIGHT.max(self.settings.limits.max_in_flight),
+            max_in_flight: self.settings.max_in_flight(),
             ..self.settings.limits
         }
+    }
+    fn rate_limit(&self) -> Option<(f64, f64)> {
+        self.budget.limits()
     }
 
     /// A question or any text not yet counted: what the API counts against the key's TPM is

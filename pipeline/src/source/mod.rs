@@ -84,3 +84,15 @@ pub trait Source: Send + Sync {
     /// A short human description for logs.
     fn describe(&self) -> String;
 }
+
+/// Every user with a document in `source`, ascending: what a run over all users fans out over.
+/// Reads the whole source once (documents are not kept).
+pub async fn user_ids(source: &dyn Source) -> Result<Vec<i64>, SourceError> {
+    use futures::StreamExt;
+    let mut users = std::collections::BTreeSet::new();
+    let mut stream = source.documents(&BuildScope::AllUsers);
+    while let Some(batch) = stream.next().await {
+        users.extend(batch?.docs.iter().map(|d| d.user_id));
+    }
+    Ok(users.into_iter().collect())
+}

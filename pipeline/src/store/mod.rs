@@ -5,6 +5,7 @@ mod null;
 mod qdrant;
 mod sqlite;
 pub mod vector_cache;
+pub mod versions;
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -15,6 +16,7 @@ pub use qdrant::{
     collection_name as qdrant_collection_name, QdrantSettings, QdrantStore, DEFAULT_ALIAS,
 };
 pub use sqlite::SqliteStore;
+pub use versions::LiveSqliteStore;
 
 use crate::search::Fusion;
 use crate::types::BuildScope;

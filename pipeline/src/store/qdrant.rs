@@ -64,6 +64,10 @@ const BM25_B: f32 = 0.75;
 /// about 150 distinct terms (the long-conversation evaluation set's mean was 140).
 const BM25_AVG_TERMS: f32 = 150.0;
 
+/// How long a read of the collection's shape is trusted: a worker sees an alias swapped by
+/// another (a re-embed) within this, for the price of one small read per interval.
+const SHAPE_TTL: Duration = Duration::from_secs(10);
+
 /// How to reach the server and which alias to serve.
 #[derive(Debug, Clone)]
 pub struct QdrantSettings {
@@ -82,10 +86,17 @@ pub struct QdrantSettings {
 pub struct QdrantStore {
     client: Qdrant,
     settings: QdrantSettings,
-    /// The recorded (model, dimension), read once: a collection's shape never changes.
-    shape: tokio::sync::RwLock<Option<(String, usize)>>,
+    /// The recorded (model, dimension) and when it was read: a collection's shape never
+    /// changes, but the alias may swap to another collection (`SHAPE_TTL`).
+    shape: tokio::sync::RwLock<Option<((String, usize), std::time::Instant)>>,
     /// For `update_aliases` with several actions, which the client only sends one at a time.
     aliases: Arc<tokio::sync::OnceCell<tonic::transport::Channel>>,
+    /// `settings.alias` names one collection, not an alias (a re-embed's target version): its
+    /// shape is checked, never created, and no alias is touched.
+    pinned: bool,
+    /// The collection each build in progress began on: its writes and sweep stay there, so an
+    /// alias swap in the middle of a build never sweeps the new version with the old one's build.
+    builds: std::sync::Mutex<HashMap<BuildGeneration, String>>,
 }
 
 impl std::fmt::Debug for QdrantStore {
@@ -285,6 +296,8 @@ impl QdrantStore {
             settings,
             shape: Default::default(),
             aliases: Default::default(),
+            pinned: false,
+            builds: Default::default(),
         };
         let reply = store
             .client
@@ -302,8 +315,48 @@ impl QdrantStore {
         Ok(store)
     }
 
+    /// The store of one collection (a version a re-embed builds before the alias swaps to it),
+    /// made with `create_version`.
+    pub async fn connect_collection(
+        settings: QdrantSettings,
+        collection: &str,
+    ) -> Result<Self, StoreError> {
+        let mut store = Self::connect(QdrantSettings {
+            alias: collection.to_string(),
+            ..settings
+        })
+        .await?;
+        store.pinned = true;
+        Ok(store)
+    }
+
+    /// Deletes a collection the alias does not point to (an old version, after a swap).
+    pub async fn drop_collection(&self, name: &str) -> Result<(), StoreError> {
+        if self.aliased_collection().await?.as_deref() == Some(name) {
+            return Err(StoreError::Config(format!(
+                "{name} is what the alias {} points to",
+                self.settings.alias
+            )));
+        }
+        self.client
+            .delete_collection(name)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
     fn err(&self, e: QdrantError) -> StoreError {
         store_error(e, self.settings.api_key.as_ref())
+    }
+
+    /// Where a build's writes go: the collection it began on, else the alias.
+    fn build_target(&self, gen: BuildGeneration) -> String {
+        self.builds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&gen)
+            .cloned()
+            .unwrap_or_else(|| self.settings.alias.clone())
     }
 
     pub fn alias(&self) -> &str {
@@ -491,20 +544,24 @@ impl QdrantStore {
         })
         .await
         .map_err(|status| self.err(QdrantError::ResponseError { status }))?;
-        *self.shape.write().await = None;
+        self.set_shape(None).await;
         Ok(())
     }
 
-    /// The collection's (model, dimension), cached after the first read.
+    async fn set_shape(&self, shape: Option<(String, usize)>) {
+        *self.shape.write().await = shape.map(|s| (s, std::time::Instant::now()));
+    }
+
+    /// The collection's (model, dimension), cached for `SHAPE_TTL` after a read.
     async fn shape(&self) -> Result<Option<(String, usize)>, StoreError> {
-        if let Some(s) = self.shape.read().await.clone() {
-            return Ok(Some(s));
+        if let Some((s, at)) = self.shape.read().await.clone() {
+            if at.elapsed() < SHAPE_TTL {
+                return Ok(Some(s));
+            }
         }
         let got = self.read_meta(&self.settings.alias).await?;
         let shape = got.map(|(m, d, _)| (m, d));
-        if let Some(s) = &shape {
-            *self.shape.write().await = Some(s.clone());
-        }
+        self.set_shape(shape.clone()).await;
         Ok(shape)
     }
 
@@ -628,7 +685,12 @@ impl QdrantStore {
 #[async_trait]
 impl VectorStore for QdrantStore {
     async fn ensure_model(&self, model: &str, dim: usize) -> Result<(), StoreError> {
-        if let Some(current) = self.aliased_collection().await? {
+        let current = if self.pinned {
+            Some(self.settings.alias.clone())
+        } else {
+            self.aliased_collection().await?
+        };
+        if let Some(current) = current {
             return match self.read_meta(&current).await? {
                 Some((m, d, _)) if m != model || d != dim => Err(StoreError::ModelMismatch {
                     stored_model: m,
@@ -637,7 +699,7 @@ impl VectorStore for QdrantStore {
                     dim,
                 }),
                 Some((m, d, _)) => {
-                    *self.shape.write().await = Some((m, d));
+                    self.set_shape(Some((m, d))).await;
                     Ok(())
                 }
                 None => Err(StoreError::Config(format!(
@@ -653,7 +715,7 @@ impl VectorStore for QdrantStore {
             Some(_) => Box::pin(self.ensure_model(model, dim)).await,
             None => {
                 self.swap_alias(&name).await?;
-                *self.shape.write().await = Some((model.to_string(), dim));
+                self.set_shape(Some((model.to_string(), dim))).await;
                 Ok(())
             }
         }
@@ -664,6 +726,12 @@ impl VectorStore for QdrantStore {
     }
 
     async fn reset(&self) -> Result<(), StoreError> {
+        if self.pinned {
+            return Err(StoreError::Config(format!(
+                "{} is one version: drop it with drop_collection",
+                self.settings.alias
+            )));
+        }
         if let Some(current) = self.aliased_collection().await? {
             self.client
                 .delete_alias(self.settings.alias.clone())
@@ -674,7 +742,7 @@ impl VectorStore for QdrantStore {
                 .await
                 .map_err(|e| self.err(e))?;
         }
-        *self.shape.write().await = None;
+        self.set_shape(None).await;
         Ok(())
     }
 
@@ -682,12 +750,22 @@ impl VectorStore for QdrantStore {
         // Strictly increasing on one server: the wall clock in microseconds, bumped past the
         // last generation handed out (kept in the meta point). Two workers reading the same
         // last generation in the same microsecond are kept apart by the build lock.
-        let last = match self.read_meta(&self.settings.alias).await? {
+        let target = if self.pinned {
+            Some(self.settings.alias.clone())
+        } else {
+            self.aliased_collection().await?
+        };
+        let Some(target) = target else {
+            return Err(StoreError::Config(
+                "begin_build before ensure_model: the Qdrant alias does not exist".into(),
+            ));
+        };
+        let last = match self.read_meta(&target).await? {
             Some((_, _, last)) => last,
             None => {
-                return Err(StoreError::Config(
-                    "begin_build before ensure_model: the Qdrant alias does not exist".into(),
-                ))
+                return Err(StoreError::Config(format!(
+                    "{target} has no orbit-worker meta point"
+                )))
             }
         };
         let gen = super::next_generation(last);
@@ -695,12 +773,16 @@ impl VectorStore for QdrantStore {
         payload.insert("last_gen".to_string(), Value::from(gen));
         self.client
             .set_payload(
-                SetPayloadPointsBuilder::new(&self.settings.alias, payload)
+                SetPayloadPointsBuilder::new(&target, payload)
                     .points_selector(vec![PointId::from(META_ID.to_string())])
                     .wait(true),
             )
             .await
             .map_err(|e| self.err(e))?;
+        self.builds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(gen, target);
         Ok(gen)
     }
 
@@ -718,6 +800,7 @@ impl VectorStore for QdrantStore {
                 ..Default::default()
             },
         )]);
+        let target = self.build_target(gen);
         for part in points.chunks(UPSERT_POINTS_PER_CALL) {
             let batch = part
                 .iter()
@@ -726,7 +809,7 @@ impl VectorStore for QdrantStore {
             // `wait`: the build's sweep must see every point it wrote.
             self.client
                 .upsert_points(
-                    UpsertPointsBuilder::new(&self.settings.alias, batch)
+                    UpsertPointsBuilder::new(&target, batch)
                         .wait(true)
                         .update_filter(fence.clone()),
                 )
@@ -754,10 +837,15 @@ impl VectorStore for QdrantStore {
             must.push(Condition::matches("user_id", u.to_string()));
         }
         let filter = Filter::must(must);
+        let target = self.build_target(gen);
+        self.builds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&gen);
         let n = self
             .client
             .count(
-                CountPointsBuilder::new(&self.settings.alias)
+                CountPointsBuilder::new(&target)
                     .filter(filter.clone())
                     .exact(true),
             )
@@ -768,11 +856,7 @@ impl VectorStore for QdrantStore {
             .unwrap_or(0);
         if n > 0 {
             self.client
-                .delete_points(
-                    DeletePointsBuilder::new(&self.settings.alias)
-                        .points(filter)
-                        .wait(true),
-                )
+                .delete_points(DeletePointsBuilder::new(&target).points(filter).wait(true))
                 .await
                 .map_err(|e| self.err(e))?;
         }

@@ -243,12 +243,22 @@ impl SqliteStore {
         Self::open_with(dir, true).await
     }
 
-    /// Opens (creating) `<dir>/vectors.sqlite`; `lexical` false writes no terms (see the field).
+    /// Opens (creating) the live version of `<dir>` (`versions::live_file`: `vectors.sqlite`
+    /// until a re-embed switches); `lexical` false writes no terms (see the field).
     pub async fn open_with(dir: &Path, lexical: bool) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| {
             StoreError::Backend(format!("creating data dir {}: {e}", dir.display()))
         })?;
-        let path = dir.join("vectors.sqlite");
+        let file = super::versions::live_file(dir)?;
+        Self::open_file(dir, &file, lexical).await
+    }
+
+    /// Opens (creating) one version of the store, `<dir>/<file>`, live or not.
+    pub async fn open_file(dir: &Path, file: &str, lexical: bool) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Backend(format!("creating data dir {}: {e}", dir.display()))
+        })?;
+        let path = dir.join(file);
         let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)

@@ -8,6 +8,9 @@ mod helpers;
 #[path = "../support/qdrant.rs"]
 mod qdrant_server;
 
+#[path = "../support/openai_double.rs"]
+mod openai_double;
+
 mod conformance;
 mod env;
 mod local_model;

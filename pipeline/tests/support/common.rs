@@ -1,6 +1,6 @@
 //! Helpers both test suites share (the pipeline's in `pipeline/tests/e2e`, the worker's in
 //! `tests/integration`, which includes this file by path): fixture paths, where the Makefile
-//! installs things, and reading one HTTP request as the API doubles do.
+//! installs things, and reading one HTTP request as the API double does.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -71,14 +71,6 @@ pub fn embedding_inputs(body: &serde_json::Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// One HTTP/1.1 request off the socket: (path, authorization header, JSON body).
-pub async fn read_request(
-    sock: &mut tokio::net::TcpStream,
-) -> Option<(String, Option<String>, serde_json::Value)> {
-    let (path, auth, raw, _) = read_raw(sock).await?;
-    Some((path, auth, serde_json::from_slice(&raw).unwrap_or_default()))
 }
 
 /// One HTTP/1.1 request: (path, authorization, raw body, content type).
