@@ -17,6 +17,7 @@ mod chaos;
 mod cli;
 mod in_process;
 mod qdrant;
+mod reembed;
 mod security;
 mod side;
 mod tls;

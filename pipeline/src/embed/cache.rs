@@ -380,7 +380,11 @@ impl EmbeddingCache for PgEmbeddingCache {
         .bind(now_secs())
         .execute(&self.pool)
         .await?;
-        if self.puts.fetch_add(1, Ordering::Relaxed) % CHECK_EVERY != 0 {
+        if !self
+            .puts
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(CHECK_EVERY)
+        {
             return Ok(());
         }
         let (vector_bytes, rows) = self.size().await?;
@@ -425,6 +429,11 @@ fn cl100k(texts: &[String]) -> u64 {
         .sum()
 }
 
+/// A vector another call is embedding: `Some` once it has it; closed if that call failed.
+type Awaited = watch::Receiver<Option<Arc<Vec<f32>>>>;
+/// The sending side: this call embeds the text and tells those waiting.
+type Promised = watch::Sender<Option<Arc<Vec<f32>>>>;
+
 /// An embedder that asks `cache` first and embeds only what it lacks.
 pub struct CachedEmbedder {
     inner: Arc<dyn Embedder>,
@@ -432,7 +441,7 @@ pub struct CachedEmbedder {
     space: String,
     pub counters: Arc<CacheCounters>,
     /// Texts being embedded now, by key: a second call with the same text waits for the first.
-    pending: Mutex<HashMap<CacheKey, watch::Receiver<Option<Arc<Vec<f32>>>>>>,
+    pending: Mutex<HashMap<CacheKey, Awaited>>,
 }
 
 impl CachedEmbedder {
@@ -462,8 +471,8 @@ impl CachedEmbedder {
         };
         // Each missing text once: embedded here, or awaited from the call already embedding it
         // (two users' builds in flight with the same text pay for it once).
-        let mut mine: Vec<(usize, watch::Sender<Option<Arc<Vec<f32>>>>)> = Vec::new();
-        let mut theirs: Vec<(usize, watch::Receiver<Option<Arc<Vec<f32>>>>)> = Vec::new();
+        let mut mine: Vec<(usize, Promised)> = Vec::new();
+        let mut theirs: Vec<(usize, Awaited)> = Vec::new();
         {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             let mut seen = std::collections::HashSet::new();

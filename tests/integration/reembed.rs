@@ -1,0 +1,250 @@
+//! `orbit-worker reembed` as an operator runs it, against the shared OpenAI double: an estimate
+//! first, a run killed with SIGKILL in the middle and resumed, the app answering from the old
+//! model meanwhile, and the switch to the new version once every user is done.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::app_harness::*;
+use crate::celery_harness::worker_bin;
+use crate::helpers::fixture;
+use crate::openai_double::{DoubleConfig, OpenAiDouble};
+
+const OLD: &str = "text-embedding-3-small";
+const NEW: &str = "text-embedding-3-large";
+
+/// The CLI with the OpenAI embedder against `api` (16 inputs a request), the embedded store in
+/// `data`, no app database, and `env` on top.
+fn cli(api: &OpenAiDouble, data: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(worker_bin());
+    c.args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("QDRANT_URL")
+        .env_remove("ORBIT_EMBED_DIMENSIONS")
+        .env("ORBIT_DATA_DIR", data)
+        .env("ORBIT_EMBED_MODEL", OLD)
+        // Small requests, so a run is many of them and can be stopped between users.
+        .env("ORBIT_EMBED_BATCH_INPUTS", "16")
+        .env("RUST_LOG", "warn");
+    for (k, v) in api.embedder_env() {
+        c.env(k, v);
+    }
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// `search --json` for user 2's band practice: the hits, from whichever version is live.
+fn band_practice(api: &OpenAiDouble, data: &std::path::Path, env: &[(&str, &str)]) -> Vec<Value> {
+    let args = [
+        "search",
+        "--user",
+        "2",
+        "--json",
+        "band practice rehearsal room",
+    ];
+    let out = ok(cli(api, data, &args, env).output().unwrap(), "search");
+    serde_json::from_str::<Value>(&out)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_else(|| panic!("search printed {out}"))
+}
+
+#[test]
+fn a_killed_reembed_resumes_pays_for_each_chunk_once_and_switches_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let src = fixture("sample.jsonl");
+    let src = src.to_str().unwrap();
+    // The live memory, built with the old model.
+    let old_api = OpenAiDouble::start();
+    ok(
+        cli(
+            &old_api,
+            &data,
+            &["build", "--all-users", "--source", src],
+            &[],
+        )
+        .output()
+        .unwrap(),
+        "build",
+    );
+    let requests_per_build = old_api.embedding_requests();
+    assert!(requests_per_build >= 6, "{requests_per_build} requests");
+
+    // The new model's key: an estimate first (the TPM given, so no probe request is sent).
+    let api = OpenAiDouble::with(DoubleConfig {
+        latency: Duration::from_millis(20),
+        ..DoubleConfig::default()
+    });
+    let reembed = [
+        "reembed",
+        "--model",
+        NEW,
+        "--dimensions",
+        "256",
+        "--source",
+        src,
+    ];
+    let mut args = reembed.to_vec();
+    args.extend(["--estimate", "--json"]);
+    let est: Value = serde_json::from_str(&ok(
+        cli(&api, &data, &args, &[("ORBIT_EMBED_TPM", "1000000")])
+            .output()
+            .unwrap(),
+        "estimate",
+    ))
+    .unwrap();
+    assert_eq!(api.embedding_requests(), 0, "the estimate sent a request");
+    assert_eq!(est["users"], 6, "{est}");
+    let est_tokens = est["tokens"].as_u64().unwrap();
+    assert!(
+        est_tokens > 0 && est["cost_usd"].as_f64().unwrap() > 0.0,
+        "{est}"
+    );
+    assert!(est["wall_s_at_limit"].as_f64().unwrap() > 0.0, "{est}");
+
+    // The run: after about half a build's requests the key stalls (nothing more is paid for),
+    // and the run is killed while its requests hang.
+    let paid = requests_per_build / 2;
+    let mut script = vec![Reply::Ok; paid];
+    script.extend(vec![Reply::Stall; 200]);
+    api.script_embeddings(script);
+    let mut child = cli(&api, &data, &reembed, &[("ORBIT_EMBED_TIMEOUT", "120")])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut run_id = None;
+    let mut users_done = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            if let Some(rest) = line.strip_prefix("reembed: run ") {
+                run_id = rest.split_whitespace().next().map(str::to_string);
+            }
+            if let Some(n) = line
+                .strip_prefix("reembed: ")
+                .and_then(|r| r.split('/').next())
+                .and_then(|n| n.parse::<usize>().ok())
+            {
+                users_done = n;
+            }
+            assert!(
+                !line.contains("switched"),
+                "switched before the kill: {line}"
+            );
+        }
+        let stalled = api.embedding_requests() > paid && api.counts().in_progress == 0;
+        if users_done >= 1 && stalled {
+            break;
+        }
+    }
+    assert!(users_done >= 1, "no user finished before the key stalled");
+    // Let the stalled requests arrive, then kill: nothing after the stall was answered.
+    std::thread::sleep(Duration::from_millis(500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let run_id = run_id.expect("the run's id on stderr");
+    let embedded_before_kill = api.counts().inputs;
+    assert!(embedded_before_kill > 0);
+
+    // During the run the app answers from the old model's version.
+    let hits = band_practice(&old_api, &data, &[]);
+    assert!(
+        !hits.is_empty(),
+        "no answer from the old version during the run"
+    );
+    let q = old_api.seen();
+    assert_eq!(
+        q.last().unwrap().body["model"],
+        OLD,
+        "the question was embedded with another model"
+    );
+
+    // Resumed: the rest, then the switch.
+    api.clear_embeddings();
+    let mut args = reembed.to_vec();
+    args.extend(["--resume", &run_id, "--json", "--drop-old"]);
+    let report: Value = serde_json::from_str(&ok(
+        cli(&api, &data, &args, &[]).output().unwrap(),
+        "resume",
+    ))
+    .unwrap();
+    assert_eq!(report["switched"], true, "{report}");
+    assert_eq!(report["users_total"], 6, "{report}");
+    assert_eq!(
+        report["users_resumed"].as_u64().unwrap(),
+        users_done as u64,
+        "{report}"
+    );
+    assert_eq!(report["dropped_previous"], true, "{report}");
+
+    // Every distinct chunk was paid for once, across the killed attempt and the resumed one.
+    let counts = api.embedded_counts();
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "embedded more than once: {}", twice.len());
+    assert!(
+        counts.len() as u64 > embedded_before_kill,
+        "the resume embedded the rest"
+    );
+    // The estimate said what the run would send, within 1 %.
+    let sent = api.counts().tokens;
+    let off = (sent as f64 - est_tokens as f64).abs() / est_tokens as f64;
+    assert!(off <= 0.01, "estimate {est_tokens} tokens, sent {sent}");
+    for s in api.seen() {
+        if s.path.ends_with("/embeddings") {
+            assert_eq!(s.body["model"], NEW);
+            assert_eq!(s.body["dimensions"], 256);
+        }
+    }
+
+    // Switched once, to the run's version; the old one is gone; the new one answers.
+    let live = std::fs::read_to_string(data.join("LIVE")).unwrap();
+    assert!(live.contains(&run_id), "LIVE names {live}");
+    assert!(
+        !data.join("vectors.sqlite").exists(),
+        "the old version was not dropped"
+    );
+    let new_env = [
+        ("ORBIT_EMBED_MODEL", NEW),
+        ("ORBIT_EMBED_DIMENSIONS", "256"),
+    ];
+    assert!(!band_practice(&api, &data, &new_env).is_empty());
+    // The old model's worker now refuses to build into the new version instead of mixing models.
+    let out = cli(
+        &old_api,
+        &data,
+        &["build", "--user", "2", "--source", src],
+        &[],
+    )
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(NEW),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
