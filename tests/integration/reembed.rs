@@ -1,6 +1,7 @@
 //! `orbit-worker reembed` as an operator runs it, against the shared OpenAI double: an estimate
 //! first, a run killed with SIGKILL in the middle and resumed, the app answering from the old
-//! model meanwhile, and the switch to the new version once every user is done.
+//! model meanwhile, and the switch to the new version once every user is done; on the embedded
+//! store and on a real Qdrant server.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
@@ -12,6 +13,7 @@ use crate::app_harness::*;
 use crate::celery_harness::worker_bin;
 use crate::helpers::fixture;
 use crate::openai_double::{DoubleConfig, OpenAiDouble};
+use crate::qdrant_server::{unique_alias, QdrantServer};
 
 const OLD: &str = "text-embedding-3-small";
 const NEW: &str = "text-embedding-3-large";
@@ -138,34 +140,41 @@ fn a_killed_reembed_resumes_pays_for_each_chunk_once_and_switches_once() {
     });
     let mut run_id = None;
     let mut users_done = 0;
+    let mut read = |line: String| {
+        if let Some(rest) = line.strip_prefix("reembed: run ") {
+            run_id = rest.split_whitespace().next().map(str::to_string);
+        }
+        if let Some(n) = line
+            .strip_prefix("reembed: ")
+            .and_then(|r| r.split('/').next())
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            users_done = n;
+        }
+        assert!(
+            !line.contains("switched"),
+            "switched before the kill: {line}"
+        );
+    };
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
         if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
-            if let Some(rest) = line.strip_prefix("reembed: run ") {
-                run_id = rest.split_whitespace().next().map(str::to_string);
-            }
-            if let Some(n) = line
-                .strip_prefix("reembed: ")
-                .and_then(|r| r.split('/').next())
-                .and_then(|n| n.parse::<usize>().ok())
-            {
-                users_done = n;
-            }
-            assert!(
-                !line.contains("switched"),
-                "switched before the kill: {line}"
-            );
+            read(line);
         }
         let stalled = api.embedding_requests() > paid && api.counts().in_progress == 0;
-        if users_done >= 1 && stalled {
+        if stalled {
             break;
         }
     }
-    assert!(users_done >= 1, "no user finished before the key stalled");
     // Let the stalled requests arrive, then kill: nothing after the stall was answered.
     std::thread::sleep(Duration::from_millis(500));
     child.kill().unwrap();
     child.wait().unwrap();
+    // Every line the run wrote before it died (each user's line follows its checkpoint).
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
+        read(line);
+    }
+    assert!(users_done >= 1, "no user finished before the key stalled");
     let run_id = run_id.expect("the run's id on stderr");
     let embedded_before_kill = api.counts().inputs;
     assert!(embedded_before_kill > 0);
@@ -247,4 +256,110 @@ fn a_killed_reembed_resumes_pays_for_each_chunk_once_and_switches_once() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// What `alias` points to on the server, from Qdrant's own REST API.
+fn alias_target(server: &QdrantServer, alias: &str) -> Option<String> {
+    let out = Command::new("curl")
+        .args(["-s", &format!("{}/aliases", server.rest())])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["result"]["aliases"]
+        .as_array()?
+        .iter()
+        .find(|a| a["alias_name"] == alias)
+        .and_then(|a| a["collection_name"].as_str().map(str::to_string))
+}
+
+/// Points in a collection (the meta point included), or None when there is no such collection.
+fn points_in(server: &QdrantServer, collection: &str) -> Option<u64> {
+    let out = Command::new("curl")
+        .args(["-s", "-X", "POST", "-H", "content-type: application/json"])
+        .args(["-d", r#"{"exact": true}"#])
+        .arg(format!(
+            "{}/collections/{collection}/points/count",
+            server.rest()
+        ))
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["result"]["count"].as_u64()
+}
+
+#[test]
+fn a_reembed_on_the_qdrant_server_builds_a_new_collection_and_swaps_the_alias_once() {
+    let server = QdrantServer::shared();
+    let (url, alias) = (server.url(), unique_alias("reembed"));
+    let q = [
+        ("QDRANT_URL", url.as_str()),
+        ("ORBIT_QDRANT_ALIAS", alias.as_str()),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let src = fixture("sample.jsonl");
+    let src = src.to_str().unwrap();
+    let old_api = OpenAiDouble::start();
+    ok(
+        cli(
+            &old_api,
+            &data,
+            &["build", "--all-users", "--source", src],
+            &q,
+        )
+        .output()
+        .unwrap(),
+        "build",
+    );
+    let before = alias_target(&server, &alias).expect("the alias after the first build");
+    let points = points_in(&server, &before).unwrap();
+
+    let api = OpenAiDouble::start();
+    let args = [
+        "reembed",
+        "--model",
+        NEW,
+        "--dimensions",
+        "256",
+        "--source",
+        src,
+        "--json",
+        "--drop-old",
+    ];
+    let report: Value = serde_json::from_str(&ok(
+        cli(&api, &data, &args, &q).output().unwrap(),
+        "reembed",
+    ))
+    .unwrap();
+    let after = alias_target(&server, &alias).expect("the alias after the run");
+    assert_eq!(report["target"], after.as_str(), "{report}");
+    assert_eq!(report["previous"], before.as_str(), "{report}");
+    assert!(
+        after.contains(report["run_id"].as_str().unwrap()),
+        "{after}"
+    );
+    assert_eq!(
+        points_in(&server, &after),
+        Some(points),
+        "every chunk in the new version"
+    );
+    assert_eq!(
+        points_in(&server, &before),
+        None,
+        "the old collection was not dropped"
+    );
+    let new_env = [
+        q[0],
+        q[1],
+        ("ORBIT_EMBED_MODEL", NEW),
+        ("ORBIT_EMBED_DIMENSIONS", "256"),
+    ];
+    // Each chunk once (no kill here: the two catch-up passes embedded nothing).
+    let counts = api.embedded_counts();
+    assert!(counts.values().all(|n| *n == 1), "a chunk embedded twice");
+    assert_eq!(
+        counts.len() as u64,
+        report["chunks_embedded"].as_u64().unwrap()
+    );
+    assert!(!band_practice(&api, &data, &new_env).is_empty());
 }
