@@ -311,8 +311,8 @@ fn a_reembed_on_the_qdrant_server_builds_a_new_collection_and_swaps_the_alias_on
         .unwrap(),
         "build",
     );
-    let before = alias_target(&server, &alias).expect("the alias after the first build");
-    let points = points_in(&server, &before).unwrap();
+    let before = alias_target(server, &alias).expect("the alias after the first build");
+    let points = points_in(server, &before).unwrap();
 
     let api = OpenAiDouble::start();
     let args = [
@@ -331,7 +331,7 @@ fn a_reembed_on_the_qdrant_server_builds_a_new_collection_and_swaps_the_alias_on
         "reembed",
     ))
     .unwrap();
-    let after = alias_target(&server, &alias).expect("the alias after the run");
+    let after = alias_target(server, &alias).expect("the alias after the run");
     assert_eq!(report["target"], after.as_str(), "{report}");
     assert_eq!(report["previous"], before.as_str(), "{report}");
     assert!(
@@ -339,12 +339,12 @@ fn a_reembed_on_the_qdrant_server_builds_a_new_collection_and_swaps_the_alias_on
         "{after}"
     );
     assert_eq!(
-        points_in(&server, &after),
+        points_in(server, &after),
         Some(points),
         "every chunk in the new version"
     );
     assert_eq!(
-        points_in(&server, &before),
+        points_in(server, &before),
         None,
         "the old collection was not dropped"
     );
