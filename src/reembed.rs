@@ -52,9 +52,16 @@ pub struct ReembedArgs {
     /// After the switch, delete the version that was live before.
     #[arg(long)]
     pub drop_old: bool,
-    /// Users built at once.
+    /// Users built at once (by this process; with --via-queue, by the workers).
     #[arg(long, default_value_t = 2)]
     pub parallel: usize,
+    /// One `orbitpilot.reembed_user` Celery message per user instead of building here: every
+    /// worker on every machine shares the run; this command follows it and switches at the end.
+    #[arg(long)]
+    pub via_queue: bool,
+    /// The queue the messages go to (with --via-queue).
+    #[arg(long, default_value = "celery")]
+    pub queue: String,
     /// JSONL file or directory (repeatable) instead of DATABASE_URL / ORBIT_SOURCE.
     #[arg(long)]
     pub source: Vec<PathBuf>,
@@ -502,32 +509,16 @@ pub async fn run(mut settings: Settings, a: ReembedArgs) -> Result<()> {
     let source = sv
         .source()
         .context("no source: pass --source PATH, or set DATABASE_URL or ORBIT_SOURCE")?;
-    let mut p = sv.settings.pipeline.clone();
-    p.embed_model = a.model.clone();
-    // The old model's ORBIT_EMBED_DIMENSIONS is not the new one's.
-    p.embed_dimensions = a.dimensions;
-    let (cfg, http, wait) = (p.clone(), sv.http.clone(), sv.settings.http.max_inline_wait);
-    let base =
-        tokio::task::spawn_blocking(move || crate::embedders::embedder(&cfg, http, wait)).await??;
-    if base.model_id() != a.model {
-        bail!(
-            "the configured embedder ({:?}) embeds with {}, not {}: reembed moves to a model the \
-             embedder can run (ORBIT_EMBEDDER=openai for OpenAI models)",
-            p.resolved_embedder(),
-            base.model_id(),
-            a.model
-        );
-    }
+    let parts = parts(&sv, &a.model, a.dimensions).await?;
+    let (base, cache, cached, embedder) = (
+        parts.base.clone(),
+        parts.cache.clone(),
+        parts.cached.clone(),
+        parts.embedder.clone(),
+    );
     let dim = base.dimension();
+    let p = &sv.settings.pipeline;
     let pg = sv.db.as_ref().map(|d| d.pool().clone());
-    let cache = crate::embedders::embedding_cache(&p, pg.as_ref()).await;
-    let cached = cache
-        .clone()
-        .map(|c| Arc::new(orbit_pipeline::embed::CachedEmbedder::new(base.clone(), c)));
-    let embedder: Arc<dyn Embedder> = match &cached {
-        Some(c) => c.clone(),
-        None => base.clone(),
-    };
     let price_per_token = prices.cost(&a.model, 1_000_000, 0, 0.0) / 1e6;
     let users = match parse_users(&a.users)? {
         Some(u) => u,
@@ -554,7 +545,7 @@ pub async fn run(mut settings: Settings, a: ReembedArgs) -> Result<()> {
         return Ok(());
     }
 
-    let versions = Versions::of(&p);
+    let versions = Versions::of(p);
     let log = RunLog::open(pg.as_ref(), &p.data_dir).await?;
     let run = match &a.resume {
         Some(id) => {
@@ -626,9 +617,12 @@ pub async fn run(mut settings: Settings, a: ReembedArgs) -> Result<()> {
         settings: template.settings.clone(),
         pool: template.pool.clone(),
     };
-    if run.status == "running" {
+    if run.status == "running" && a.via_queue {
+        follow_queue(&a.queue, &run, &todo, &users, &log, &progress).await?;
+        report.users_built = todo.len();
+    } else if run.status == "running" {
         let mut builds = futures::stream::iter(todo.iter().copied())
-            .map(|u| builder.build(u, target.clone()))
+            .map(|u| builder.build(u, target.clone(), CancellationToken::new()))
             .buffer_unordered(a.parallel.max(1));
         let mut n = report.users_resumed;
         while let Some(r) = builds.next().await {
@@ -644,6 +638,8 @@ pub async fn run(mut settings: Settings, a: ReembedArgs) -> Result<()> {
             progress.update(n, report.chunks, tokens);
         }
         drop(builds);
+    }
+    if run.status == "running" {
         // What users built in the old version meanwhile: unchanged chunks keep their vectors.
         builder.catch_up(&users, target.clone(), a.parallel).await?;
         versions.switch_to(&run.target).await?;
@@ -691,6 +687,176 @@ pub async fn run(mut settings: Settings, a: ReembedArgs) -> Result<()> {
     Ok(())
 }
 
+/// The run's embedder: the configured kind with the run's model, behind the embedding cache.
+#[derive(Clone)]
+pub struct Parts {
+    pub base: Arc<dyn Embedder>,
+    pub cache: Option<Arc<dyn EmbeddingCache>>,
+    pub cached: Option<Arc<orbit_pipeline::embed::CachedEmbedder>>,
+    pub embedder: Arc<dyn Embedder>,
+}
+
+/// The embedders of this process by (model, dimensions): one per model, so every task of a
+/// worker shares its rate budget and in-flight dedup, as the builds of the live model do.
+static PARTS: std::sync::OnceLock<tokio::sync::Mutex<PartsByModel>> = std::sync::OnceLock::new();
+
+type PartsByModel = std::collections::HashMap<(String, Option<usize>), Parts>;
+
+pub async fn parts(sv: &Services, model: &str, dimensions: Option<usize>) -> Result<Parts> {
+    let key = (model.to_string(), dimensions);
+    let mut all = PARTS.get_or_init(Default::default).lock().await;
+    if let Some(p) = all.get(&key) {
+        return Ok(p.clone());
+    }
+    let mut p = sv.settings.pipeline.clone();
+    p.embed_model = model.to_string();
+    // The live model's ORBIT_EMBED_DIMENSIONS is not the new one's.
+    p.embed_dimensions = dimensions;
+    let (cfg, http, wait) = (p.clone(), sv.http.clone(), sv.settings.http.max_inline_wait);
+    let base =
+        tokio::task::spawn_blocking(move || crate::embedders::embedder(&cfg, http, wait)).await??;
+    if base.model_id() != model {
+        bail!(
+            "the configured embedder ({:?}) cannot embed with {model}: it embeds with {} \
+             (ORBIT_EMBEDDER=openai for OpenAI models)",
+            p.resolved_embedder(),
+            base.model_id(),
+        );
+    }
+    let pg = sv.db.as_ref().map(|d| d.pool().clone());
+    let cache = crate::embedders::embedding_cache(&p, pg.as_ref()).await;
+    let cached = cache
+        .clone()
+        .map(|c| Arc::new(orbit_pipeline::embed::CachedEmbedder::new(base.clone(), c)));
+    let embedder: Arc<dyn Embedder> = match &cached {
+        Some(c) => c.clone(),
+        None => base.clone(),
+    };
+    let parts = Parts {
+        base,
+        cache,
+        cached,
+        embedder,
+    };
+    all.insert(key, parts.clone());
+    Ok(parts)
+}
+
+/// What one user of a queued run came to.
+#[derive(Debug, Serialize)]
+pub struct UserDone {
+    pub run_id: String,
+    pub user_id: i64,
+    /// `done`, or `done_before` (a repeated or redelivered message: nothing was built).
+    pub status: &'static str,
+    pub chunks: u64,
+    pub chunks_embedded: u64,
+}
+
+/// One user of run `run_id` into the run's version, then its checkpoint: what
+/// `orbitpilot.reembed_user` runs on a worker.
+pub async fn reembed_one(
+    sv: &Services,
+    run_id: &str,
+    user: i64,
+    cancel: &CancellationToken,
+) -> Result<UserDone> {
+    let p = &sv.settings.pipeline;
+    let pg = sv.db.as_ref().map(|d| d.pool().clone());
+    let log = RunLog::open(pg.as_ref(), &p.data_dir).await?;
+    let run = log
+        .get(run_id)
+        .await?
+        .with_context(|| format!("no reembed run {run_id}"))?;
+    let mut out = UserDone {
+        run_id: run.id.clone(),
+        user_id: user,
+        status: "done_before",
+        chunks: 0,
+        chunks_embedded: 0,
+    };
+    if log.done_users(&run.id).await?.contains(&user) {
+        return Ok(out);
+    }
+    let parts = parts(sv, &run.model, Some(run.dimensions)).await?;
+    let target = Versions::of(p)
+        .open(&run.target, &run.model, run.dimensions)
+        .await?;
+    let source = sv.source()?;
+    let template = sv.pipeline(source.clone()).await?;
+    let builder = UserBuilder {
+        source,
+        embedder: parts.embedder.clone(),
+        settings: template.settings.clone(),
+        pool: template.pool.clone(),
+    };
+    let (_, r) = builder.build(user, target, cancel.clone()).await?;
+    log.mark_done(&run.id, user, r.chunks, 0).await?;
+    out.status = "done";
+    out.chunks = r.chunks;
+    out.chunks_embedded = r.chunks_embedded;
+    Ok(out)
+}
+
+/// Publishes one `orbitpilot.reembed_user` per user of `todo` on `queue`, then follows the run
+/// log until every user of `users` is done. A message that ends in FAILURE (its retries spent)
+/// stops the run with its error; the run resumes with `--resume`.
+async fn follow_queue(
+    queue: &str,
+    run: &Run,
+    todo: &[i64],
+    users: &[i64],
+    log: &RunLog,
+    progress: &Progress,
+) -> Result<()> {
+    use crate::celery::message::{queue_key, task_envelope};
+    use redis::AsyncCommands;
+    let celery = crate::config::CelerySettings::from_env()?;
+    let timeout = std::time::Duration::from_secs(10);
+    let broker = crate::redis_conn::RedisConn::open(celery.broker_url.expose(), timeout)?;
+    let backend = crate::redis_conn::RedisConn::open(celery.backend_url.expose(), timeout)?;
+    let mut ids = Vec::new();
+    let mut conn = broker.conn().await?;
+    for &u in todo {
+        let (id, env) = task_envelope(
+            crate::tasks::reembed_user::NAME,
+            &serde_json::json!([run.id, u]),
+            &serde_json::json!({}),
+            queue,
+        );
+        let _: i64 = broker
+            .note(conn.lpush(queue_key(queue, 0), env).await)
+            .await?;
+        ids.push((u, id));
+    }
+    eprintln!("reembed: {} users queued on {queue}", todo.len());
+    let wanted: HashSet<i64> = users.iter().copied().collect();
+    loop {
+        let done = log.done_users(&run.id).await?;
+        let n = wanted.iter().filter(|u| done.contains(u)).count();
+        progress.update(n, 0, 0);
+        if n == wanted.len() {
+            return Ok(());
+        }
+        let mut bc = backend.conn().await?;
+        for (u, id) in ids.iter().filter(|(u, _)| !done.contains(u)) {
+            let meta: Option<String> = backend
+                .note(bc.get(format!("celery-task-meta-{id}")).await)
+                .await?;
+            if let Some(m) = meta.and_then(|m| serde_json::from_str::<serde_json::Value>(&m).ok()) {
+                if m["status"] == "FAILURE" {
+                    bail!(
+                        "user {u} failed in the queue ({}); fix it and go on with --resume {} --via-queue",
+                        m["result"]["exc_message"],
+                        run.id
+                    );
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
 /// Builds one user's memory into a given store version with the run's embedder.
 struct UserBuilder {
     source: Arc<dyn Source>,
@@ -704,6 +870,7 @@ impl UserBuilder {
         &self,
         u: i64,
         store: Arc<dyn VectorStore>,
+        cancel: CancellationToken,
     ) -> Result<(i64, orbit_pipeline::BuildReport)> {
         let p = Pipeline {
             source: self.source.clone(),
@@ -713,7 +880,7 @@ impl UserBuilder {
             pool: self.pool.clone(),
         };
         let r = p
-            .run(BuildScope::User(u), CancellationToken::new(), None)
+            .run(BuildScope::User(u), cancel, None)
             .await
             .with_context(|| format!("re-embedding user {u}"))?;
         Ok((u, r))
@@ -728,7 +895,7 @@ impl UserBuilder {
         parallel: usize,
     ) -> Result<()> {
         let mut builds = futures::stream::iter(users.iter().copied())
-            .map(|u| self.build(u, target.clone()))
+            .map(|u| self.build(u, target.clone(), CancellationToken::new()))
             .buffer_unordered(parallel.max(1));
         while let Some(r) = builds.next().await {
             r?;

@@ -421,6 +421,35 @@ impl PollOrder {
     }
 }
 
+/// A new task message as Celery's client publishes it (`app.send_task(name, args, kwargs,
+/// queue=…)`, protocol 2, the shape captured in `../shared/fixtures/celery/03_send_task_by_name`):
+/// the task id and the envelope to `LPUSH` onto `queue_key(queue, 0)`.
+pub fn task_envelope(task: &str, args: &Value, kwargs: &Value, queue: &str) -> (String, String) {
+    use base64::Engine;
+    let id = uuid::Uuid::new_v4().to_string();
+    let body = serde_json::json!([args, kwargs,
+        {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]);
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "orbit-worker".into());
+    let env = serde_json::json!({
+        "body": base64::engine::general_purpose::STANDARD.encode(body.to_string()),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {
+            "lang": "py", "task": task, "id": id, "shadow": null, "eta": null, "expires": null,
+            "group": null, "group_index": null, "retries": 0, "timelimit": [null, null],
+            "root_id": id, "parent_id": null, "argsrepr": args.to_string(),
+            "kwargsrepr": kwargs.to_string(), "origin": format!("{}@{host}", std::process::id()),
+            "ignore_result": null, "replaced_task_nesting": 0, "stamped_headers": null, "stamps": {}
+        },
+        "properties": {
+            "correlation_id": id, "reply_to": uuid::Uuid::new_v4().to_string(), "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
+            "body_encoding": "base64", "delivery_tag": uuid::Uuid::new_v4().to_string()
+        }
+    });
+    (id, env.to_string())
+}
+
 /// The envelope of a retry, as Celery publishes it: same id, `retries + 1`, an absolute `eta`,
 /// the task as its own parent, and a fresh delivery tag.
 pub fn retry_envelope(
@@ -483,6 +512,21 @@ pub fn restored_envelope(unacked_value: &str) -> Result<(String, String, u8), De
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_published_task_decodes_as_the_worker_reads_celerys_own() {
+        let (id, raw) = task_envelope(
+            "orbitpilot.reembed_user",
+            &serde_json::json!(["r1", 7]),
+            &serde_json::json!({}),
+            "celery",
+        );
+        let m = TaskMessage::decode(&raw).unwrap();
+        assert_eq!(m.id, id);
+        assert_eq!(m.name, "orbitpilot.reembed_user");
+        assert_eq!(m.args, vec![serde_json::json!("r1"), serde_json::json!(7)]);
+        assert!(m.kwargs.is_empty());
+    }
 
     #[test]
     fn priority_buckets_round_down() {

@@ -8,6 +8,7 @@ pub mod build_memory;
 pub mod debug;
 pub mod echo;
 pub mod generate_answer;
+pub mod reembed_user;
 pub mod send_push;
 pub mod send_verification_email;
 pub mod transcribe_audio;
@@ -347,6 +348,7 @@ impl Registry {
             &send_verification_email::TASK,
             &transcribe_audio::TASK,
             &analyse_audio::TASK,
+            &reembed_user::TASK,
         ];
         if debug_tasks {
             defs.extend(debug::TASKS);

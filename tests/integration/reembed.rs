@@ -66,34 +66,9 @@ fn band_practice(api: &OpenAiDouble, data: &std::path::Path, env: &[(&str, &str)
         .unwrap_or_else(|| panic!("search printed {out}"))
 }
 
-#[test]
-fn a_killed_reembed_resumes_pays_for_each_chunk_once_and_switches_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let src = fixture("sample.jsonl");
-    let src = src.to_str().unwrap();
-    // The live memory, built with the old model.
-    let old_api = OpenAiDouble::start();
-    ok(
-        cli(
-            &old_api,
-            &data,
-            &["build", "--all-users", "--source", src],
-            &[],
-        )
-        .output()
-        .unwrap(),
-        "build",
-    );
-    let requests_per_build = old_api.embedding_requests();
-    assert!(requests_per_build >= 6, "{requests_per_build} requests");
-
-    // The new model's key: an estimate first (the TPM given, so no probe request is sent).
-    let api = OpenAiDouble::with(DoubleConfig {
-        latency: Duration::from_millis(20),
-        ..DoubleConfig::default()
-    });
-    let reembed = [
+/// `reembed` to the new model at 256 dimensions over `src`, then `extra`.
+fn reembed_args<'a>(src: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
         "reembed",
         "--model",
         NEW,
@@ -102,8 +77,40 @@ fn a_killed_reembed_resumes_pays_for_each_chunk_once_and_switches_once() {
         "--source",
         src,
     ];
-    let mut args = reembed.to_vec();
-    args.extend(["--estimate", "--json"]);
+    v.extend_from_slice(extra);
+    v
+}
+
+/// A data dir holding every user's memory of the sample corpus, built with the old model
+/// through `old_api`: (its temp dir, the data dir, the corpus path).
+fn old_memory(
+    old_api: &OpenAiDouble,
+    env: &[(&str, &str)],
+) -> (tempfile::TempDir, std::path::PathBuf, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let src = fixture("sample.jsonl").to_str().unwrap().to_string();
+    let args = ["build", "--all-users", "--source", src.as_str()];
+    ok(cli(old_api, &data, &args, env).output().unwrap(), "build");
+    (dir, data, src)
+}
+
+#[test]
+fn a_killed_reembed_resumes_pays_for_each_chunk_once_and_switches_once() {
+    // The live memory, built with the old model.
+    let old_api = OpenAiDouble::start();
+    let (_dir, data, src) = old_memory(&old_api, &[]);
+    let src = src.as_str();
+    let requests_per_build = old_api.embedding_requests();
+    assert!(requests_per_build >= 6, "{requests_per_build} requests");
+
+    // The new model's key: an estimate first (the TPM given, so no probe request is sent).
+    let api = OpenAiDouble::with(DoubleConfig {
+        latency: Duration::from_millis(20),
+        ..DoubleConfig::default()
+    });
+    let reembed = reembed_args(src, &[]);
+    let args = reembed_args(src, &["--estimate", "--json"]);
     let est: Value = serde_json::from_str(&ok(
         cli(&api, &data, &args, &[("ORBIT_EMBED_TPM", "1000000")])
             .output()
@@ -295,37 +302,14 @@ fn a_reembed_on_the_qdrant_server_builds_a_new_collection_and_swaps_the_alias_on
         ("QDRANT_URL", url.as_str()),
         ("ORBIT_QDRANT_ALIAS", alias.as_str()),
     ];
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let src = fixture("sample.jsonl");
-    let src = src.to_str().unwrap();
     let old_api = OpenAiDouble::start();
-    ok(
-        cli(
-            &old_api,
-            &data,
-            &["build", "--all-users", "--source", src],
-            &q,
-        )
-        .output()
-        .unwrap(),
-        "build",
-    );
+    let (_dir, data, src) = old_memory(&old_api, &q);
+    let src = src.as_str();
     let before = alias_target(server, &alias).expect("the alias after the first build");
     let points = points_in(server, &before).unwrap();
 
     let api = OpenAiDouble::start();
-    let args = [
-        "reembed",
-        "--model",
-        NEW,
-        "--dimensions",
-        "256",
-        "--source",
-        src,
-        "--json",
-        "--drop-old",
-    ];
+    let args = reembed_args(src, &["--json", "--drop-old"]);
     let report: Value = serde_json::from_str(&ok(
         cli(&api, &data, &args, &q).output().unwrap(),
         "reembed",
@@ -361,5 +345,69 @@ fn a_reembed_on_the_qdrant_server_builds_a_new_collection_and_swaps_the_alias_on
         counts.len() as u64,
         report["chunks_embedded"].as_u64().unwrap()
     );
+    assert!(!band_practice(&api, &data, &new_env).is_empty());
+}
+
+/// `--via-queue`: one `orbitpilot.reembed_user` message per user, taken by two workers sharing
+/// the data dir (store, run log, cache), followed by the command, which switches at the end.
+#[test]
+fn a_queued_reembed_is_shared_by_two_workers_and_each_user_is_done_once() {
+    use crate::celery_harness::{meta, unique_queue, RedisServer, WorkerProc};
+    let old_api = OpenAiDouble::start();
+    let (_dir, data, src) = old_memory(&old_api, &[]);
+    let src = src.as_str();
+    let redis = RedisServer::start(false);
+    let api = OpenAiDouble::start();
+    let queue = unique_queue("reembed");
+    let data_s = data.to_str().unwrap();
+    let mut env: Vec<(&str, String)> = api.embedder_env();
+    env.extend([
+        ("ORBIT_DATA_DIR", data_s.to_string()),
+        ("ORBIT_SOURCE", src.to_string()),
+        ("ORBIT_EMBED_MODEL", OLD.to_string()),
+        ("ORBIT_EMBED_BATCH_INPUTS", "16".to_string()),
+    ]);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let workers: Vec<WorkerProc> = (0..2)
+        .map(|_| WorkerProc::start_env(&redis, &["-Q", &queue, "-c", "2"], &env))
+        .collect();
+    let url = redis.url();
+    let args = reembed_args(src, &["--via-queue", "--queue", &queue, "--json"]);
+    let report: Value = serde_json::from_str(&ok(
+        cli(&api, &data, &args, &[("REDIS_URL", url.as_str())])
+            .output()
+            .unwrap(),
+        "reembed --via-queue",
+    ))
+    .unwrap();
+    assert_eq!(report["switched"], true, "{report}");
+    assert_eq!(report["users_built"], 6, "{report}");
+    // Each user once: six results, all `done`, and each chunk embedded once in all.
+    let logs: String = workers.iter().map(|w| w.log()).collect();
+    let ids: Vec<String> = logs
+        .lines()
+        .filter(|l| l.contains("orbitpilot.reembed_user") && l.contains("succeeded"))
+        .filter_map(|l| l.split('[').nth(1)?.split(']').next().map(str::to_string))
+        .collect();
+    assert_eq!(ids.len(), 6, "{logs}");
+    for id in &ids {
+        let m = meta(&redis, id).expect("a result");
+        assert_eq!(m["status"], "SUCCESS", "{m}");
+        assert_eq!(m["result"]["status"], "done", "{m}");
+    }
+    let by_worker: Vec<usize> = workers
+        .iter()
+        .map(|w| w.log().matches("reembed_user").count())
+        .collect();
+    assert!(
+        by_worker.iter().all(|n| *n > 0),
+        "one worker did it all: {by_worker:?}"
+    );
+    let counts = api.embedded_counts();
+    assert!(counts.values().all(|n| *n == 1), "a chunk embedded twice");
+    let new_env = [
+        ("ORBIT_EMBED_MODEL", NEW),
+        ("ORBIT_EMBED_DIMENSIONS", "256"),
+    ];
     assert!(!band_practice(&api, &data, &new_env).is_empty());
 }
