@@ -411,3 +411,56 @@ fn a_queued_reembed_is_shared_by_two_workers_and_each_user_is_done_once() {
     ];
     assert!(!band_practice(&api, &data, &new_env).is_empty());
 }
+
+/// The production embedding cache, a table of the app's Postgres: made on first use (two workers
+/// racing to make it both succeed), vectors found by (model, dimensions, text), a row of
+/// another shape a miss, and past its bound the least recently used rows gone.
+#[test]
+fn the_postgres_embedding_cache_is_shared_bounded_and_least_recently_used_first() {
+    use orbit_pipeline::embed::cache::{cache_key, EmbeddingCache, PgEmbeddingCache};
+    let db = PgDb::empty();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let pool = sqlx::PgPool::connect(&db.url()).await.unwrap();
+        // About ten rows of 8 floats (32 bytes and 64 of overhead each).
+        let (a, b) = tokio::join!(
+            PgEmbeddingCache::open(pool.clone(), 960),
+            PgEmbeddingCache::open(pool.clone(), 960)
+        );
+        let (c, _) = (a.unwrap(), b.unwrap());
+        let k = cache_key("hello");
+        c.put("m@8", &[(k, &[0.25f32; 8])]).await.unwrap();
+        assert_eq!(c.get("m@8", &[k]).await.unwrap()[&k], vec![0.25f32; 8]);
+        assert!(
+            c.get("m@4", &[k]).await.unwrap().is_empty(),
+            "another space"
+        );
+        c.put("m@4", &[(cache_key("short"), &[1.0f32; 3])])
+            .await
+            .unwrap();
+        assert!(
+            c.get("m@4", &[cache_key("short")])
+                .await
+                .unwrap()
+                .is_empty(),
+            "a vector of another shape came back"
+        );
+        let keys: Vec<_> = (0..70).map(|i| cache_key(&format!("text {i}"))).collect();
+        for k in &keys {
+            // Each row older than the next, so "least recently used" has one answer.
+            sqlx::query("UPDATE orbit_embedding_cache SET used = used - 1")
+                .execute(&pool)
+                .await
+                .unwrap();
+            c.put("m@8", &[(*k, &[0.5f32; 8])]).await.unwrap();
+        }
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM orbit_embedding_cache")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        // Checked every 64 puts: evicted to 9 rows at the 64th, then 6 more.
+        assert!(rows <= 16, "{rows} rows kept under a bound of about 10");
+        let held = c.get("m@8", &keys).await.unwrap();
+        assert!(held.contains_key(&keys[69]) && !held.contains_key(&keys[0]));
+    });
+}
