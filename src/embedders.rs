@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use orbit_pipeline::embed::{
     CachedEmbedder, EmbedLimits, Embedder, EmbeddingCache, HashingEmbedder, LocalEmbedder,
     OpenAiEmbedder, OpenAiSettings, PgEmbeddingCache, SqliteEmbeddingCache, WithLimits,
+    API_MAX_INPUTS, API_MAX_REQUEST_TOKENS,
 };
 use orbit_pipeline::store::{LiveSqliteStore, VectorStore};
 
@@ -42,11 +43,16 @@ pub fn embedder(
         ),
     };
     let l = base.limits();
-    let limits = EmbedLimits {
+    let mut limits = EmbedLimits {
         max_inputs: s.embed_batch_inputs.unwrap_or(l.max_inputs).max(1),
         max_batch_tokens: s.embed_batch_tokens.unwrap_or(l.max_batch_tokens).max(1),
         max_in_flight: s.embed_in_flight.unwrap_or(l.max_in_flight).max(1),
     };
+    if s.resolved_embedder() == EmbedderKind::OpenAi {
+        // Larger batches than the API takes are split, never sent.
+        limits.max_inputs = limits.max_inputs.min(API_MAX_INPUTS);
+        limits.max_batch_tokens = limits.max_batch_tokens.min(API_MAX_REQUEST_TOKENS);
+    }
     Ok(Arc::new(WithLimits::new(base, limits)))
 }
 

@@ -270,3 +270,42 @@ fn input_limits_are_settings_with_clear_errors() {
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(r["documents_truncated"].as_u64().unwrap() > 0, "{r}");
 }
+
+/// Batch settings past what the OpenAI API takes (2048 inputs, 300 k tokens a request) are cut
+/// to its limits: the double, which refuses what the API refuses, sees no request over them.
+#[test]
+fn configured_batches_past_the_apis_limits_are_split_before_they_are_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let notes: Vec<String> = (0..3000)
+        .map(|i| {
+            serde_json::json!({"user_id": 9, "kind": "note", "source_id": format!("n{i}"),
+                "text": format!("Note number {i} about the garden plan."), "created_at": "2026-01-05T08:00:00Z"})
+            .to_string()
+        })
+        .collect();
+    let src = dir.path().join("notes.jsonl");
+    std::fs::write(&src, notes.join("\n")).unwrap();
+    let api = crate::openai_double::OpenAiDouble::start();
+    let mut c = cmd(&dir.path().join("data"));
+    for (k, v) in api.embedder_env() {
+        c.env(k, v);
+    }
+    let out = c
+        .env("ORBIT_EMBED_BATCH_INPUTS", "5000")
+        .env("ORBIT_EMBED_BATCH_TOKENS", "1000000")
+        .env("ORBIT_EMBED_CACHE_MB", "0")
+        .args(["build", "--user", "9", "--source", src.to_str().unwrap()])
+        .output()
+        .unwrap();
+    succeeded(&out);
+    let counts = api.counts();
+    assert_eq!(counts.oversized, 0, "a request over the API's limits");
+    assert_eq!(counts.inputs, 3000);
+    let biggest = api
+        .seen()
+        .iter()
+        .map(|s| s.body["input"].as_array().map_or(0, Vec::len))
+        .max()
+        .unwrap();
+    assert_eq!(biggest, crate::openai_double::MAX_INPUTS);
+}

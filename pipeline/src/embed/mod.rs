@@ -14,8 +14,8 @@ pub use cache::{CachedEmbedder, EmbeddingCache, PgEmbeddingCache, SqliteEmbeddin
 pub use hashing::HashingEmbedder;
 pub use local::{LocalEmbedder, LOCAL_MODEL_FILES};
 pub use openai::{
-    decode_embeddings, OpenAiEmbedder, OpenAiSettings, EMBED_MAX_INLINE_WAIT,
-    MAX_ADAPTIVE_IN_FLIGHT,
+    decode_embeddings, OpenAiEmbedder, OpenAiSettings, API_MAX_INPUTS, API_MAX_REQUEST_TOKENS,
+    EMBED_MAX_INLINE_WAIT, MAX_ADAPTIVE_IN_FLIGHT,
 };
 
 use crate::http_call::CallError;

@@ -14,6 +14,11 @@ use crate::http_call::{call_with_retry, send_observed, CallError, CallPolicy};
 use crate::secret::Secret;
 use crate::tokenize::Encoding;
 
+/// The API's per-request limits (OpenAI's reference): more inputs or tokens in one request is a
+/// 400, so no configured batch may exceed them.
+pub const API_MAX_INPUTS: usize = 2048;
+pub const API_MAX_REQUEST_TOKENS: usize = 300_000;
+
 /// The most requests the rate budget lets grow in flight from the configured start: past a
 /// few dozen, a high-latency tier is limited by its TPM, not by concurrency.
 pub const MAX_ADAPTIVE_IN_FLIGHT: usize = 32;
