@@ -177,7 +177,7 @@ async fn retrieve_checked(
 ) -> Result<(Vec<SearchHit>, String), AnswerError> {
     let mode = q.mode.unwrap_or(sv.settings.search.mode);
     let embedder = sv
-        .embedder()
+        .live_embedder()
         .await
         .map_err(|e| AnswerError::Config(format!("{e:#}")))?;
     let store = sv

@@ -493,7 +493,7 @@ async fn search(settings: Settings, a: SearchArgs) -> Result<()> {
     }
     let data_dir = settings.pipeline.data_dir.clone();
     let sv = Services::new(settings.split().0)?;
-    let embedder = sv.embedder().await?;
+    let embedder = sv.live_embedder().await?;
     let store = sv.store().await?;
     // Compare, never record: a search must not claim an empty store for its model.
     match store.model().await? {

@@ -137,9 +137,35 @@ impl Services {
         Ok(Arc::new(JsonlSource::new(paths)?))
     }
 
-    /// A pipeline over `source` with the shared embedder and store and the configured chunking.
+    /// The embedder of the store's live model: the configured one; or, once a re-embed has
+    /// switched the store to another OpenAI model, one for that model with the same key and
+    /// base URL, so builds and answers follow the switch before the workers' ORBIT_EMBED_MODEL
+    /// is changed (said once in the log).
+    pub async fn live_embedder(&self) -> Result<Arc<dyn Embedder>> {
+        let configured = self.embedder().await?;
+        if self.settings.pipeline.resolved_embedder() != crate::config::EmbedderKind::OpenAi {
+            return Ok(configured);
+        }
+        match self.store().await?.model().await? {
+            Some((m, d)) if m != configured.model_id() || d != configured.dimension() => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    tracing::warn!(
+                        store_model = %m, dimensions = d, configured = %configured.model_id(),
+                        "the store's live version is another model (a re-embed switched it): \
+                         embedding with it; set ORBIT_EMBED_MODEL and ORBIT_EMBED_DIMENSIONS to match"
+                    )
+                });
+                Ok(crate::reembed::parts(self, &m, Some(d)).await?.embedder)
+            }
+            _ => Ok(configured),
+        }
+    }
+
+    /// A pipeline over `source` with the live model's embedder, the shared store and the
+    /// configured chunking.
     pub async fn pipeline(&self, source: Arc<dyn Source>) -> Result<Pipeline> {
-        let embedder = self.embedder().await?;
+        let embedder = self.live_embedder().await?;
         let store = self.store().await?;
         let chunk = self
             .settings

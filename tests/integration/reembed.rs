@@ -99,7 +99,7 @@ fn old_memory(
 fn a_killed_reembed_resumes_pays_for_each_chunk_once_and_switches_once() {
     // The live memory, built with the old model.
     let old_api = OpenAiDouble::start();
-    let (_dir, data, src) = old_memory(&old_api, &[]);
+    let (dir, data, src) = old_memory(&old_api, &[]);
     let src = src.as_str();
     let requests_per_build = old_api.embedding_requests();
     assert!(requests_per_build >= 6, "{requests_per_build} requests");
@@ -248,21 +248,38 @@ fn a_killed_reembed_resumes_pays_for_each_chunk_once_and_switches_once() {
         ("ORBIT_EMBED_DIMENSIONS", "256"),
     ];
     assert!(!band_practice(&api, &data, &new_env).is_empty());
-    // The old model's worker now refuses to build into the new version instead of mixing models.
-    let out = cli(
-        &old_api,
-        &data,
-        &["build", "--user", "2", "--source", src],
-        &[],
-    )
-    .output()
-    .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains(NEW),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    // A worker still configured with the old model follows the switch: what it embeds (a new
+    // note, a new question) it embeds with the live version's model, never mixing two models.
+    let mut lines = std::fs::read_to_string(src).unwrap();
+    lines.push_str(&serde_json::json!({"user_id": 2, "kind": "note", "source_id": "n-new",
+        "text": "The rehearsal room door code changed to 4711.", "created_at": "2026-03-01T10:00:00Z"})
+        .to_string());
+    let grown = dir.path().join("grown.jsonl");
+    std::fs::write(&grown, lines + "\n").unwrap();
+    let before = old_api.embedding_requests();
+    let args = ["build", "--user", "2", "--source", grown.to_str().unwrap()];
+    ok(
+        cli(&old_api, &data, &args, &[]).output().unwrap(),
+        "build after the switch",
     );
+    let args = [
+        "search",
+        "--user",
+        "2",
+        "--json",
+        "what is the door code of the rehearsal room?",
+    ];
+    let hits = ok(
+        cli(&old_api, &data, &args, &[]).output().unwrap(),
+        "search after the switch",
+    );
+    assert!(hits.contains("4711"), "{hits}");
+    let after: Vec<_> = old_api.seen().into_iter().skip(before).collect();
+    assert_eq!(after.len(), 2, "the new note and the question");
+    for s in after {
+        assert_eq!(s.body["model"], NEW, "{}", s.body);
+        assert_eq!(s.body["dimensions"], 256);
+    }
 }
 
 /// What `alias` points to on the server, from Qdrant's own REST API.
