@@ -184,7 +184,17 @@ pub struct PipelineConfig {
     pub qdrant: Option<orbit_pipeline::store::QdrantSettings>,
 }
 
-/// QDRANT_URL (the gRPC port, 6334), QDRANT_API_KEY, ORBIT_QDRANT_ALIAS, ORBIT_QDRANT_TIMEOUT.
+/// A count that must be at least 1 when set.
+fn positive(v: &dyn Vars, name: &'static str) -> Result<Option<u32>> {
+    match parse::<u32>(v, name)? {
+        Some(0) => Err(bad(name, "must be at least 1")),
+        n => Ok(n),
+    }
+}
+
+/// QDRANT_URL (the gRPC port, 6334), QDRANT_API_KEY, ORBIT_QDRANT_ALIAS, ORBIT_QDRANT_TIMEOUT,
+/// and a new collection's cluster settings: ORBIT_QDRANT_SHARDS, ORBIT_QDRANT_REPLICATION,
+/// ORBIT_QDRANT_WRITE_CONSISTENCY.
 fn qdrant(v: &dyn Vars) -> Result<Option<orbit_pipeline::store::QdrantSettings>> {
     let Some(url) = var(v, "QDRANT_URL") else {
         return Ok(None);
@@ -215,6 +225,11 @@ fn qdrant(v: &dyn Vars) -> Result<Option<orbit_pipeline::store::QdrantSettings>>
         alias,
         timeout: positive_seconds(v, "ORBIT_QDRANT_TIMEOUT", 30.0)?,
         lexical: parse(v, "ORBIT_LEXICAL_INDEX")?.unwrap_or(true),
+        cluster: orbit_pipeline::store::QdrantCluster {
+            shards: positive(v, "ORBIT_QDRANT_SHARDS")?,
+            replication: positive(v, "ORBIT_QDRANT_REPLICATION")?,
+            write_consistency: positive(v, "ORBIT_QDRANT_WRITE_CONSISTENCY")?,
+        },
     }))
 }
 

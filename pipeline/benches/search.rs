@@ -99,6 +99,7 @@ async fn main() {
         alias: qdrant_server::unique_alias("bench_search"),
         timeout: std::time::Duration::from_secs(60),
         lexical: true,
+        cluster: Default::default(),
     })
     .await
     .unwrap();

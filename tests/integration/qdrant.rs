@@ -261,3 +261,55 @@ fn a_refused_qdrant_api_key_fails_at_once_and_never_shows_the_key() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The cluster settings a new collection gets (docs/scaling.md), on the one server a test has:
+/// three shards on one node, one copy each, one confirmation per write; a search over the
+/// shards finds what one shard would; a count of 0 is refused at start-up.
+#[test]
+fn a_new_collection_takes_the_configured_shards_replication_and_write_consistency() {
+    let server = QdrantServer::shared();
+    let alias = unique_alias("cluster");
+    let db = PgDb::seeded(&crate::helpers::fixture("sample.jsonl"));
+    let url = server.url();
+    let env = [
+        ("QDRANT_URL", url.as_str()),
+        ("ORBIT_QDRANT_ALIAS", alias.as_str()),
+        ("ORBIT_QDRANT_SHARDS", "3"),
+        ("ORBIT_QDRANT_REPLICATION", "1"),
+        ("ORBIT_QDRANT_WRITE_CONSISTENCY", "1"),
+    ];
+    db.cli_env(&["build", "--user", "2", "--json"], &env);
+    let info = rest_get(server, &format!("/collections/{alias}"));
+    let params = &info["result"]["config"]["params"];
+    assert_eq!(params["shard_number"], 3, "{info}");
+    assert_eq!(params["replication_factor"], 1, "{info}");
+    assert_eq!(params["write_consistency_factor"], 1, "{info}");
+    let hits: Value = serde_json::from_str(&db.cli_env(
+        &[
+            "search",
+            "--user",
+            "2",
+            "--json",
+            "band practice rehearsal room",
+        ],
+        &env,
+    ))
+    .unwrap();
+    assert!(
+        hits[0]["text"].as_str().unwrap_or("").starts_with("Band practice"),
+        "{hits}"
+    );
+    let out = std::process::Command::new(worker_bin())
+        .args(["search", "--user", "2", "band"])
+        .env("QDRANT_URL", url.as_str())
+        .env("ORBIT_QDRANT_SHARDS", "0")
+        .env("ORBIT_EMBEDDER", "hashing")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ORBIT_QDRANT_SHARDS"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

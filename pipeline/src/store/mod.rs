@@ -13,7 +13,8 @@ use uuid::Uuid;
 
 pub use null::NullStore;
 pub use qdrant::{
-    collection_name as qdrant_collection_name, QdrantSettings, QdrantStore, DEFAULT_ALIAS,
+    collection_name as qdrant_collection_name, QdrantCluster, QdrantSettings, QdrantStore,
+    DEFAULT_ALIAS,
 };
 pub use sqlite::SqliteStore;
 pub use versions::LiveSqliteStore;

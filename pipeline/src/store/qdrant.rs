@@ -80,6 +80,19 @@ pub struct QdrantSettings {
     pub timeout: Duration,
     /// False: no sparse vectors are written, and lexical search finds nothing.
     pub lexical: bool,
+    /// How a new collection is spread over a cluster (unset: the server's defaults).
+    pub cluster: QdrantCluster,
+}
+
+/// A new collection's distribution over a Qdrant cluster (docs/scaling.md): shards (by default
+/// one per node), copies of each shard, and how many copies confirm a write before it returns.
+/// Users are kept apart inside shards by the `user_id` tenant index, not by shard keys: a user's
+/// points are a few MB, far below a shard's worth.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct QdrantCluster {
+    pub shards: Option<u32>,
+    pub replication: Option<u32>,
+    pub write_consistency: Option<u32>,
 }
 
 /// A Qdrant server or cluster, through `settings.alias`.
@@ -397,14 +410,20 @@ impl QdrantStore {
                 LEXICAL,
                 SparseVectorParamsBuilder::default().modifier(Modifier::Idf as i32),
             );
-            let made = self
-                .client
-                .create_collection(
-                    CreateCollectionBuilder::new(name)
-                        .vectors_config(dense)
-                        .sparse_vectors_config(sparse),
-                )
-                .await;
+            let mut create = CreateCollectionBuilder::new(name)
+                .vectors_config(dense)
+                .sparse_vectors_config(sparse);
+            let c = self.settings.cluster;
+            if let Some(n) = c.shards {
+                create = create.shard_number(n);
+            }
+            if let Some(n) = c.replication {
+                create = create.replication_factor(n);
+            }
+            if let Some(n) = c.write_consistency {
+                create = create.write_consistency_factor(n);
+            }
+            let made = self.client.create_collection(create).await;
             match made {
                 Ok(_) => {}
                 // Made by another worker between the check and the call.

@@ -30,6 +30,7 @@ async fn qdrant_store(alias: &str) -> Arc<QdrantStore> {
             alias: alias.to_string(),
             timeout: std::time::Duration::from_secs(30),
             lexical: true,
+            cluster: Default::default(),
         })
         .await
         .unwrap(),
