@@ -179,7 +179,7 @@ bench: tools corpus-100m venv model
 	$(MAKE) bench-celery
 
 # The OpenAI embedder at a 1 M TPM key (the shared double's rate-limit mode, 200 ms + 50 µs a
-# token) on the 100 MB corpus, about 25 minutes at the limit; then one request at a time on
+# token) on the 100 MB corpus (10.8 M tokens), about 11 minutes at the limit; then one request at a time on
 # 10 MB for the ratio. ORBIT_BENCH_MB / ORBIT_BENCH_TPM for a shorter run.
 bench-embed: tools tiktoken-cache corpus-100m
 	ORBIT_BENCH_CORPUS=$(CORPUS_DIR)/corpus-100m.jsonl cargo bench -p orbit-pipeline --bench embed
