@@ -296,7 +296,10 @@ fn a_new_collection_takes_the_configured_shards_replication_and_write_consistenc
     ))
     .unwrap();
     assert!(
-        hits[0]["text"].as_str().unwrap_or("").starts_with("Band practice"),
+        hits[0]["text"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("Band practice"),
         "{hits}"
     );
     let out = std::process::Command::new(worker_bin())

@@ -481,3 +481,68 @@ fn the_postgres_embedding_cache_is_shared_bounded_and_least_recently_used_first(
         assert!(held.contains_key(&keys[69]) && !held.contains_key(&keys[0]));
     });
 }
+
+/// The production shape: the app's Postgres as the source, the run log and the embedding cache,
+/// a Qdrant server as the store. The run is recorded there (switched, one checkpoint per user),
+/// the cache holds the new model's vectors, and a second run to the same model pays for nothing.
+#[test]
+fn a_reembed_against_postgres_and_qdrant_keeps_its_run_and_cache_in_the_apps_database() {
+    let server = QdrantServer::shared();
+    let (url, alias) = (server.url(), unique_alias("reembed_pg"));
+    let db = PgDb::seeded(&fixture("sample.jsonl"));
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let db_url = db.url();
+    let q = [
+        ("QDRANT_URL", url.as_str()),
+        ("ORBIT_QDRANT_ALIAS", alias.as_str()),
+        ("DATABASE_URL", db_url.as_str()),
+    ];
+    let old_api = OpenAiDouble::start();
+    ok(
+        cli(&old_api, &data, &["build", "--all-users"], &q)
+            .output()
+            .unwrap(),
+        "build",
+    );
+    let api = OpenAiDouble::start();
+    let args = ["reembed", "--model", NEW, "--dimensions", "256", "--json"];
+    let report: Value = serde_json::from_str(&ok(
+        cli(&api, &data, &args, &q).output().unwrap(),
+        "reembed",
+    ))
+    .unwrap();
+    let run = report["run_id"].as_str().unwrap();
+    assert_eq!(
+        db.sql(&format!(
+            "SELECT status, target FROM orbit_reembed_runs WHERE id = '{run}'"
+        )),
+        format!("switched|{}", report["target"].as_str().unwrap())
+    );
+    let done: u64 = db
+        .sql(&format!(
+            "SELECT count(*) FROM orbit_reembed_users WHERE run_id = '{run}'"
+        ))
+        .parse()
+        .unwrap();
+    assert_eq!(done, report["users_total"].as_u64().unwrap());
+    assert!(done > 0, "{done} checkpoints");
+    let cached: u64 = db
+        .sql(&format!(
+            "SELECT count(*) FROM orbit_embedding_cache WHERE space = '{NEW}@256'"
+        ))
+        .parse()
+        .unwrap();
+    assert_eq!(cached, api.embedded_counts().len() as u64);
+    // A second run to the same model: a new version, every vector from the cache.
+    let before = api.counts().inputs;
+    let again: Value =
+        serde_json::from_str(&ok(cli(&api, &data, &args, &q).output().unwrap(), "again")).unwrap();
+    assert_eq!(again["switched"], true);
+    assert_eq!(
+        api.counts().inputs,
+        before,
+        "the second run paid for a chunk"
+    );
+    assert_eq!(again["tokens_sent"], 0, "{again}");
+}
