@@ -277,8 +277,8 @@ mod tests {
         live.upsert(g, &[point(1, "old version")]).await.unwrap();
         live.finish_build(g, &BuildScope::User(1)).await.unwrap();
 
-        // A build begins on the old version; the new one is made and switched to meanwhile.
-        let pinned = live.begin_build().await.unwrap();
+        // The new version is built; then a user's build begins on the old one (a newer
+        // generation than the new version's points), and the switch happens meanwhile.
         let file = version_file("m", 4, Some("r1"));
         let new = SqliteStore::open_file(dir.path(), &file, true)
             .await
@@ -287,9 +287,11 @@ mod tests {
         let g2 = new.begin_build().await.unwrap();
         new.upsert(g2, &[point(1, "new version")]).await.unwrap();
         new.finish_build(g2, &BuildScope::User(1)).await.unwrap();
+        let pinned = live.begin_build().await.unwrap();
         set_live(dir.path(), &file).unwrap();
 
-        // The build in progress finishes on the old version; the new one keeps its point.
+        // The build in progress writes and sweeps the old version: unpinned, its write would land
+        // in the new one and its sweep (a newer generation) delete the new version's point.
         live.upsert(pinned, &[point(1, "late write")])
             .await
             .unwrap();
