@@ -222,6 +222,20 @@ impl RunLog {
         Ok(())
     }
 
+    /// Chunks and tokens the run's checkpoints record so far.
+    pub async fn totals(&self, id: &str) -> Result<(u64, u64)> {
+        let sql = "SELECT CAST(coalesce(sum(chunks), 0) AS BIGINT), \
+                   CAST(coalesce(sum(tokens), 0) AS BIGINT) FROM orbit_reembed_users WHERE run_id = $1";
+        let row = match self {
+            RunLog::Pg(p) => sqlx::query(sql).bind(id).fetch_one(p).await?,
+            RunLog::Sqlite(p) => {
+                let r = sqlx::query(&for_sqlite(sql)).bind(id).fetch_one(p).await?;
+                return Ok((r.get::<i64, _>(0) as u64, r.get::<i64, _>(1) as u64));
+            }
+        };
+        Ok((row.get::<i64, _>(0) as u64, row.get::<i64, _>(1) as u64))
+    }
+
     pub async fn done_users(&self, id: &str) -> Result<HashSet<i64>> {
         let sql = "SELECT user_id FROM orbit_reembed_users WHERE run_id = $1";
         let rows = match self {
@@ -620,6 +634,7 @@ pub async fn run(mut settings: Settings, a: ReembedArgs) -> Result<()> {
     if run.status == "running" && a.via_queue {
         follow_queue(&a.queue, &run, &todo, &users, &log, &progress).await?;
         report.users_built = todo.len();
+        report.chunks = log.totals(&run.id).await?.0;
     } else if run.status == "running" {
         let mut builds = futures::stream::iter(todo.iter().copied())
             .map(|u| builder.build(u, target.clone(), CancellationToken::new()))
@@ -834,7 +849,8 @@ async fn follow_queue(
     loop {
         let done = log.done_users(&run.id).await?;
         let n = wanted.iter().filter(|u| done.contains(u)).count();
-        progress.update(n, 0, 0);
+        let (chunks, tokens) = log.totals(&run.id).await?;
+        progress.update(n, chunks, tokens);
         if n == wanted.len() {
             return Ok(());
         }

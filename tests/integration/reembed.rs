@@ -399,6 +399,7 @@ fn a_queued_reembed_is_shared_by_two_workers_and_each_user_is_done_once() {
     .unwrap();
     assert_eq!(report["switched"], true, "{report}");
     assert_eq!(report["users_built"], 6, "{report}");
+    assert!(report["chunks"].as_u64().unwrap() > 0, "{report}");
     // Each user once: six results, all `done`, and each chunk embedded once in all.
     let logs: String = workers.iter().map(|w| w.log()).collect();
     let ids: Vec<String> = logs
