@@ -16,7 +16,7 @@ export ORBIT_MODEL_DIR ?= $(MODEL_DIR)
 export TIKTOKEN_CACHE_DIR ?= $(TIKTOKEN_DIR)
 export ORBIT_TEST_PYTHON ?= $(VENV)/bin/python
 
-.PHONY: qdrant node-servers postgres all demo test eval bench bench-embed bench-e2e bench-celery lint model venv tiktoken-cache corpus-100m corpus-1g tools release clean chaos fuzz fuzz-smoke cargo-fuzz
+.PHONY: qdrant node-servers postgres all demo test eval bench bench-embed bench-store bench-e2e bench-celery lint model venv tiktoken-cache corpus-100m corpus-1g tools release clean chaos fuzz fuzz-smoke cargo-fuzz
 
 all: release
 
@@ -188,6 +188,11 @@ bench-embed: tools tiktoken-cache corpus-100m
 # tasks/s, worker CPU per task, Redis commands per task.
 bench-celery: release venv
 	$(VENV)/bin/python scripts/bench_celery.py $(BIN) --tasks 20000 --rounds 2
+
+# The store stage: the embedded store against a Qdrant server, same binary and corpus
+# (docs/scaling.md).
+bench-store: release corpus-100m qdrant
+	scripts/bench_store.sh $(BIN) $(CORPUS_DIR)/corpus-100m.jsonl $(QDRANT_CACHE_TOOLS)/start-qdrant
 
 # End to end on the release binary with the deterministic embedder: wall time, peak RSS,
 # stage busy times, on the 1 GB corpus.
