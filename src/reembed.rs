@@ -139,29 +139,15 @@ impl RunLog {
             Some(p) => RunLog::Pg(p.clone()),
             None => {
                 std::fs::create_dir_all(data_dir)?;
-                let opts = sqlx::sqlite::SqliteConnectOptions::new()
-                    .filename(data_dir.join("reembed-runs.sqlite"))
-                    .create_if_missing(true)
-                    .busy_timeout(std::time::Duration::from_secs(30));
-                RunLog::Sqlite(
-                    sqlx::sqlite::SqlitePoolOptions::new()
-                        .max_connections(2)
-                        .connect_with(opts)
-                        .await?,
-                )
+                let file = data_dir.join("reembed-runs.sqlite");
+                RunLog::Sqlite(orbit_pipeline::sql::sqlite_pool(&file, 2).await?)
             }
         };
         for ddl in RUNS_DDL {
-            let r = on_log!(&log, ddl, |q| q, execute);
-            if let Err(e) = r {
-                // Two workers making the table at once: the loser's error is the winner's table.
-                let raced = e
-                    .as_database_error()
-                    .and_then(|d| d.code())
-                    .is_some_and(|c| c == "23505" || c == "42P07");
-                if !raced {
-                    return Err(e.into());
-                }
+            // Two workers making the table at once: the loser's error is the winner's table.
+            match on_log!(&log, ddl, |q| q, execute) {
+                Err(e) if !orbit_pipeline::sql::lost_create_race(&e) => return Err(e.into()),
+                _ => {}
             }
         }
         Ok(log)

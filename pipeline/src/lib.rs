@@ -17,6 +17,7 @@ pub mod search;
 pub mod secret;
 pub mod settings;
 pub mod source;
+pub mod sql;
 pub mod stages;
 pub mod store;
 pub mod tokenize;

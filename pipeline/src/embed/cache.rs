@@ -10,12 +10,10 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{PgPool, Row, SqlitePool};
 use tokio::sync::watch;
 
@@ -121,15 +119,7 @@ impl SqliteEmbeddingCache {
     pub async fn open(dir: &Path, max_bytes: u64) -> Result<Self, CacheError> {
         std::fs::create_dir_all(dir).map_err(|e| CacheError(format!("{}: {e}", dir.display())))?;
         let path = dir.join("embedding-cache.sqlite");
-        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(std::time::Duration::from_secs(30));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(opts)
-            .await?;
+        let pool = crate::sql::sqlite_pool(&path, 4).await?;
         for ddl in [
             "CREATE TABLE IF NOT EXISTS embeddings (space TEXT NOT NULL, hash BLOB NOT NULL, \
              vector BLOB NOT NULL, used INTEGER NOT NULL, PRIMARY KEY (space, hash)) WITHOUT ROWID",
@@ -286,14 +276,9 @@ impl PgEmbeddingCache {
         );
         let idx = format!("CREATE INDEX IF NOT EXISTS {PG_TABLE}_used ON {PG_TABLE} (used)");
         for sql in [ddl, idx] {
-            if let Err(e) = sqlx::query(&sql).execute(&pool).await {
-                let raced = e
-                    .as_database_error()
-                    .and_then(|d| d.code())
-                    .is_some_and(|c| c == "23505" || c == "42P07");
-                if !raced {
-                    return Err(e.into());
-                }
+            match sqlx::query(&sql).execute(&pool).await {
+                Err(e) if !crate::sql::lost_create_race(&e) => return Err(e.into()),
+                _ => {}
             }
         }
         Ok(Self {
