@@ -213,21 +213,25 @@ async fn db(settings: Settings, c: DbCommand) -> Result<()> {
     match c {
         DbCommand::Migrate => {
             let n = db.migrate().await?;
-            println!("migrations applied: {n} known, database up to date");
+            crate::outln!("migrations applied: {n} known, database up to date");
         }
         DbCommand::Seed { from, json } => {
             db.migrate().await?;
             let source = JsonlSource::new(&from)?;
             let r = crate::db::seed(&db, &source).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                crate::outln!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!(
+                crate::outln!(
                     "seeded {} documents: {} new rows, {} updated, {} new users, {} lines rejected",
-                    r.documents, r.inserted, r.updated, r.users, r.rejected_count
+                    r.documents,
+                    r.inserted,
+                    r.updated,
+                    r.users,
+                    r.rejected_count
                 );
                 for x in r.rejected.iter().take(10) {
-                    println!("  {}: {}", x.location, x.reason);
+                    crate::outln!("  {}: {}", x.location, x.reason);
                 }
             }
         }
@@ -247,14 +251,14 @@ async fn ask(settings: Settings, a: AskArgs) -> Result<()> {
     };
     let ans = crate::answer::answer(&sv, q).await?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&ans)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&ans)?);
         return Ok(());
     }
-    println!("{}", ans.answer);
+    crate::outln!("{}", ans.answer);
     if !ans.citations.is_empty() && ans.mode == "generative" {
-        println!();
+        crate::outln!();
         for c in &ans.citations {
-            println!(
+            crate::outln!(
                 "[{}] {:.3} {} {}: {}",
                 c.n,
                 c.score,
@@ -265,9 +269,10 @@ async fn ask(settings: Settings, a: AskArgs) -> Result<()> {
         }
     }
     if let Some(m) = &ans.model {
-        println!(
+        crate::outln!(
             "\n({m}; {} tokens, ${:.6})",
-            ans.usage.total_tokens, ans.usage.cost_usd
+            ans.usage.total_tokens,
+            ans.usage.cost_usd
         );
     }
     Ok(())
@@ -325,7 +330,7 @@ async fn health() -> Result<()> {
         let shown = redact_url(url.expose());
         let conn = RedisConn::open(url.expose(), HEALTH_TIMEOUT)?;
         match tokio::time::timeout(HEALTH_TIMEOUT, conn.ping()).await {
-            Ok(Ok(())) => println!("{part}: ok ({shown})"),
+            Ok(Ok(())) => crate::outln!("{part}: ok ({shown})"),
             Ok(Err(e)) => failing.push(format!("{part} ({shown}): {e}")),
             Err(_) => failing.push(format!("{part} ({shown}): no answer in {HEALTH_TIMEOUT:?}")),
         }
@@ -352,7 +357,7 @@ async fn signals(warm: CancellationToken) {
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     crate::logging::flush();
     // Straight to stderr: nothing after this line is flushed.
-    eprintln!("worker: Cold shutdown: held messages stay in unacked for a restore");
+    crate::errln!("worker: Cold shutdown: held messages stay in unacked for a restore");
     std::process::exit(1);
 }
 
@@ -390,7 +395,7 @@ async fn build(mut settings: Settings, a: BuildArgs) -> Result<()> {
     bar.finish();
     let report = report.context("build failed")?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_report(&report);
     }
@@ -398,27 +403,30 @@ async fn build(mut settings: Settings, a: BuildArgs) -> Result<()> {
 }
 
 fn print_report(r: &BuildReport) {
-    println!(
+    crate::outln!(
         "built {}: {} documents read, {} kept ({} empty, {} duplicates), {} chunks ({} messages packed), {} tokens",
         r.scope, r.documents_read, r.documents_kept, r.empty_dropped, r.duplicates_dropped, r.chunks, r.packed_messages, r.tokens
     );
-    println!(
+    crate::outln!(
         "store: {} vectors upserted ({} embedded, {} unchanged kept their vectors), {} stale removed; model {} ({} dims)",
         r.vectors_upserted, r.chunks_embedded, r.chunks_reused, r.points_deleted, r.model, r.dimension
     );
     if r.rejected_count > 0 {
-        println!("rejected {} inputs:", r.rejected_count);
+        crate::outln!("rejected {} inputs:", r.rejected_count);
         for x in r.rejected.iter().take(10) {
-            println!("  {}: {}", x.location, x.reason);
+            crate::outln!("  {}: {}", x.location, x.reason);
         }
     }
     for s in &r.stages {
-        println!(
+        crate::outln!(
             "  {:<8} busy {:>9.1} ms  waited on previous {:>9.1} ms  on next {:>9.1} ms",
-            s.name, s.busy_ms, s.wait_upstream_ms, s.wait_downstream_ms
+            s.name,
+            s.busy_ms,
+            s.wait_upstream_ms,
+            s.wait_downstream_ms
         );
     }
-    println!(
+    crate::outln!(
         "{:.2} s, {:.0} documents/s, {:.2} MB/s; bottleneck: {}",
         r.wall_ms / 1000.0,
         r.throughput.documents_per_s,
@@ -498,7 +506,7 @@ async fn search(settings: Settings, a: SearchArgs) -> Result<()> {
     // Compare, never record: a search must not claim an empty store for its model.
     match store.model().await? {
         None => {
-            println!("no memory built yet in {}", data_dir.display());
+            crate::outln!("no memory built yet in {}", data_dir.display());
             return Ok(());
         }
         Some((m, d)) if m != embedder.model_id() || d != embedder.dimension() => {
@@ -523,11 +531,11 @@ async fn search(settings: Settings, a: SearchArgs) -> Result<()> {
     // Any top_k: a large one lists the user's whole memory.
     let hits = crate::answer::retrieve(&sv, &q, usize::MAX).await?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&hits)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&hits)?);
         return Ok(());
     }
     if hits.is_empty() {
-        println!("no memory for user {} yet", a.user);
+        crate::outln!("no memory for user {} yet", a.user);
     }
     for (i, h) in hits.iter().enumerate() {
         let text: String = h
@@ -536,7 +544,7 @@ async fn search(settings: Settings, a: SearchArgs) -> Result<()> {
             .take(200)
             .collect::<String>()
             .replace('\n', " ");
-        println!(
+        crate::outln!(
             "{}. {:.4} [{}] {} {}",
             i + 1,
             h.score,

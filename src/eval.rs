@@ -369,7 +369,7 @@ fn print_row(label: &str, n: usize, s: &Summary, extra: &str) {
         .map(|v| format!("{v:>8.0}"))
         .collect::<Vec<_>>()
         .join("");
-    println!(
+    crate::outln!(
         "{label:<24}{n:>6}{}{:>7.3}{}{toks}{extra}",
         cols(&s.recall),
         s.mrr,
@@ -389,11 +389,11 @@ pub fn print(r: &EvalReport) {
         .iter()
         .map(|k| format!("{:>8}", format!("tok@{k}")))
         .collect::<String>();
-    println!(
+    crate::outln!(
         "{} questions, embedding model {}, fusion: RRF k {} with weights dense {} / lexical {}, {} deep",
         r.questions, r.embedding_model, r.fusion.rrf_k, r.fusion.dense_weight, r.fusion.lexical_weight, r.fusion.depth
     );
-    println!(
+    crate::outln!(
         "{:<24}{:>6}{}{:>7}{}{tk}{:>10}{:>10}",
         "mode / kind",
         "n",
@@ -415,7 +415,7 @@ pub fn print(r: &EvalReport) {
         }
     }
     if !r.sweep.is_empty() {
-        println!(
+        crate::outln!(
             "\nfusion sweep (hybrid):\n{:<24}{:>6}{}{:>7}{}",
             "rrf k / lexical weight",
             "n",
@@ -438,7 +438,7 @@ pub async fn run(settings: Settings, args: EvalArgs) -> Result<()> {
     let sv = Services::new(settings.split().0)?;
     let report = evaluate(&sv, &args).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print(&report);
     }

@@ -16,6 +16,7 @@ pub mod lock;
 pub mod logging;
 pub mod metrics;
 pub mod outbound;
+pub mod output;
 pub mod pricing;
 pub mod redis_conn;
 pub mod reembed;

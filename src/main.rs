@@ -38,7 +38,7 @@ fn main() -> std::process::ExitCode {
     let rt = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: starting runtime: {e}");
+            orbit_worker::errln!("error: starting runtime: {e}");
             return std::process::ExitCode::FAILURE;
         }
     };
@@ -48,7 +48,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // One line: the chain of causes, never a backtrace.
-            eprintln!("error: {e:#}");
+            orbit_worker::errln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }

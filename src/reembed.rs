@@ -488,7 +488,7 @@ impl Progress {
                 b.set_position(done as u64);
                 b.set_message(msg);
             }
-            None => eprintln!("reembed: {done}/{} users, {msg}", self.total),
+            None => crate::errln!("reembed: {done}/{} users, {msg}", self.total),
         }
     }
 
@@ -531,13 +531,13 @@ pub async fn run(mut settings: Settings, a: ReembedArgs) -> Result<()> {
             ..e
         };
         if a.json {
-            println!("{}", serde_json::to_string_pretty(&e)?);
+            crate::outln!("{}", serde_json::to_string_pretty(&e)?);
         } else {
             let wall = e
                 .wall_s_at_limit
                 .map(|w| format!("{w:.0} s at {:.0} TPM", e.tpm.unwrap_or(0.0)))
                 .unwrap_or_else(|| "unknown (no rate limit heard; set ORBIT_EMBED_TPM)".into());
-            println!(
+            crate::outln!(
                 "reembed estimate for {} ({} dims): {} users, {} chunks ({} cached), {} tokens in {} requests, {wall}, ${:.4}",
                 e.model, e.dimensions, e.users, e.chunks, e.chunks_cached, e.tokens, e.requests, e.cost_usd
             );
@@ -577,7 +577,7 @@ pub async fn run(mut settings: Settings, a: ReembedArgs) -> Result<()> {
             r
         }
     };
-    eprintln!(
+    crate::errln!(
         "reembed: run {} → {} ({} dims) into {}{}",
         run.id,
         run.model,
@@ -645,13 +645,14 @@ pub async fn run(mut settings: Settings, a: ReembedArgs) -> Result<()> {
         builder.catch_up(&users, target.clone(), a.parallel).await?;
         versions.switch_to(&run.target).await?;
         log.set_status(&run.id, "switched").await?;
-        eprintln!("reembed: switched to {}", run.target);
+        crate::errln!("reembed: switched to {}", run.target);
         // Builds that began on the old version before the switch finished there.
         builder.catch_up(&users, target.clone(), a.parallel).await?;
     } else {
-        eprintln!(
+        crate::errln!(
             "reembed: run {} had already switched to {}",
-            run.id, run.target
+            run.id,
+            run.target
         );
     }
     progress.finish();
@@ -660,7 +661,7 @@ pub async fn run(mut settings: Settings, a: ReembedArgs) -> Result<()> {
         if let Some(old) = run.previous.as_ref().filter(|o| **o != run.target) {
             versions.drop(old).await?;
             report.dropped_previous = true;
-            eprintln!("reembed: dropped {old}");
+            crate::errln!("reembed: dropped {old}");
         }
     }
     if let Some(c) = &counters {
@@ -670,9 +671,9 @@ pub async fn run(mut settings: Settings, a: ReembedArgs) -> Result<()> {
     report.cost_usd = report.tokens_sent as f64 * price_per_token;
     report.wall_s = started.elapsed().as_secs_f64();
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!(
+        crate::outln!(
             "reembed {}: {} users ({} from an earlier attempt), {} chunks, {} embedded, {} tokens sent, ${:.4}, {:.1} s; live: {}",
             report.run_id,
             report.users_total,
@@ -830,7 +831,7 @@ async fn follow_queue(
             .await?;
         ids.push((u, id));
     }
-    eprintln!("reembed: {} users queued on {queue}", todo.len());
+    crate::errln!("reembed: {} users queued on {queue}", todo.len());
     let wanted: HashSet<i64> = users.iter().copied().collect();
     loop {
         let done = log.done_users(&run.id).await?;

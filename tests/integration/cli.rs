@@ -309,3 +309,32 @@ fn configured_batches_past_the_apis_limits_are_split_before_they_are_sent() {
         .unwrap();
     assert_eq!(biggest, crate::openai_double::MAX_INPUTS);
 }
+
+/// `build --json | head -c0`: the reader is gone before the report is written. The build still
+/// ends on its own terms (exit 0, no panic), and what it built is there.
+#[test]
+fn a_closed_stdout_stops_the_output_not_the_build() {
+    use std::process::Stdio;
+    let d = tempfile::tempdir().unwrap();
+    let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("orbit-worker"));
+    c.env("ORBIT_DATA_DIR", d.path())
+        .env("ORBIT_EMBEDDER", "hashing")
+        .env_remove("OPENAI_API_KEY")
+        .args(["build", "--all-users", "--json", "--source"])
+        .arg(fixture("sample.jsonl"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    let out = cmd(d.path())
+        .args(["search", "--user", "2", "--json", "band practice Ostkreuz"])
+        .output()
+        .unwrap();
+    succeeded(&out);
+    let hits: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(hits[0]["source_ids"][0], "fact-2-band");
+}
