@@ -353,7 +353,9 @@ impl CacheConfig {
         let url = var(v, "ORBIT_CACHE_URL")
             .or_else(|| var(v, "REDIS_URL"))
             .unwrap_or_else(|| "redis://127.0.0.1:6379/0".into());
-        redis_url("ORBIT_CACHE_URL", &url)?;
+        // The cache lives on the broker's Redis unless told otherwise, so a sentinel URL here
+        // takes the broker's master name.
+        let url = redis_url(v, "ORBIT_CACHE_URL", url, "CELERY_BROKER_TRANSPORT_OPTIONS")?;
         Ok(CacheConfig {
             url: Secret::new(url),
             key_prefix: v.get("ORBIT_CACHE_KEY_PREFIX").unwrap_or_default(),
@@ -362,15 +364,112 @@ impl CacheConfig {
     }
 }
 
-fn redis_url(name: &'static str, url: &str) -> Result<()> {
+/// Checks a Redis URL as Celery and kombu take it, and returns it ready for `RedisConn::open`.
+/// A `sentinel://` URL gets the master's name (and the sentinels' password) from `options`, the
+/// transport-options setting kombu reads them from (`{"master_name": "mymaster",
+/// "sentinel_kwargs": {"password": "…"}}`), unless the URL already carries `?master_name=`;
+/// without a name it is refused here, at start-up.
+fn redis_url(
+    v: &dyn Vars,
+    name: &'static str,
+    url: String,
+    options: &'static str,
+) -> Result<String> {
+    if crate::redis_conn::is_sentinel_url(&url) {
+        return sentinel_url(v, name, url, options);
+    }
     if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://"))
     {
         return Err(bad(
             name,
-            "must be a redis:// URL (only Redis is supported)",
+            "must be a redis://, rediss://, unix:// or sentinel:// URL (only Redis is supported)",
         ));
     }
-    Ok(())
+    Ok(url)
+}
+
+fn sentinel_url(
+    v: &dyn Vars,
+    name: &'static str,
+    url: String,
+    options: &'static str,
+) -> Result<String> {
+    /// The transport options read here; the others belong to the Celery-configuration issue and
+    /// are named in a warning, not silently dropped.
+    const READ: [&str; 2] = ["master_name", "sentinel_kwargs"];
+    let opts: serde_json::Map<String, serde_json::Value> = match var(v, options) {
+        None => Default::default(),
+        Some(s) => {
+            serde_json::from_str(&s).map_err(|e| bad(options, format!("not a JSON object: {e}")))?
+        }
+    };
+    let ignored: Vec<&str> = opts
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !READ.contains(k))
+        .collect();
+    if !ignored.is_empty() {
+        tracing::warn!(
+            setting = options,
+            ?ignored,
+            "transport options not honoured by orbit-worker yet: {}",
+            ignored.join(", ")
+        );
+    }
+    let has = |key: &str| {
+        url.split(';').any(|part| {
+            part.split_once('?').is_some_and(|(_, q)| {
+                q.split('&').any(|kv| {
+                    kv.split('=')
+                        .next()
+                        .is_some_and(|k| k.eq_ignore_ascii_case(key))
+                })
+            })
+        })
+    };
+    let mut extra = Vec::new();
+    if !has("master_name") {
+        match opts.get("master_name") {
+            Some(serde_json::Value::String(m)) if !m.trim().is_empty() => extra.push(format!("master_name={}", percent_encode(m))),
+            Some(_) => return Err(bad(options, "master_name must be a string")),
+            None => return Err(bad(name, format!("a sentinel:// URL needs the master's name: {options}='{{\"master_name\": \"mymaster\"}}', as kombu reads it"))),
+        }
+    }
+    if let Some(pw) = opts.get("sentinel_kwargs").and_then(|k| k.get("password")) {
+        let Some(pw) = pw.as_str() else {
+            return Err(bad(options, "sentinel_kwargs.password must be a string"));
+        };
+        if !has("sentinel_password") {
+            extra.push(format!("sentinel_password={}", percent_encode(pw)));
+        }
+    }
+    if extra.is_empty() {
+        return Ok(url);
+    }
+    // Onto the first sentinel's URL, where the master's credentials are read too.
+    let (first, rest) = match url.split_once(';') {
+        Some((f, r)) => (f.to_string(), Some(r)),
+        None => (url.clone(), None),
+    };
+    let sep = if first.contains('?') { '&' } else { '?' };
+    let mut out = format!("{first}{sep}{}", extra.join("&"));
+    if let Some(r) = rest {
+        out.push(';');
+        out.push_str(r);
+    }
+    Ok(out)
+}
+
+/// Percent-encodes everything but unreserved characters, for a value put into a URL's query.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// The chat model: OrbitPilot's answers and Blink's analysis.
@@ -740,9 +839,22 @@ impl CelerySettings {
         let broker = var(v, "CELERY_BROKER_URL")
             .or_else(|| var(v, "REDIS_URL"))
             .unwrap_or_else(|| "redis://127.0.0.1:6379/0".into());
-        let backend = var(v, "CELERY_RESULT_BACKEND").unwrap_or_else(|| broker.clone());
-        redis_url("CELERY_BROKER_URL", &broker)?;
-        redis_url("CELERY_RESULT_BACKEND", &backend)?;
+        let broker = redis_url(
+            v,
+            "CELERY_BROKER_URL",
+            broker,
+            "CELERY_BROKER_TRANSPORT_OPTIONS",
+        )?;
+        let backend = match var(v, "CELERY_RESULT_BACKEND") {
+            // Celery reads the backend's own options, result_backend_transport_options.
+            Some(b) => redis_url(
+                v,
+                "CELERY_RESULT_BACKEND",
+                b,
+                "CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS",
+            )?,
+            None => broker.clone(),
+        };
         let expires: f64 = parse(v, "CELERY_RESULT_EXPIRES")?.unwrap_or(3600.0);
         if !(expires.is_finite() && expires >= 1.0) {
             return Err(bad("CELERY_RESULT_EXPIRES", "must be at least 1 second"));
@@ -847,5 +959,61 @@ mod tests {
         let e =
             CelerySettings::from_vars(&Table(&[("CELERY_RESULT_EXPIRES", "0")][..])).unwrap_err();
         assert!(e.to_string().starts_with("CELERY_RESULT_EXPIRES"), "{e}");
+    }
+
+    #[test]
+    fn sentinel_urls_take_the_master_name_from_the_transport_options() {
+        let celery = |vars: &[(&str, &str)]| CelerySettings::from_vars(&Table(vars));
+        let urls = "sentinel://:pw@s1:26379/1;sentinel://s2:26379/1";
+        let c = celery(&[
+            ("CELERY_BROKER_URL", urls),
+            (
+                "CELERY_BROKER_TRANSPORT_OPTIONS",
+                r#"{"master_name": "my master", "sentinel_kwargs": {"password": "s&p"}}"#,
+            ),
+        ])
+        .unwrap();
+        let want = "sentinel://:pw@s1:26379/1?master_name=my%20master&sentinel_password=s%26p;sentinel://s2:26379/1";
+        assert_eq!(c.broker_url.expose(), want);
+        assert_eq!(
+            c.backend_url.expose(),
+            want,
+            "the backend defaults to the broker"
+        );
+        // A backend of its own reads its own options, as Celery does.
+        let e = celery(&[
+            ("CELERY_BROKER_URL", "redis://r/0"),
+            ("CELERY_RESULT_BACKEND", urls),
+            ("CELERY_BROKER_TRANSPORT_OPTIONS", r#"{"master_name": "m"}"#),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("CELERY_RESULT_BACKEND")
+                && e.contains("CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS"),
+            "{e}"
+        );
+        let c = celery(&[("CELERY_RESULT_BACKEND", "sentinel://s?master_name=m")]).unwrap();
+        assert_eq!(c.backend_url.expose(), "sentinel://s?master_name=m");
+        for (opts, blamed) in [
+            ("not json", "CELERY_BROKER_TRANSPORT_OPTIONS"),
+            (r#"{"master_name": 7}"#, "CELERY_BROKER_TRANSPORT_OPTIONS"),
+            (r#"{"visibility_timeout": 60}"#, "CELERY_BROKER_URL"),
+        ] {
+            let e = celery(&[
+                ("CELERY_BROKER_URL", urls),
+                ("CELERY_BROKER_TRANSPORT_OPTIONS", opts),
+            ])
+            .unwrap_err()
+            .to_string();
+            assert!(e.starts_with(blamed), "{opts}: {e}");
+        }
+        // The cache on the broker's sentinels takes the broker's master name.
+        let s = settings(&[
+            ("REDIS_URL", "sentinel://s1"),
+            ("CELERY_BROKER_TRANSPORT_OPTIONS", r#"{"master_name": "m"}"#),
+        ])
+        .unwrap();
+        assert_eq!(s.cache.url.expose(), "sentinel://s1?master_name=m");
     }
 }

@@ -1,5 +1,7 @@
 //! One logical Redis connection that remakes itself after a failure, its error, and URL
-//! redaction: shared by the broker, the result backend, Django's cache and the build lock.
+//! redaction: shared by the broker, the result backend, Django's cache and the build lock. The
+//! server is named by a `redis://`, `rediss://` or `unix://` URL, or found through Redis Sentinel
+//! (`sentinel://`, as kombu spells it), asked again on every reconnect so a failover is followed.
 
 use std::time::Duration;
 
@@ -9,6 +11,11 @@ use tokio::sync::Mutex;
 
 /// The longest a connect may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The longest asking the sentinels for the master may take: each sentinel gets a connect, and
+/// the master it names a `ROLE` check, so a few connects' worth.
+const SENTINEL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Kombu's default port for a `sentinel://` URL without one (Sentinel's own port).
+const SENTINEL_PORT: u16 = 26379;
 
 /// A Redis connection's own failure; the broker, the cache and the lock each wrap it in an error
 /// of their own meaning.
@@ -44,6 +51,11 @@ impl ConnError {
 /// `redis://:secret@host/0` → `redis://:***@host/0`, and `?password=secret` → `?password=***`
 /// (the form redis-py and kombu also take), for logs.
 pub fn redact_url(url: &str) -> String {
+    // A sentinel URL lists one URL per sentinel, joined by `;`.
+    url.split(';').map(redact_one).collect::<Vec<_>>().join(";")
+}
+
+fn redact_one(url: &str) -> String {
     let (base, query) = match url.split_once('?') {
         Some((b, q)) => (b, Some(q)),
         None => (url, None),
@@ -53,7 +65,10 @@ pub fn redact_url(url: &str) -> String {
         let q: Vec<String> = q
             .split('&')
             .map(|kv| match kv.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                // `password`, and `sentinel_password` with it.
+                Some((k, _)) if k.to_ascii_lowercase().ends_with("password") => {
+                    format!("{k}=***")
+                }
                 _ => kv.to_string(),
             })
             .collect();
@@ -143,6 +158,96 @@ fn tls_options(url: &str) -> Result<Option<TlsOptions>, String> {
     Ok(Some(o))
 }
 
+/// A `sentinel://` URL as kombu reads it: `sentinel://[user:password@]host[:port][/db]`, one per
+/// sentinel, joined by `;`. The user, password and db of the first are the master's (kombu gives
+/// the master the first URL's credentials). The master's name is not in kombu's URL but in the
+/// transport option `master_name`; the configuration puts it here as `?master_name=`, which a URL
+/// may also carry itself, with `?sentinel_password=` for sentinels that ask for one (kombu's
+/// `sentinel_kwargs`).
+#[derive(Debug, PartialEq)]
+struct SentinelUrl {
+    sentinels: Vec<(String, u16)>,
+    master_name: String,
+    db: i64,
+    username: Option<String>,
+    password: Option<String>,
+    sentinel_password: Option<String>,
+}
+
+/// Whether `url` names its server through Redis Sentinel.
+pub fn is_sentinel_url(url: &str) -> bool {
+    url.get(..11)
+        .is_some_and(|s| s.eq_ignore_ascii_case("sentinel://"))
+}
+
+fn sentinel_url(url: &str) -> Result<Option<SentinelUrl>, String> {
+    use redis::IntoConnectionInfo;
+    if !is_sentinel_url(url) {
+        return Ok(None);
+    }
+    let mut out = SentinelUrl {
+        sentinels: Vec::new(),
+        master_name: String::new(),
+        db: 0,
+        username: None,
+        password: None,
+        sentinel_password: None,
+    };
+    for (i, part) in url.split(';').map(str::trim).enumerate() {
+        if !is_sentinel_url(part) {
+            return Err(format!(
+                "entry {} is not a sentinel:// URL; every sentinel is written sentinel://host:port",
+                i + 1
+            ));
+        }
+        if let Some(name) = query_param(part, "master_name") {
+            out.master_name = name;
+        }
+        if let Some(pw) = query_param(part, "sentinel_password") {
+            out.sentinel_password = Some(pw);
+        }
+        let base = part[11..].split(['?', '#']).next().unwrap_or("");
+        let host_port = base.rsplit('@').next().unwrap_or(base);
+        let host_port = host_port.split('/').next().unwrap_or("");
+        // `[::1]:26379` has a port, `[::1]` has none.
+        let has_port = host_port.rsplit(']').next().unwrap_or("").contains(':');
+        let with_port = if has_port {
+            format!("redis://{base}")
+        } else {
+            // No port: kombu's default for sentinels, not Redis's 6379.
+            let (userinfo, rest) = match base.rsplit_once('@') {
+                Some((u, r)) => (format!("{u}@"), r),
+                None => (String::new(), base),
+            };
+            let (hp, path) = match rest.split_once('/') {
+                Some((h, p)) => (h, format!("/{p}")),
+                None => (rest, String::new()),
+            };
+            format!("redis://{userinfo}{hp}:{SENTINEL_PORT}{path}")
+        };
+        let info = with_port
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| format!("entry {}: {e}", i + 1))?;
+        let redis::ConnectionAddr::Tcp(host, port) = info.addr().clone() else {
+            return Err(format!("entry {}: a sentinel is a host and a port", i + 1));
+        };
+        if i == 0 {
+            let r = info.redis_settings();
+            out.db = r.db();
+            out.username = r.username().map(str::to_string);
+            out.password = r.password().map(str::to_string);
+        }
+        out.sentinels.push((host, port));
+    }
+    if out.master_name.is_empty() {
+        return Err(
+            "a sentinel:// URL needs the master's name (the master_name transport option)".into(),
+        );
+    }
+    Ok(Some(out))
+}
+
 fn redact_userinfo(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s + 3 => {
@@ -161,9 +266,55 @@ fn redact_userinfo(url: &str) -> String {
 /// One logical Redis connection that remakes itself after a failure. Cloning the inner
 /// multiplexed connection is cheap, so concurrent callers share one socket.
 pub struct RedisConn {
-    client: redis::Client,
+    target: Target,
     config: AsyncConnectionConfig,
     conn: Mutex<Option<MultiplexedConnection>>,
+}
+
+/// Where a connection goes.
+enum Target {
+    Server(redis::Client),
+    /// Whichever server the sentinels name master now: asked on every (re)connect.
+    Sentinel(Mutex<redis::sentinel::SentinelClient>),
+}
+
+impl Target {
+    fn sentinel(s: SentinelUrl) -> Result<Target, redis::RedisError> {
+        use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
+        let addrs = s
+            .sentinels
+            .into_iter()
+            .map(|(host, port)| redis::ConnectionAddr::Tcp(host, port));
+        let mut b = SentinelClientBuilder::new(addrs, s.master_name, SentinelServerType::Master)?
+            .set_client_to_redis_db(s.db);
+        if let Some(u) = s.username {
+            b = b.set_client_to_redis_username(u);
+        }
+        if let Some(p) = s.password {
+            b = b.set_client_to_redis_password(p);
+        }
+        if let Some(p) = s.sentinel_password {
+            b = b.set_client_to_sentinel_password(p);
+        }
+        Ok(Target::Sentinel(Mutex::new(b.build()?)))
+    }
+
+    async fn client(&self) -> Result<redis::Client, redis::RedisError> {
+        match self {
+            Target::Server(c) => Ok(c.clone()),
+            Target::Sentinel(s) => {
+                let mut s = s.lock().await;
+                match tokio::time::timeout(SENTINEL_TIMEOUT, s.async_get_client()).await {
+                    Ok(r) => r,
+                    Err(_) => Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no sentinel named a master in time",
+                    )
+                    .into()),
+                }
+            }
+        }
+    }
 }
 
 impl RedisConn {
@@ -174,6 +325,20 @@ impl RedisConn {
             url: redact_url(url),
             reason: e.to_string(),
         };
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(reply_timeout));
+        let sentinel = sentinel_url(url).map_err(|reason| ConnError::Url {
+            url: redact_url(url),
+            reason,
+        })?;
+        if let Some(s) = sentinel {
+            return Ok(RedisConn {
+                target: Target::sentinel(s).map_err(bad)?,
+                config,
+                conn: Mutex::new(None),
+            });
+        }
         let mut info = url.into_connection_info().map_err(bad)?;
         // `?password=` (redis-py's and kombu's other spelling) is used, not ignored into NOAUTH;
         // a password in the user part wins.
@@ -234,11 +399,8 @@ impl RedisConn {
                 .map_err(bad)?
             }
         };
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(reply_timeout));
         Ok(RedisConn {
-            client,
+            target: Target::Server(client),
             config,
             conn: Mutex::new(None),
         })
@@ -250,7 +412,9 @@ impl RedisConn {
             return Ok(c.clone());
         }
         let c = self
-            .client
+            .target
+            .client()
+            .await?
             .get_multiplexed_async_connection_with_config(&self.config)
             .await?;
         *slot = Some(c.clone());
@@ -267,6 +431,12 @@ impl RedisConn {
                     || e.is_connection_refusal()
                     || e.is_timeout()
                     || e.is_unrecoverable_error()
+                    // A demoted master: Sentinel closes its clients' connections when it fails
+                    // over, but a demotion without that (a manual REPLICAOF) leaves them open,
+                    // blocked BRPOPs ending UNBLOCKED and writes READONLY. Reconnecting asks the
+                    // sentinels for the new master.
+                    || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+                    || e.code() == Some("UNBLOCKED")
                 {
                     *self.conn.lock().await = None;
                 }
@@ -310,6 +480,56 @@ mod tests {
         );
         assert!(tls_options("rediss://h/0?ssl_cert_reqs=maybe").is_err());
         assert!(tls_options("rediss://h/0?ssl_certfile=/c.pem").is_err());
+    }
+
+    #[test]
+    fn sentinel_urls_are_read_as_kombu_spells_them() {
+        let s = sentinel_url(
+            "sentinel://:pw@s1:26380/3?master_name=mymaster;sentinel://s2;SENTINEL://[::1]:7",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            s,
+            SentinelUrl {
+                sentinels: vec![
+                    ("s1".into(), 26380),
+                    ("s2".into(), SENTINEL_PORT),
+                    ("::1".into(), 7)
+                ],
+                master_name: "mymaster".into(),
+                db: 3,
+                username: None,
+                password: Some("pw".into()),
+                sentinel_password: None,
+            }
+        );
+        let s = sentinel_url("sentinel://u:p@h/1?master_name=m%20x&sentinel_password=sp")
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.sentinels, vec![("h".into(), SENTINEL_PORT)]);
+        assert_eq!(
+            (s.master_name.as_str(), s.db, s.username.as_deref()),
+            ("m x", 1, Some("u"))
+        );
+        assert_eq!(s.sentinel_password.as_deref(), Some("sp"));
+        assert_eq!(sentinel_url("redis://h/0").unwrap(), None);
+        for bad in [
+            "sentinel://h:26379",
+            "sentinel://h:26379?master_name=m;redis://h2",
+            "sentinel://h:notaport?master_name=m",
+            "sentinel:///tmp/s.sock?master_name=m",
+        ] {
+            assert!(sentinel_url(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            redact_url("sentinel://:pw@s1:1/0;sentinel://u:pw2@s2:2/0?master_name=m&password=x"),
+            "sentinel://:***@s1:1/0;sentinel://u:***@s2:2/0?master_name=m&password=***"
+        );
+        assert_eq!(
+            redact_url("sentinel://h?master_name=m&Sentinel_Password=sp"),
+            "sentinel://h?master_name=m&Sentinel_Password=***"
+        );
     }
 
     #[test]

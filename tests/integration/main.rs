@@ -19,5 +19,6 @@ mod in_process;
 mod qdrant;
 mod reembed;
 mod security;
+mod sentinel;
 mod side;
 mod tls;

@@ -1,7 +1,8 @@
 """A Python Celery app shaped like Django's: the client side of the wire tests, and the real
 Python worker for the mixed-fleet test and the benchmark.
 
-Configured from the environment: BROKER, BACKEND, QUEUE, VISIBILITY (seconds), PREFETCH."""
+Configured from the environment: BROKER, BACKEND, QUEUE, VISIBILITY (seconds), PREFETCH, and
+MASTER_NAME for sentinel:// URLs (kombu's and Celery's master_name transport option)."""
 import os
 import time
 
@@ -21,6 +22,9 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
 )
+if os.environ.get("MASTER_NAME"):
+    app.conf.broker_transport_options["master_name"] = os.environ["MASTER_NAME"]
+    app.conf.result_backend_transport_options = {"master_name": os.environ["MASTER_NAME"]}
 
 
 @app.task(name="orbit.echo")
