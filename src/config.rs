@@ -408,7 +408,8 @@ fn sentinel_url(
         .map(String::as_str)
         .filter(|k| !READ.contains(k))
         .collect();
-    if !ignored.is_empty() {
+    // The cache reads the broker's options too; the broker's reading warns for both.
+    if !ignored.is_empty() && name != "ORBIT_CACHE_URL" {
         tracing::warn!(
             setting = options,
             ?ignored,
