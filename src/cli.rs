@@ -157,7 +157,7 @@ pub struct WorkerArgs {
     /// Seconds before an unacked message of a dead worker is put back on its queue.
     #[arg(long, default_value_t = 3600.0)]
     pub visibility_timeout: f64,
-    /// Send task events (accepted now; the events themselves come with the monitoring work).
+    /// Send Celery events (worker-online, heartbeats, task events) for Flower and `celery events`.
     #[arg(short = 'E', long)]
     pub events: bool,
     /// Seconds a warm shutdown waits for running tasks before giving them back to the queue.

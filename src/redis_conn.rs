@@ -267,6 +267,8 @@ fn redact_userinfo(url: &str) -> String {
 /// multiplexed connection is cheap, so concurrent callers share one socket.
 pub struct RedisConn {
     target: Target,
+    /// The database number the URL selects (kombu's fanout channels are named by it).
+    db: i64,
     config: AsyncConnectionConfig,
     conn: Mutex<Option<MultiplexedConnection>>,
 }
@@ -334,6 +336,7 @@ impl RedisConn {
         })?;
         if let Some(s) = sentinel {
             return Ok(RedisConn {
+                db: s.db,
                 target: Target::sentinel(s).map_err(bad)?,
                 config,
                 conn: Mutex::new(None),
@@ -400,10 +403,21 @@ impl RedisConn {
             }
         };
         Ok(RedisConn {
+            db: client.get_connection_info().redis_settings().db(),
             target: Target::Server(client),
             config,
             conn: Mutex::new(None),
         })
+    }
+
+    /// A connection of its own for SUBSCRIBE (a subscribed connection carries nothing else),
+    /// to the server the URL names or the sentinels name now.
+    pub async fn pubsub(&self) -> Result<redis::aio::PubSub, ConnError> {
+        Ok(self.target.client().await?.get_async_pubsub().await?)
+    }
+
+    pub fn db(&self) -> i64 {
+        self.db
     }
 
     pub async fn conn(&self) -> Result<MultiplexedConnection, ConnError> {
@@ -443,6 +457,13 @@ impl RedisConn {
                 Err(e.into())
             }
         }
+    }
+
+    /// Runs one command, with the outcome noted (a broken connection is remade next time).
+    pub async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, ConnError> {
+        let mut c = self.conn().await?;
+        let r = cmd.query_async(&mut c).await;
+        self.note(r).await
     }
 
     pub async fn ping(&self) -> Result<(), ConnError> {

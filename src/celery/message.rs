@@ -82,6 +82,10 @@ struct Headers {
     parent_id: Option<String>,
     redelivered: Option<bool>,
     ignore_result: Option<bool>,
+    // Read for events only: any JSON is accepted, and what is not a string is left out.
+    root_id: Option<Value>,
+    argsrepr: Option<Value>,
+    kwargsrepr: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -113,6 +117,11 @@ pub struct TaskMessage {
     pub hard_limit: Option<f64>,
     pub soft_limit: Option<f64>,
     pub parent_id: Option<String>,
+    pub root_id: Option<String>,
+    /// The client's own repr of the arguments (`argsrepr`, `kwargsrepr`): what Celery's
+    /// `task-received` event and `inspect active` show.
+    pub argsrepr: Option<String>,
+    pub kwargsrepr: Option<String>,
     pub delivery_tag: String,
     pub priority: u8,
     pub exchange: String,
@@ -309,6 +318,9 @@ impl TaskMessage {
             hard_limit: hard_limit.filter(|v| v.is_finite() && *v > 0.0),
             soft_limit: soft_limit.filter(|v| v.is_finite() && *v > 0.0),
             parent_id: headers.parent_id,
+            root_id: text(headers.root_id),
+            argsrepr: text(headers.argsrepr),
+            kwargsrepr: text(headers.kwargsrepr),
             delivery_tag,
             priority: env.properties.priority.unwrap_or(0).clamp(0, 9) as u8,
             exchange: di.exchange.unwrap_or_default(),
@@ -318,6 +330,14 @@ impl TaskMessage {
             has_canvas,
             raw: raw.to_string(),
         })
+    }
+}
+
+/// A header that is a string, else none.
+fn text(v: Option<Value>) -> Option<String> {
+    match v {
+        Some(Value::String(s)) => Some(s),
+        _ => None,
     }
 }
 
@@ -448,6 +468,31 @@ pub fn task_envelope(task: &str, args: &Value, kwargs: &Value, queue: &str) -> (
         }
     });
     (id, env.to_string())
+}
+
+/// kombu's JSON envelope of a transient message (an event, a remote-control reply): the body
+/// JSON in base64, `delivery_mode` 1, a fresh delivery tag.
+pub fn transient_envelope(
+    body: &Value,
+    headers: Value,
+    exchange: &str,
+    routing_key: &str,
+) -> String {
+    use base64::Engine;
+    serde_json::json!({
+        "body": base64::engine::general_purpose::STANDARD.encode(body.to_string()),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": headers,
+        "properties": {
+            "delivery_mode": 1,
+            "delivery_info": {"exchange": exchange, "routing_key": routing_key},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": uuid::Uuid::new_v4().to_string(),
+        },
+    })
+    .to_string()
 }
 
 /// The envelope of a retry, as Celery publishes it: same id, `retries + 1`, an absolute `eta`,

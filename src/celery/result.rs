@@ -122,6 +122,37 @@ pub fn py_str_repr(s: &str) -> String {
     out
 }
 
+/// Python's `repr()` of a JSON value as json.loads gives it: `None`, `True`, `'text'`, `[1, 2]`,
+/// `{'k': 1}`; what Celery's events show for results and arguments.
+pub fn py_repr(v: &Value) -> String {
+    match v {
+        Value::Null => "None".into(),
+        Value::Bool(true) => "True".into(),
+        Value::Bool(false) => "False".into(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => py_str_repr(s),
+        Value::Array(a) => format!("[{}]", a.iter().map(py_repr).collect::<Vec<_>>().join(", ")),
+        Value::Object(o) => format!(
+            "{{{}}}",
+            o.iter()
+                .map(|(k, v)| format!("{}: {}", py_str_repr(k), py_repr(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Python's `repr()` of the positional arguments as a tuple: `()`, `(1,)`, `(1, 'a')`.
+pub fn py_args_repr(args: &[Value]) -> String {
+    match args {
+        [one] => format!("({},)", py_repr(one)),
+        _ => format!(
+            "({})",
+            args.iter().map(py_repr).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
 #[derive(Serialize)]
 struct Meta<'a> {
     status: &'static str,
@@ -242,6 +273,18 @@ impl serde_json::ser::Formatter for PythonFormatter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_are_shown_as_python_reprs_them() {
+        let v = json!({"a": [1, 2.5, null, true, "it's"], "b": {}});
+        assert_eq!(
+            py_repr(&v),
+            r#"{'a': [1, 2.5, None, True, "it's"], 'b': {}}"#
+        );
+        assert_eq!(py_args_repr(&[]), "()");
+        assert_eq!(py_args_repr(&[json!(2)]), "(2,)");
+        assert_eq!(py_args_repr(&[json!(2), json!("x")]), "(2, 'x')");
+    }
 
     #[test]
     fn repr_reads_like_python() {

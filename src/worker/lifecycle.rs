@@ -5,16 +5,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use serde_json::json;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::decide::{decide, Decision, Ending};
+use super::inventory::{Held, Request, Stage};
 use super::settle::{persist, Action, Completion};
 use super::Shared;
 use crate::celery::message::{queue_key, retry_envelope, DecodeError, MessageLimits, TaskMessage};
 use crate::celery::redis::Fetched;
-use crate::celery::result::{encode_meta, ExceptionInfo, Outcome};
+use crate::celery::result::{encode_meta, py_args_repr, py_repr, ExceptionInfo, Outcome};
 use crate::tasks::TimeLimits;
 use crate::tasks::{AbortHook, AbortReason, Call, TaskConfig, TaskContext, TaskDef, TaskError};
 
@@ -64,6 +66,10 @@ pub async fn accept(sh: Arc<Shared>, fetched: Fetched, permit: OwnedSemaphorePer
                     encode_meta(id, None, &Outcome::Failure(exc), Utc::now()),
                 )
             });
+            if let Some(id) = &f.task_id {
+                sh.events
+                    .task("task-rejected", || json!({"uuid": id, "requeue": false}));
+            }
             // Only what the fetch registered is acked, by the exact tag it registered.
             let ack = registered.is_some();
             let tag = registered;
@@ -95,6 +101,11 @@ pub async fn accept(sh: Arc<Shared>, fetched: Fetched, permit: OwnedSemaphorePer
     sh.hold(Some(&msg.delivery_tag));
     let Some(def) = sh.registry.get(&msg.name) else {
         tracing::error!(task = %msg.name, id = %msg.id, "Received unregistered task of type '{}'.", msg.name);
+        // What Celery's consumer sends for an unknown task.
+        sh.events.task(
+            "task-failed",
+            || json!({"uuid": msg.id, "exception": format!("NotRegistered({})", crate::celery::result::py_str_repr(&msg.name))}),
+        );
         let result = result_of(
             &msg,
             &Outcome::Failure(ExceptionInfo::not_registered(&msg.name)),
@@ -111,15 +122,28 @@ pub async fn accept(sh: Arc<Shared>, fetched: Fetched, permit: OwnedSemaphorePer
     let span = tracing::info_span!("task", id = %msg.id, task = def.name, retries = msg.retries);
     tracing::info!(parent: &span, "Task {}[{}] received", def.name, msg.id);
     sh.services.metrics.task_received(def.name);
+    sh.events.task("task-received", || received_event(&msg));
     if msg.has_canvas {
         tracing::warn!(parent: &span, "Task {}[{}] carries a chain, callbacks or a chord: this worker runs the task but not the rest of the canvas", def.name, msg.id);
     }
     let queue = base_queue(&list).to_string();
+    let held = sh.inventory.hold(Request {
+        id: &msg.id,
+        name: def.name,
+        args: &msg.args,
+        kwargs: &msg.kwargs,
+        hostname: &sh.opts.hostname,
+        exchange: &msg.exchange,
+        routing_key: routing_key(&msg, &queue),
+        priority: msg.priority,
+        redelivered: msg.redelivered,
+        eta: msg.eta.map(|t| t.to_rfc3339()),
+    });
     let guard = PanicGuard::of(&msg);
     let sh2 = sh.clone();
     sh.tracker.spawn(
         or_on_panic(
-            run(sh.clone(), msg, def, queue, permit),
+            run(sh.clone(), msg, def, queue, permit, held),
             move |panic| async move { guard.settle(&sh2, def.name, panic).await },
         )
         .instrument(span),
@@ -180,6 +204,22 @@ impl PanicGuard {
     }
 }
 
+/// `task-received` as Celery sends it: the client's reprs of the arguments where it sent them.
+fn received_event(msg: &TaskMessage) -> serde_json::Value {
+    let iso = |t: Option<chrono::DateTime<Utc>>| t.map(|t| t.to_rfc3339());
+    json!({
+        "uuid": msg.id,
+        "name": msg.name,
+        "args": msg.argsrepr.clone().unwrap_or_else(|| py_args_repr(&msg.args)),
+        "kwargs": msg.kwargsrepr.clone().unwrap_or_else(|| py_repr(&serde_json::Value::Object(msg.kwargs.clone()))),
+        "root_id": msg.root_id,
+        "parent_id": msg.parent_id,
+        "retries": msg.retries,
+        "eta": iso(msg.eta),
+        "expires": iso(msg.expires),
+    })
+}
+
 /// `celery\x06\x163` → `celery`.
 fn base_queue(list: &str) -> &str {
     list.split("\x06\x16").next().unwrap_or(list)
@@ -191,6 +231,7 @@ async fn run(
     def: &'static TaskDef,
     queue: String,
     permit: OwnedSemaphorePermit,
+    held: Held,
 ) {
     let mut permit = Some(permit);
     if is_expired(&msg) {
@@ -214,10 +255,12 @@ async fn run(
         if !wait.is_zero() {
             // As in Celery, a message waiting for its ETA does not use a prefetch slot.
             permit = None;
+            held.set(Stage::Scheduled);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = sh.stop_fetch.cancelled() => return sh.give_back(msg.delivery_tag, permit).await,
             }
+            held.set(Stage::Reserved);
         }
     }
     let slot = tokio::select! {
@@ -230,6 +273,7 @@ async fn run(
     if is_expired(&msg) {
         return revoke_expired(&sh, msg, permit).await;
     }
+    held.set(Stage::Active);
 
     let limits = def.limits.with_overrides(msg.hard_limit, msg.soft_limit);
     let call = Call {
@@ -240,6 +284,7 @@ async fn run(
         retries: msg.retries,
     };
     let started = Instant::now();
+    sh.events.task("task-started", || json!({"uuid": msg.id}));
     let metrics = sh.services.metrics.clone();
     metrics.task_started(def.name);
     let ending = execute(&sh, def, call, limits).await;
@@ -335,6 +380,10 @@ async fn settle(
                 runtime.as_secs_f64(),
                 short(&v)
             );
+            sh.events.task(
+                "task-succeeded",
+                || json!({"uuid": msg.id, "result": py_repr(&v), "runtime": runtime.as_secs_f64()}),
+            );
             Outcome::Success(v)
         }
         Decision::Fail(e) => {
@@ -344,6 +393,10 @@ async fn settle(
                 def.name,
                 msg.id,
                 e.repr()
+            );
+            sh.events.task(
+                "task-failed",
+                || json!({"uuid": msg.id, "exception": e.repr(), "traceback": e.traceback}),
             );
             Outcome::Failure(e)
         }
@@ -404,6 +457,10 @@ async fn retry(
     };
     let list = queue_key(routing_key(&msg, queue), msg.priority);
     tracing::info!(eta = %eta, "Task {}[{}] retry: Retry in {}s: {}", def.name, msg.id, secs(delay), error.repr());
+    sh.events.task(
+        "task-retried",
+        || json!({"uuid": msg.id, "exception": error.repr(), "traceback": error.traceback}),
+    );
     let result = result_of(&msg, &Outcome::Retry(error));
     sh.complete(Completion {
         delivery_tag: Some(msg.delivery_tag),
@@ -426,6 +483,10 @@ async fn revoke_expired(sh: &Shared, msg: TaskMessage, permit: Option<OwnedSemap
         "Discarding revoked task: {}[{}] (expired)",
         msg.name,
         msg.id
+    );
+    sh.events.task(
+        "task-revoked",
+        || json!({"uuid": msg.id, "terminated": false, "signum": null, "expired": true}),
     );
     let result = result_of(&msg, &Outcome::Revoked { expired: true });
     sh.ack(msg.delivery_tag, result, permit).await;

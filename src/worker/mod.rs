@@ -1,7 +1,10 @@
 //! The Celery-compatible worker: fetches from Redis, runs tasks with bounded concurrency, settles
 //! results and acks, restores abandoned messages, and shuts down without losing any.
 
+mod control;
 mod decide;
+pub mod events;
+mod inventory;
 mod lifecycle;
 mod settle;
 
@@ -83,6 +86,9 @@ pub struct Shared {
     abandon: CancellationToken,
     tracker: TaskTracker,
     settle_tx: mpsc::Sender<SettleMsg>,
+    events: Arc<events::Events>,
+    /// Held tasks by id, for remote control's `active`, `reserved`, `scheduled`, `query_task`.
+    inventory: Arc<inventory::Inventory>,
 }
 
 impl Shared {
@@ -105,6 +111,14 @@ impl Shared {
             .lock()
             .map(|h| h.iter().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// Tasks running now (holding a concurrency slot).
+    fn active(&self) -> usize {
+        self.opts
+            .concurrency
+            .max(1)
+            .saturating_sub(self.concurrency.available_permits())
     }
 
     fn is_held(&self, tag: &str) -> bool {
@@ -169,6 +183,12 @@ pub async fn run(
     let backend = Backend::open(opts.backend_url.expose(), opts.result_expires)?;
     let registry = Registry::new(opts.debug_tasks)?;
     let (settle_tx, settle_rx) = mpsc::channel(SETTLE_QUEUE);
+    // Events have a connection of their own, so a burst of PUBLISHes never queues before acks.
+    let events_conn = Arc::new(crate::redis_conn::RedisConn::open(
+        opts.broker_url.expose(),
+        Duration::from_secs(10),
+    )?);
+    let (events, events_rx) = events::Events::new(&opts.hostname, events_conn.db(), opts.events);
     let sh = Arc::new(Shared {
         shared_redis: opts.broker_url.expose() == opts.backend_url.expose(),
         prefetch: Arc::new(Semaphore::new(opts.prefetch())),
@@ -184,6 +204,8 @@ pub async fn run(
         abandon: CancellationToken::new(),
         tracker: TaskTracker::new(),
         settle_tx,
+        events,
+        inventory: Default::default(),
     });
     let o = &sh.opts;
     tracing::info!(
@@ -197,9 +219,6 @@ pub async fn run(
         tasks = ?sh.registry.names(),
         "{} starting", o.hostname
     );
-    if o.events {
-        tracing::info!("-E: task events are not sent yet; they come with the monitoring work");
-    }
     // Never a silent hang: each failed attempt to reach Redis logs, then we keep trying; but a
     // TLS refusal (a CA that does not sign the server's certificate, ssl_cert_reqs against a
     // self-signed server) is configuration, which no wait fixes: said once, and the worker stops.
@@ -253,6 +272,29 @@ pub async fn run(
         }
     };
     let settler = tokio::spawn(settle::settler(sh.clone(), settle_rx));
+    let events_stop = CancellationToken::new();
+    let control_stop = CancellationToken::new();
+    let control = tokio::spawn(control::serve(
+        sh.clone(),
+        // Its own connection: a subscribed connection carries nothing else.
+        Arc::new(crate::redis_conn::RedisConn::open(
+            sh.opts.broker_url.expose(),
+            Duration::from_secs(10),
+        )?),
+        std::time::Instant::now(),
+        shutdown.clone(),
+        control_stop.clone(),
+    ));
+    let publisher = {
+        let sh2 = sh.clone();
+        tokio::spawn(events::publisher(
+            sh.events.clone(),
+            events_conn,
+            events_rx,
+            move || sh2.active(),
+            events_stop.clone(),
+        ))
+    };
     let maintenance = tokio::spawn(maintain(sh.clone()));
     let fetcher = tokio::spawn(fetch_loop(sh.clone()));
     tracing::info!("{} ready.", sh.opts.hostname);
@@ -261,6 +303,8 @@ pub async fn run(
     tracing::warn!("worker: Warm shutdown ({})", sh.opts.hostname);
     sh.stop_fetch.cancel();
     let _ = fetcher.await;
+    control_stop.cancel();
+    let _ = control.await;
     sh.tracker.close();
     tokio::select! {
         _ = sh.tracker.wait() => {}
@@ -272,6 +316,9 @@ pub async fn run(
     }
     let _ = sh.settle_tx.send(SettleMsg::Stop).await;
     let _ = settler.await;
+    // Last: the task events still queued, then worker-offline.
+    events_stop.cancel();
+    let _ = publisher.await;
     maintenance.abort();
     http_stop.cancel();
     if let Some(h) = http {

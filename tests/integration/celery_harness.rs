@@ -357,7 +357,7 @@ impl Drop for WorkerProc {
     }
 }
 
-fn py_env(cmd: &mut Command, redis: &RedisServer, queue: &str) {
+pub fn py_env(cmd: &mut Command, redis: &RedisServer, queue: &str) {
     cmd.env("BROKER", redis.url())
         .env_remove("BACKEND")
         .env("PYTHONPATH", repo().join("tests/py"))

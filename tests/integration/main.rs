@@ -16,6 +16,7 @@ mod celery_harness;
 mod chaos;
 mod cli;
 mod in_process;
+mod monitoring;
 mod qdrant;
 mod reembed;
 mod security;

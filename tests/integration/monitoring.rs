@@ -1,0 +1,349 @@
+//! Seen by the tools ops already use: Celery's own event receiver and `celery.events.state`
+//! (what Flower and `celery events` are built on) follow our worker's events.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::celery_harness::*;
+use crate::helpers::{python, repo};
+
+/// Celery's receiver on `redis`, until `worker-offline` (tests/py/events_listen.py).
+struct Listener {
+    child: std::process::Child,
+    /// Kept open: the listener logs there until it ends.
+    stderr: BufReader<std::process::ChildStderr>,
+}
+
+impl Listener {
+    fn start(redis: &RedisServer, queue: &str, stop_on: &str, timeout_s: u32) -> Listener {
+        let mut cmd = Command::new(python());
+        cmd.arg(repo().join("tests/py/events_listen.py"))
+            .env("STOP_ON", stop_on)
+            .env("TIMEOUT", timeout_s.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        py_env(&mut cmd, redis, queue);
+        let mut child = cmd.spawn().expect("python venv (make venv)");
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        while err.read_line(&mut line).unwrap() > 0 && !line.contains("listening") {
+            line.clear();
+        }
+        assert!(line.contains("listening"), "the listener did not start");
+        Listener { child, stderr: err }
+    }
+
+    fn finish(mut self) -> Value {
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut self.stderr, &mut err).unwrap();
+        let out = self.child.wait_with_output().unwrap();
+        assert!(out.status.success(), "listener failed: {err}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+#[test]
+fn celerys_event_state_follows_our_workers_tasks_and_heartbeats() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("events");
+    let listener = Listener::start(&redis, &q, "worker-offline", 90);
+    // The receiver subscribes before the worker is up: it sees worker-online.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut w = WorkerProc::start(&redis, &["-Q", &q, "-E", "-n", "rust1@%h"]);
+    let ok = call(
+        &redis,
+        &q,
+        "orbit.echo",
+        json!([2, "x"]),
+        json!({"k": true}),
+        json!({}),
+    );
+    assert_eq!(ok["state"], "SUCCESS", "{ok}");
+    let failed = call(
+        &redis,
+        &q,
+        "orbit.debug.fail",
+        json!(["ValueError", "boom"]),
+        json!({}),
+        json!({}),
+    );
+    assert_eq!(failed["state"], "FAILURE", "{failed}");
+    let retried = call(
+        &redis,
+        &q,
+        "orbit.debug.flaky",
+        json!([1]),
+        json!({"countdown": 0.1}),
+        json!({}),
+    );
+    assert_eq!(retried["state"], "SUCCESS", "{retried}");
+    let unknown = send(&redis, &q, json!([{"name": "no.such.task"}]))[0].clone();
+    wait_meta(&redis, &unknown, "FAILURE", Duration::from_secs(20));
+    // At least one heartbeat (every 2 s) before the warm shutdown sends worker-offline.
+    std::thread::sleep(Duration::from_millis(2500));
+    w.signal("TERM");
+    assert_eq!(w.wait_exit(Duration::from_secs(30)), Some(0));
+    let seen = listener.finish();
+
+    let events = seen["events"].as_array().unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    for k in [
+        "worker-online",
+        "worker-heartbeat",
+        "task-received",
+        "task-started",
+        "task-succeeded",
+        "task-failed",
+        "task-retried",
+        "worker-offline",
+    ] {
+        assert!(kinds.contains(&k), "no {k} in {kinds:?}");
+    }
+    assert_eq!(kinds.first(), Some(&"worker-online"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"worker-offline"), "{kinds:?}");
+    // One Lamport clock, rising with every event, one hostname.
+    let clocks: Vec<u64> = events
+        .iter()
+        .map(|e| e["clock"].as_u64().unwrap())
+        .collect();
+    assert!(clocks.windows(2).all(|p| p[0] < p[1]), "{clocks:?}");
+    let host = events[0]["hostname"].as_str().unwrap();
+    assert!(host.starts_with("rust1@"), "{host}");
+    assert!(events.iter().all(|e| e["hostname"] == host));
+
+    let worker = &seen["workers"][host];
+    assert_eq!(worker["sw_ident"], "orbit-worker", "{worker}");
+    assert_eq!(worker["freq"], 2.0);
+    assert_eq!(
+        worker["alive"], false,
+        "offline after the shutdown: {worker}"
+    );
+    // echo, fail, flaky twice (its retry is received again); an unknown name is not
+    // received (Celery counts it nowhere either).
+    assert_eq!(worker["processed"], 4, "{worker}");
+
+    let task = |id: &Value| seen["tasks"][id.as_str().unwrap()].clone();
+    let t = task(&ok["id"]);
+    assert_eq!(t["state"], "SUCCESS", "{t}");
+    assert_eq!(t["name"], "orbit.echo");
+    assert_eq!(t["args"], "[2, 'x']", "the client's argsrepr: {t}");
+    assert_eq!(t["kwargs"], "{'k': True}", "{t}");
+    assert_eq!(
+        t["result"], "{'args': [2, 'x'], 'kwargs': {'k': True}}",
+        "{t}"
+    );
+    assert_eq!(t["worker"], host);
+    assert!(t["runtime"].as_f64().unwrap() >= 0.0, "{t}");
+    let t = task(&failed["id"]);
+    assert_eq!(t["state"], "FAILURE", "{t}");
+    assert_eq!(t["exception"], "ValueError('boom')", "{t}");
+    let t = task(&retried["id"]);
+    assert_eq!(t["state"], "SUCCESS", "{t}");
+    assert_eq!(t["retries"], 1, "{t}");
+    let t = task(&json!(unknown));
+    assert_eq!(t["state"], "FAILURE", "{t}");
+    assert_eq!(t["exception"], "NotRegistered('no.such.task')", "{t}");
+}
+
+#[test]
+fn without_e_nothing_is_published() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("quiet");
+    let listener = Listener::start(&redis, &q, "none", 5);
+    let mut w = WorkerProc::start(&redis, &["-Q", &q]);
+    let ok = call(&redis, &q, "orbit.echo", json!([1]), json!({}), json!({}));
+    assert_eq!(ok["state"], "SUCCESS");
+    w.signal("TERM");
+    assert_eq!(w.wait_exit(Duration::from_secs(30)), Some(0));
+    let seen = listener.finish();
+    assert_eq!(
+        seen["events"],
+        json!([]),
+        "events were published without -E"
+    );
+}
+
+/// Celery's remote-control client (tests/py/control_client.py) against `node` ("*" for all).
+fn control(redis: &RedisServer, node: &str, calls: &[&str]) -> Value {
+    let mut cmd = Command::new(python());
+    cmd.arg(repo().join("tests/py/control_client.py"))
+        .arg(node)
+        .args(calls)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    py_env(&mut cmd, redis, "celery");
+    let out = cmd.output().expect("python venv (make venv)");
+    assert!(
+        out.status.success(),
+        "inspect failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn celery_inspect_and_control_see_and_steer_our_worker() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("inspect");
+    let mut w = WorkerProc::start(&redis, &["-Q", &q, "-n", "rust2@%h", "-c", "1"]);
+    let pong = control(&redis, "*", &["inspect:ping"]);
+    let host = pong["inspect:ping"]
+        .as_object()
+        .and_then(|m| m.keys().find(|k| k.starts_with("rust2@")).cloned())
+        .unwrap_or_else(|| panic!("no pong from our worker: {pong}"));
+    assert_eq!(pong["inspect:ping"][&host], json!({"ok": "pong"}));
+
+    // One task running, one waiting for the only slot, one waiting for its ETA.
+    let sleep = |s: f64| json!({"name": "orbit.debug.sleep", "args": [s]});
+    let ids = send(
+        &redis,
+        &q,
+        json!([sleep(4.0), sleep(0.1), {"name": "orbit.echo", "args": [1], "options": {"countdown": 60}}]),
+    );
+    wait_for("the first sleep to run", Duration::from_secs(20), || {
+        let a = control(&redis, &host, &["inspect:active"]);
+        (a["inspect:active"][&host].as_array()?.len() == 1).then_some(())
+    });
+    let r = control(
+        &redis,
+        &host,
+        &[
+            "inspect:active",
+            "inspect:reserved",
+            "inspect:scheduled",
+            "inspect:stats",
+            "inspect:registered",
+            "inspect:active_queues",
+            "inspect:conf",
+            "inspect:report",
+            &format!("query:{},{}", ids[1], "no-such-id"),
+        ],
+    );
+    let of = |call: &str| r[call][&host].clone();
+    let active = of("inspect:active");
+    assert_eq!(active[0]["id"], json!(ids[0]), "{active}");
+    assert_eq!(active[0]["name"], "orbit.debug.sleep");
+    assert_eq!(active[0]["args"], json!([4.0]));
+    assert_eq!(active[0]["acknowledged"], false);
+    assert!(active[0]["time_start"].as_f64().unwrap() > 0.0);
+    assert_eq!(active[0]["delivery_info"]["routing_key"], json!(q));
+    assert_eq!(of("inspect:reserved")[0]["id"], json!(ids[1]), "{r}");
+    let scheduled = of("inspect:scheduled");
+    assert_eq!(scheduled[0]["request"]["id"], json!(ids[2]), "{scheduled}");
+    assert!(scheduled[0]["eta"].as_str().is_some(), "{scheduled}");
+    let stats = of("inspect:stats");
+    assert_eq!(stats["pool"]["max-concurrency"], 1, "{stats}");
+    assert_eq!(stats["prefetch_count"], 4, "{stats}");
+    assert!(stats["rusage"]["maxrss"].as_u64().unwrap() > 0, "{stats}");
+    assert!(stats["rusage"]["utime"].as_f64().unwrap() > 0.0, "{stats}");
+    assert_eq!(stats["total"]["orbit.debug.sleep"], 2, "{stats}");
+    assert_eq!(stats["broker"]["port"], redis.port);
+    let registered = of("inspect:registered");
+    assert!(registered
+        .as_array()
+        .unwrap()
+        .contains(&json!("orbitpilot.build_memory")));
+    assert_eq!(of("inspect:active_queues")[0]["name"], json!(q));
+    assert_eq!(of("inspect:conf")["task_acks_late"], true);
+    assert!(of("inspect:report")["ok"]
+        .as_str()
+        .unwrap()
+        .contains("orbit-worker"));
+    let query = of(&format!("query:{},{}", ids[1], "no-such-id"));
+    assert_eq!(query[&ids[1]][0], "reserved", "{query}");
+    assert!(query.get("no-such-id").is_none(), "{query}");
+
+    // A request for another node gets no answer from ours.
+    let other = control(&redis, "other@nowhere", &["inspect:ping"]);
+    assert!(other["inspect:ping"].is_null(), "{other}");
+
+    // Events switched on at run time, as Flower does.
+    let before = redis.calls("publish");
+    let on = control(&redis, &host, &["control:enable_events"]);
+    assert_eq!(
+        on["control:enable_events"][0][&host],
+        json!({"ok": "task events enabled"}),
+        "{on}"
+    );
+    wait_for(
+        "events after enable_events",
+        Duration::from_secs(10),
+        || (redis.calls("publish") > before + 1).then_some(()),
+    );
+
+    // Warm shutdown by remote control: the running task finishes, the ETA'd one goes back.
+    control(&redis, &host, &["broadcast:shutdown"]);
+    assert_eq!(w.wait_exit(Duration::from_secs(60)), Some(0), "{}", w.log());
+    assert_eq!(meta(&redis, &ids[0]).unwrap()["status"], "SUCCESS");
+    assert!(w
+        .log()
+        .contains("Warm shutdown requested by remote control"));
+    assert_eq!(unacked_len(&redis), 0, "nothing held after the shutdown");
+}
+
+/// Flower 2.2, unchanged, on the test's Redis: it finds our worker by remote control, switches its
+/// events on (the worker runs without `-E`) and lists its tasks from those events.
+#[test]
+fn flower_lists_our_worker_and_its_tasks() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("flower");
+    let w = WorkerProc::start(&redis, &["-Q", &q, "-n", "rust3@%h"]);
+    let port = free_port();
+    let mut cmd = Command::new(python());
+    cmd.args(["-m", "celery", "-A", "pyapp", "flower"])
+        .arg(format!("--port={port}"))
+        .arg("--address=127.0.0.1")
+        .env("FLOWER_UNAUTHENTICATED_API", "true")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    py_env(&mut cmd, &redis, &q);
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _flower = Kill(cmd.spawn().expect("flower in the test venv (make venv)"));
+    let addr = format!("127.0.0.1:{port}");
+    let get = |path: &str| -> Option<Value> {
+        // Not listening yet: nothing to ask.
+        std::net::TcpStream::connect(&addr).ok()?;
+        let (status, body) = crate::app_harness::http_get(&addr, path, None);
+        (status == 200)
+            .then(|| serde_json::from_str(&body).ok())
+            .flatten()
+    };
+    let host = wait_for("Flower to list our worker", Duration::from_secs(60), || {
+        let workers = get("/api/workers?refresh=1")?;
+        let (host, info) = workers
+            .as_object()?
+            .iter()
+            .find(|(k, _)| k.starts_with("rust3@"))?;
+        let registered = info.get("registered")?.as_array()?;
+        (registered.contains(&json!("orbit.echo")) && info.get("stats")?.get("pool").is_some())
+            .then(|| host.clone())
+    });
+    // Flower's enable_events broadcast (every few seconds) switches our events on.
+    w.wait_log("Flower's enable_events", "enabled by remote");
+    let ok = call(
+        &redis,
+        &q,
+        "orbit.echo",
+        json!(["flower"]),
+        json!({}),
+        json!({}),
+    );
+    assert_eq!(ok["state"], "SUCCESS");
+    let id = ok["id"].as_str().unwrap().to_string();
+    let task = wait_for("Flower to show the task", Duration::from_secs(30), || {
+        let t = get("/api/tasks")?.get(&id)?.clone();
+        (t.get("state")? == "SUCCESS").then_some(t)
+    });
+    assert_eq!(task["worker"], json!(host), "{task}");
+    assert_eq!(task["name"], "orbit.echo", "{task}");
+    assert_eq!(task["args"], "['flower']", "{task}");
+}
