@@ -171,9 +171,10 @@ pub enum Outcome {
     Success(Value),
     Failure(ExceptionInfo),
     Retry(ExceptionInfo),
-    /// `revoked` has `children: null`; `expired` has `[]`, as Celery writes them.
+    /// Celery's reason: `revoked` (discarded when it came up), `terminated` (stopped while it
+    /// ran) or `expired`. `expired` has `children: []`, the others null, as Celery writes them.
     Revoked {
-        expired: bool,
+        reason: &'static str,
     },
 }
 
@@ -210,9 +211,13 @@ pub fn encode_meta(
             json!([[[task_id, null], null]]),
             None,
         ),
-        Outcome::Revoked { expired } => {
-            let e = ExceptionInfo::revoked(if *expired { "expired" } else { "revoked" });
-            let children = if *expired { json!([]) } else { Value::Null };
+        Outcome::Revoked { reason } => {
+            let e = ExceptionInfo::revoked(reason);
+            let children = if *reason == "expired" {
+                json!([])
+            } else {
+                Value::Null
+            };
             (e.to_value(), None, children, Some(iso(now)))
         }
     };
@@ -335,7 +340,11 @@ mod tests {
                 "FAILURE" => Outcome::Failure(exc()),
                 "RETRY" => Outcome::Retry(exc()),
                 "REVOKED" => Outcome::Revoked {
-                    expired: m["children"].is_array(),
+                    reason: if m["children"].is_array() {
+                        "expired"
+                    } else {
+                        "revoked"
+                    },
                 },
                 s => panic!("{name}: state {s}"),
             };

@@ -53,6 +53,8 @@ const RAISES: Raises = Raises {
 /// runs again on the next worker).
 pub const SHUTDOWN_MESSAGE: &str =
     "The memory build was stopped because the worker shut down; it runs again when a worker takes the task back.";
+/// The record of a build stopped by `revoke(terminate=True)`.
+pub const REVOKED_MESSAGE: &str = "revoked";
 const HARD_LIMIT_MESSAGE: &str = "The memory build exceeded its hard time limit and was stopped.";
 
 /// The build record this run keeps true, with the fence of the lock it holds.
@@ -214,6 +216,7 @@ fn set_abort_hook(ctx: &TaskContext, record: Option<Record>, lock: lock::LockRel
             let message = match reason {
                 AbortReason::HardTimeLimit => HARD_LIMIT_MESSAGE,
                 AbortReason::Shutdown => SHUTDOWN_MESSAGE,
+                AbortReason::Revoked => REVOKED_MESSAGE,
             };
             if let Some(r) = record {
                 if let Err(e) = r.db.build_failed(r.id, Some(r.fence), message).await {

@@ -116,6 +116,8 @@ pub struct Call {
 pub enum AbortReason {
     HardTimeLimit,
     Shutdown,
+    /// `revoke(terminate=True)` by remote control.
+    Revoked,
 }
 
 type AbortFn = Box<dyn FnOnce(AbortReason) -> BoxFuture<'static, ()> + Send>;

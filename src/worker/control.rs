@@ -243,7 +243,27 @@ fn answer(
         "active" => json!(sh.inventory.at(Stage::Active)),
         "reserved" => json!(sh.inventory.at(Stage::Reserved)),
         "scheduled" => json!(sh.inventory.at(Stage::Scheduled)),
-        "revoked" => json!([]),
+        "revoked" => json!(sh.revoked.ids()),
+        "revoke" => {
+            let ids: Vec<&str> = match arg("task_id") {
+                Some(Value::String(s)) => vec![s.as_str()],
+                Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+                _ => return Some(json!({"error": "revoke needs a task_id"})),
+            };
+            let terminate = arg("terminate").and_then(Value::as_bool).unwrap_or(false);
+            for id in &ids {
+                sh.revoked.add(id);
+                if terminate && sh.inventory.terminate(id) {
+                    tracing::info!("Terminating {id} (revoked)");
+                }
+            }
+            tracing::info!(terminate, "Tasks flagged as revoked: {}", ids.join(", "));
+            let set: Vec<String> = ids
+                .iter()
+                .map(|i| crate::celery::result::py_str_repr(i))
+                .collect();
+            json!({"ok": format!("tasks {{{}}} flagged as revoked", set.join(", "))})
+        }
         "query_task" => {
             let ids: Vec<&str> = match arg("ids") {
                 Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
@@ -272,15 +292,28 @@ fn answer(
             shutdown.cancel();
             return None;
         }
-        // Mingle: a starting worker asks for our revoked set and clock; we keep none yet.
+        // Mingle: a starting worker asks for our revoked set and clock, and brings its own.
         "hello" => {
             if arg("from_node").and_then(Value::as_str) == Some(o.hostname.as_str()) {
                 return None;
             }
-            json!({"revoked": {}, "clock": sh.events.clock()})
+            merge_revoked(sh, arg("revoked"));
+            json!({"revoked": sh.revoked.with_times(), "clock": sh.events.clock()})
         }
         other => json!({"error": format!("No such method: {other}")}),
     })
+}
+
+/// Revoked ids another worker handed over (a dict of id → time, or a list of ids).
+fn merge_revoked(sh: &Shared, v: Option<&Value>) {
+    match v {
+        Some(Value::Object(m)) => m.keys().for_each(|id| sh.revoked.add(id)),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .for_each(|id| sh.revoked.add(id)),
+        _ => {}
+    }
 }
 
 /// kombu's description of a consumed queue, for `active_queues`.

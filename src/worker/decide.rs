@@ -17,6 +17,8 @@ pub enum Ending {
     HardLimit(Duration),
     /// Given up at a warm shutdown after the grace period.
     Abandoned,
+    /// Stopped by `revoke(terminate=True)`.
+    Terminated,
 }
 
 #[derive(Debug, PartialEq)]
@@ -32,6 +34,8 @@ pub enum Decision {
     },
     /// Put back on its queue, untouched: another worker runs it.
     GiveBack,
+    /// REVOKED (`terminated`) stored, message acked: nobody runs it again.
+    Revoked,
 }
 
 impl Decision {
@@ -42,6 +46,7 @@ impl Decision {
             Decision::Fail(_) => "failed",
             Decision::Retry { .. } => "retried",
             Decision::GiveBack => "abandoned",
+            Decision::Revoked => "revoked",
         }
     }
 }
@@ -49,6 +54,7 @@ impl Decision {
 pub fn decide(ending: Ending, retries: u32, policy: &RetryPolicy) -> Decision {
     match ending {
         Ending::Abandoned => Decision::GiveBack,
+        Ending::Terminated => Decision::Revoked,
         Ending::HardLimit(limit) => {
             Decision::Fail(ExceptionInfo::time_limit_exceeded(limit.as_secs_f64()))
         }
@@ -133,6 +139,8 @@ mod tests {
             ),
             (Ending::Abandoned, 0, Decision::GiveBack),
             (Ending::Abandoned, 9, Decision::GiveBack),
+            // Terminated is final, whatever retries remain.
+            (Ending::Terminated, 0, Decision::Revoked),
         ];
         for (i, (ending, retries, want)) in table.into_iter().enumerate() {
             assert_eq!(decide(ending, retries, &policy), want, "row {i}");

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
 
 /// Where a held task is.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -21,6 +22,8 @@ pub enum Stage {
 
 struct Entry {
     stage: Stage,
+    /// `revoke(terminate=True)`: fired to stop the task where it runs.
+    terminate: CancellationToken,
     request: Value,
     eta: Option<String>,
     priority: u8,
@@ -40,6 +43,16 @@ pub struct Held {
 }
 
 impl Held {
+    /// Fires when the task is revoked with `terminate` while it runs.
+    pub fn terminated(&self) -> CancellationToken {
+        self.inv
+            .tasks
+            .lock()
+            .ok()
+            .and_then(|t| t.get(&self.id).map(|e| e.terminate.clone()))
+            .unwrap_or_default()
+    }
+
     pub fn set(&self, stage: Stage) {
         if let Ok(mut t) = self.inv.tasks.lock() {
             if let Some(e) = t.get_mut(&self.id) {
@@ -103,6 +116,7 @@ impl Inventory {
                 r.id.to_string(),
                 Entry {
                     stage: Stage::Reserved,
+                    terminate: CancellationToken::new(),
                     request,
                     eta: r.eta,
                     priority: r.priority,
@@ -152,6 +166,20 @@ impl Inventory {
         Value::Object(out)
     }
 
+    /// `revoke(terminate=True)`: stops the task if it is running here. Returns whether it was.
+    pub fn terminate(&self, id: &str) -> bool {
+        let Ok(t) = self.tasks.lock() else {
+            return false;
+        };
+        match t.get(id) {
+            Some(e) if e.stage == Stage::Active => {
+                e.terminate.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub fn totals(&self) -> Value {
         self.totals
             .lock()
@@ -194,6 +222,9 @@ mod tests {
             inv.query(&["a", "zz"]),
             json!({"a": ["active", inv.at(Stage::Active)[0]]})
         );
+        let stop = a.terminated();
+        assert!(!inv.terminate("b"), "b is not running");
+        assert!(inv.terminate("a") && stop.is_cancelled());
         drop(a);
         drop(b);
         assert!(inv.at(Stage::Active).is_empty() && inv.at(Stage::Scheduled).is_empty());

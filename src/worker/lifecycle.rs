@@ -237,6 +237,9 @@ async fn run(
     if is_expired(&msg) {
         return revoke_expired(&sh, msg, permit).await;
     }
+    if sh.revoked.contains(&msg.id) {
+        return discard_revoked(&sh, msg, permit).await;
+    }
     if msg.redelivered {
         // A redelivery of a task that already succeeded (its worker died before the ack) is done.
         if let Ok(Some(state)) = sh.backend.status(&msg.id).await {
@@ -273,6 +276,10 @@ async fn run(
     if is_expired(&msg) {
         return revoke_expired(&sh, msg, permit).await;
     }
+    // Revoked while it waited for its ETA or a slot.
+    if sh.revoked.contains(&msg.id) {
+        return discard_revoked(&sh, msg, permit).await;
+    }
     held.set(Stage::Active);
 
     let limits = def.limits.with_overrides(msg.hard_limit, msg.soft_limit);
@@ -287,7 +294,7 @@ async fn run(
     sh.events.task("task-started", || json!({"uuid": msg.id}));
     let metrics = sh.services.metrics.clone();
     metrics.task_started(def.name);
-    let ending = execute(&sh, def, call, limits).await;
+    let ending = execute(&sh, def, call, limits, held.terminated()).await;
     let runtime = started.elapsed();
     drop(_slot);
     let decision = decide(ending, msg.retries, &def.retry);
@@ -297,7 +304,13 @@ async fn run(
 
 /// Runs the task within its limits: the soft limit fires its token, the hard limit and a
 /// shutdown past the grace period drop it, after which the task's abort hook writes its record.
-async fn execute(sh: &Shared, def: &'static TaskDef, call: Call, limits: TimeLimits) -> Ending {
+async fn execute(
+    sh: &Shared,
+    def: &'static TaskDef,
+    call: Call,
+    limits: TimeLimits,
+    terminated: CancellationToken,
+) -> Ending {
     let cancel = CancellationToken::new();
     let on_abort = AbortHook::default();
     let id = call.id.clone();
@@ -329,6 +342,11 @@ async fn execute(sh: &Shared, def: &'static TaskDef, call: Call, limits: TimeLim
             _ = sh.abandon.cancelled() => {
                 cancel.cancel();
                 break (Ending::Abandoned, AbortReason::Shutdown);
+            }
+            _ = terminated.cancelled() => {
+                tracing::warn!("Terminating {}[{}] (revoked)", def.name, id);
+                cancel.cancel();
+                break (Ending::Terminated, AbortReason::Revoked);
             }
         }
     };
@@ -402,6 +420,21 @@ async fn settle(
         }
         Decision::Retry { error, hint } => {
             return retry(sh, msg, def, queue, error, hint, permit).await;
+        }
+        Decision::Revoked => {
+            tracing::warn!(
+                "Discarding revoked task: {}[{}] (terminated)",
+                def.name,
+                msg.id
+            );
+            // SIGTERM is what `terminate` sends by default; here the token did it.
+            sh.events.task(
+                "task-revoked",
+                || json!({"uuid": msg.id, "terminated": true, "signum": 15, "expired": false}),
+            );
+            Outcome::Revoked {
+                reason: "terminated",
+            }
         }
     };
     let result = result_of(&msg, &outcome);
@@ -488,7 +521,21 @@ async fn revoke_expired(sh: &Shared, msg: TaskMessage, permit: Option<OwnedSemap
         "task-revoked",
         || json!({"uuid": msg.id, "terminated": false, "signum": null, "expired": true}),
     );
-    let result = result_of(&msg, &Outcome::Revoked { expired: true });
+    let result = result_of(&msg, &Outcome::Revoked { reason: "expired" });
+    sh.ack(msg.delivery_tag, result, permit).await;
+}
+
+/// A task revoked before it ran: REVOKED (`revoked`) and acked, never run.
+async fn discard_revoked(sh: &Shared, msg: TaskMessage, permit: Option<OwnedSemaphorePermit>) {
+    sh.services
+        .metrics
+        .task_finished(&msg.name, "revoked", None);
+    tracing::warn!("Discarding revoked task: {}[{}]", msg.name, msg.id);
+    sh.events.task(
+        "task-revoked",
+        || json!({"uuid": msg.id, "terminated": false, "signum": null, "expired": false}),
+    );
+    let result = result_of(&msg, &Outcome::Revoked { reason: "revoked" });
     sh.ack(msg.delivery_tag, result, permit).await;
 }
 

@@ -6,6 +6,7 @@ mod decide;
 pub mod events;
 mod inventory;
 mod lifecycle;
+mod revoked;
 mod settle;
 
 use std::collections::HashSet;
@@ -89,6 +90,8 @@ pub struct Shared {
     events: Arc<events::Events>,
     /// Held tasks by id, for remote control's `active`, `reserved`, `scheduled`, `query_task`.
     inventory: Arc<inventory::Inventory>,
+    /// Ids revoked by remote control: discarded when they come up.
+    revoked: revoked::Revoked,
 }
 
 impl Shared {
@@ -206,6 +209,7 @@ pub async fn run(
         settle_tx,
         events,
         inventory: Default::default(),
+        revoked: Default::default(),
     });
     let o = &sh.opts;
     tracing::info!(

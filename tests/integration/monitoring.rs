@@ -347,3 +347,60 @@ fn flower_lists_our_worker_and_its_tasks() {
     assert_eq!(task["name"], "orbit.echo", "{task}");
     assert_eq!(task["args"], "['flower']", "{task}");
 }
+
+/// `revoke` as `AsyncResult.revoke()` / `celery control revoke` send it: a task revoked before it
+/// arrives, one waiting for its ETA, and one running with `terminate` all end REVOKED, and
+/// `inspect revoked` lists them.
+#[test]
+fn revoked_tasks_end_revoked_wherever_they_were() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("revoke");
+    let w = WorkerProc::start(&redis, &["-Q", &q, "-n", "rust4@%h", "-E"]);
+    // Revoked before it is sent.
+    let early = "00000000-0000-4000-8000-00000000e001";
+    let r = control(&redis, "*", &[&format!("revoke:{early}")]);
+    assert!(r.to_string().contains("flagged as revoked"), "{r}");
+    send(
+        &redis,
+        &q,
+        json!([{"name": "orbit.echo", "args": [1], "options": {"task_id": early}}]),
+    );
+    let m = wait_meta(&redis, early, "REVOKED", Duration::from_secs(20));
+    assert_eq!(m["result"]["exc_message"], json!(["revoked"]), "{m}");
+    // Waiting for its ETA when revoked: discarded when it comes up.
+    let ids = send(
+        &redis,
+        &q,
+        json!([{"name": "orbit.echo", "args": [2], "options": {"countdown": 2}},
+               {"name": "orbit.debug.sleep", "args": [60]}]),
+    );
+    control(&redis, "*", &[&format!("revoke:{}", ids[0])]);
+    wait_meta(&redis, &ids[0], "REVOKED", Duration::from_secs(20));
+    // Running: terminate stops it where it runs.
+    wait_for("the sleep to run", Duration::from_secs(20), || {
+        let a = control(&redis, "*", &["inspect:active"]);
+        (a.to_string().contains(&ids[1])).then_some(())
+    });
+    control(&redis, "*", &[&format!("revoke:{}:terminate", ids[1])]);
+    let m = wait_meta(&redis, &ids[1], "REVOKED", Duration::from_secs(20));
+    assert_eq!(m["result"]["exc_message"], json!(["terminated"]), "{m}");
+    let got = celery_client(
+        &redis,
+        &q,
+        json!({"op": "get", "ids": [ids[1]], "timeout": 5}),
+    );
+    assert_eq!(got[0]["raised"]["type"], "TaskRevokedError", "{got}");
+    w.wait_log(
+        "terminate line",
+        &format!(
+            "Discarding revoked task: orbit.debug.sleep[{}] (terminated)",
+            ids[1]
+        ),
+    );
+    let listed = control(&redis, "*", &["inspect:revoked"]);
+    let listed = listed["inspect:revoked"].to_string();
+    for id in [early, &ids[0], &ids[1]] {
+        assert!(listed.contains(id), "{id} not in {listed}");
+    }
+    assert_eq!(unacked_len(&redis), 0);
+}
