@@ -180,7 +180,7 @@ pub async fn serve(
     }
 }
 
-async fn handle(sh: &Shared, raw: &[u8], started: Instant, shutdown: &CancellationToken) {
+async fn handle(sh: &Arc<Shared>, raw: &[u8], started: Instant, shutdown: &CancellationToken) {
     let req = match read(raw, &sh.opts.hostname, unix_now()) {
         Ok(r) => r,
         Err(Skip::Malformed(why)) => {
@@ -219,7 +219,7 @@ async fn handle(sh: &Shared, raw: &[u8], started: Instant, shutdown: &Cancellati
 
 /// The reply to one request; None where Celery sends none.
 fn answer(
-    sh: &Shared,
+    sh: &Arc<Shared>,
     req: &Request,
     started: Instant,
     shutdown: &CancellationToken,
@@ -237,13 +237,31 @@ fn answer(
             "task_acks_late": true,
             "result_expires": o.result_expires.as_secs_f64(),
             "worker_prefetch_multiplier": o.prefetch_multiplier,
-            "worker_concurrency": o.concurrency,
+            "worker_concurrency": sh.pool_size(),
             "broker_transport_options": {"visibility_timeout": o.visibility_timeout.as_secs_f64()},
         }),
         "active" => json!(sh.inventory.at(Stage::Active)),
         "reserved" => json!(sh.inventory.at(Stage::Reserved)),
         "scheduled" => json!(sh.inventory.at(Stage::Scheduled)),
         "revoked" => json!(sh.revoked.ids()),
+        "pool_grow" => {
+            let n = count(arg("n"));
+            sh.grow_pool(n);
+            tracing::info!(n, size = sh.pool_size(), "pool grown by remote control");
+            json!({"ok": "pool will grow"})
+        }
+        "pool_shrink" => {
+            let took = sh.shrink_pool(count(arg("n")));
+            tracing::info!(
+                n = took,
+                size = sh.pool_size(),
+                "pool shrunk by remote control"
+            );
+            json!({"ok": "pool will shrink"})
+        }
+        // The pool has a fixed size (moved by pool_grow / pool_shrink): Celery's answer for a
+        // worker started without --autoscale.
+        "autoscale" => json!({"error": "ValueError('Autoscale not enabled')"}),
         "revoke" => {
             let ids: Vec<&str> = match arg("task_id") {
                 Some(Value::String(s)) => vec![s.as_str()],
@@ -304,6 +322,12 @@ fn answer(
     })
 }
 
+/// The `n` of pool_grow / pool_shrink: Celery's default 1, at most 1,024 a request (a typo must
+/// not ask for a million slots).
+fn count(v: Option<&Value>) -> usize {
+    v.and_then(Value::as_u64).unwrap_or(1).clamp(0, 1024) as usize
+}
+
 /// Revoked ids another worker handed over (a dict of id → time, or a list of ids).
 fn merge_revoked(sh: &Shared, v: Option<&Value>) {
     match v {
@@ -341,7 +365,7 @@ fn stats(sh: &Shared, started: Instant) -> Value {
         "pool": {
             // Tasks run as tokio tasks in this one process: its pid is the pool's only process.
             "implementation": "orbit_worker:tokio",
-            "max-concurrency": o.concurrency,
+            "max-concurrency": sh.pool_size(),
             "processes": [std::process::id()],
             "max-tasks-per-child": "N/A",
             "put-guarded-by-semaphore": false,
@@ -401,7 +425,7 @@ fn report(sh: &Shared) -> String {
         redact_url(o.backend_url.expose()),
         o.result_expires.as_secs(),
         o.prefetch_multiplier,
-        o.concurrency,
+        sh.pool_size(),
     )
 }
 

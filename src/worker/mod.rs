@@ -92,6 +92,8 @@ pub struct Shared {
     inventory: Arc<inventory::Inventory>,
     /// Ids revoked by remote control: discarded when they come up.
     revoked: revoked::Revoked,
+    /// Concurrency now: `-c`, then moved by `pool_grow` / `pool_shrink`.
+    pool_size: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -118,10 +120,47 @@ impl Shared {
 
     /// Tasks running now (holding a concurrency slot).
     fn active(&self) -> usize {
-        self.opts
-            .concurrency
-            .max(1)
+        self.pool_size()
             .saturating_sub(self.concurrency.available_permits())
+    }
+
+    fn pool_size(&self) -> usize {
+        self.pool_size.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// `pool_grow`: `n` more slots, and the prefetch that goes with them, as Celery grows both.
+    fn grow_pool(&self, n: usize) {
+        self.pool_size
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        self.concurrency.add_permits(n);
+        self.prefetch
+            .add_permits(n * self.opts.prefetch_multiplier.max(1));
+    }
+
+    /// `pool_shrink`: `n` fewer slots (never below one). Running tasks are not stopped: the slots
+    /// are taken as they come free, and their prefetch with them.
+    fn shrink_pool(self: &Arc<Self>, n: usize) -> usize {
+        use std::sync::atomic::Ordering;
+        let mut took = 0;
+        let _ = self
+            .pool_size
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |size| {
+                took = n.min(size.saturating_sub(1));
+                Some(size - took)
+            });
+        if took > 0 {
+            let sh = self.clone();
+            tokio::spawn(async move {
+                let per = sh.opts.prefetch_multiplier.max(1);
+                let slots = sh.concurrency.clone().acquire_many_owned(took as u32);
+                let fetches = sh.prefetch.clone().acquire_many_owned((took * per) as u32);
+                if let (Ok(s), Ok(f)) = tokio::join!(slots, fetches) {
+                    s.forget();
+                    f.forget();
+                }
+            });
+        }
+        took
     }
 
     fn is_held(&self, tag: &str) -> bool {
@@ -196,6 +235,7 @@ pub async fn run(
         shared_redis: opts.broker_url.expose() == opts.backend_url.expose(),
         prefetch: Arc::new(Semaphore::new(opts.prefetch())),
         concurrency: Arc::new(Semaphore::new(opts.concurrency.max(1))),
+        pool_size: opts.concurrency.max(1).into(),
         opts,
         broker,
         backend,

@@ -404,3 +404,59 @@ fn revoked_tasks_end_revoked_wherever_they_were() {
     }
     assert_eq!(unacked_len(&redis), 0);
 }
+
+/// Flower's pool buttons: `pool_grow` lets a second task run beside the first at once;
+/// `pool_shrink` takes the slot back once it is free.
+#[test]
+fn the_pool_grows_and_shrinks_at_run_time() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("pool");
+    let _w = WorkerProc::start(&redis, &["-Q", &q, "-c", "1"]);
+    let max = || {
+        let r = control(&redis, "*", &["inspect:stats"]);
+        r["inspect:stats"]
+            .as_object()
+            .and_then(|m| m.values().next())
+            .map(|s| s["pool"]["max-concurrency"].clone())
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(max(), 1);
+    // Long enough for the inspect calls (each waits its 3 s for replies); ended by revoke.
+    let sleep = json!({"name": "orbit.debug.sleep", "args": [60]});
+    let ids = send(&redis, &q, json!([sleep.clone(), sleep]));
+    let active = || {
+        control(&redis, "*", &["inspect:active"])["inspect:active"]
+            .as_object()
+            .and_then(|m| m.values().next().cloned())
+            .and_then(|a| a.as_array().map(Vec::len))
+            .unwrap_or(0)
+    };
+    wait_for("one task running", Duration::from_secs(20), || {
+        (active() == 1).then_some(())
+    });
+    let r = control(&redis, "*", &[r#"control:pool_grow:{"n": 1}"#]);
+    assert!(r.to_string().contains("pool will grow"), "{r}");
+    assert_eq!(max(), 2);
+    // The second runs while the first still sleeps.
+    assert_eq!(active(), 2, "the grown slot was not used");
+    let r = control(&redis, "*", &[r#"control:pool_shrink:{"n": 5}"#]);
+    assert!(r.to_string().contains("pool will shrink"), "{r}");
+    assert_eq!(max(), 1, "never below one");
+    let stop = |ids: &[String]| {
+        for id in ids {
+            control(&redis, "*", &[&format!("revoke:{id}:terminate")]);
+        }
+        for id in ids {
+            wait_meta(&redis, id, "REVOKED", Duration::from_secs(20));
+        }
+    };
+    stop(&ids);
+    // Back to one slot: of two more, one runs.
+    let sleep = json!({"name": "orbit.debug.sleep", "args": [60]});
+    let ids = send(&redis, &q, json!([sleep.clone(), sleep]));
+    wait_for("a task running", Duration::from_secs(20), || {
+        (active() == 1).then_some(())
+    });
+    assert_eq!(active(), 1, "the shrunk slot was used");
+    stop(&ids);
+}

@@ -1,6 +1,6 @@
 """Celery's own remote control client (what `celery inspect` / `celery control` run), driven by
 the Rust tests: argv[1] is the destination node ("*" for all), argv[2:] the calls, each
-`inspect:METHOD`, `query:ID,ID`, `control:METHOD` (a broadcast waiting for replies), `revoke:ID[:terminate]` or
+`inspect:METHOD`, `query:ID,ID`, `control:METHOD[:JSON arguments]` (a broadcast waiting for replies), `revoke:ID[:terminate]` or
 `broadcast:METHOD` (none asked); prints one JSON object {call: reply}."""
 import json
 import sys
@@ -21,7 +21,10 @@ def main():
             ids = method.split(",")
             out[call] = app.control.inspect(destination=dest, timeout=3).query_task(*ids)
         elif kind == "control":
-            out[call] = app.control.broadcast(method, destination=dest, reply=True, timeout=3)
+            # control:METHOD or control:METHOD:{"json": "arguments"}
+            method, _, args = method.partition(":")
+            out[call] = app.control.broadcast(method, arguments=json.loads(args) if args else None,
+                                              destination=dest, reply=True, timeout=3)
         elif kind == "revoke":
             # revoke:ID or revoke:ID:terminate, through the client's own revoke().
             task_id, _, terminate = method.partition(":")
