@@ -124,7 +124,7 @@ chaos: tools postgres venv
 # Fuzzing with cargo fuzz on the stable toolchain: libFuzzer without a sanitizer (`-s none`;
 # ../shared/docs/fuzzing.md). New inputs go to a corpus outside the clone; the committed seeds
 # in fuzz/corpus are read, never written. `make fuzz` runs every target FUZZ_RUNS executions.
-FUZZ_TARGETS := celery_message result_encoding jsonl_line cleaner chunker openai_responses
+FUZZ_TARGETS := celery_message result_encoding jsonl_line cleaner chunker openai_responses control_message
 FUZZ_RUNS ?= 1000000
 FUZZ_SMOKE_SECS ?= 15
 FUZZ_CORPUS ?= $(CACHE)/fuzz-corpus

@@ -6,7 +6,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use orbit_worker::celery::result::{
-    encode_meta, py_str_repr, to_python_json, ExceptionInfo, Outcome,
+    encode_meta, py_args_repr, py_repr, py_str_repr, to_python_json, ExceptionInfo, Outcome,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -23,11 +23,16 @@ fuzz_target!(|data: &[u8]| {
     let exc = ExceptionInfo::raised(exc_type, module, message, id);
     let _ = exc.repr();
     let _ = py_str_repr(message);
+    // What events show of results and arguments.
+    let _ = py_repr(&value);
+    if let serde_json::Value::Array(a) = &value {
+        let _ = py_args_repr(a);
+    }
     for outcome in [
         Outcome::Success(value.clone()),
         Outcome::Failure(exc.clone()),
         Outcome::Retry(exc),
-        Outcome::Revoked { expired: true },
+        Outcome::Revoked { reason: "expired" },
     ] {
         let meta = encode_meta(id, Some(message), &outcome, now);
         let back: serde_json::Value = serde_json::from_str(&meta).expect("a record is JSON");

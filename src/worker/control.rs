@@ -119,20 +119,30 @@ pub fn read(raw: &[u8], hostname: &str, now: f64) -> Result<Request, Skip> {
     })
 }
 
-/// kombu's `glob` matcher (fnmatch): `*`, `?`, nothing else special.
+/// kombu's `glob` matcher (fnmatch): `*`, `?`, nothing else special. The classic two-pointer
+/// match, which backtracks only to the last `*`: O(pattern × name) whatever a hostile pattern
+/// holds (a recursive match is exponential in its stars, and anyone on the broker may send one).
 fn glob(pattern: &str, name: &str) -> bool {
-    fn m(p: &[char], n: &[char]) -> bool {
-        match (p.first(), n.first()) {
-            (None, None) => true,
-            (Some('*'), _) => m(&p[1..], n) || (!n.is_empty() && m(p, &n[1..])),
-            (Some('?'), Some(_)) => m(&p[1..], &n[1..]),
-            (Some(a), Some(b)) if a == b => m(&p[1..], &n[1..]),
-            _ => false,
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    let (mut i, mut j) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while j < n.len() {
+        if i < p.len() && (p[i] == '?' || p[i] == n[j]) && p[i] != '*' {
+            i += 1;
+            j += 1;
+        } else if i < p.len() && p[i] == '*' {
+            star = Some((i, j));
+            i += 1;
+        } else if let Some((si, sj)) = star {
+            i = si + 1;
+            j = sj + 1;
+            star = Some((si, sj + 1));
+        } else {
+            return false;
         }
     }
-    let p: Vec<char> = pattern.chars().take(256).collect();
-    let n: Vec<char> = name.chars().collect();
-    m(&p, &n)
+    p[i..].iter().all(|c| *c == '*')
 }
 
 /// Subscribes to the pidbox and answers until `stop`; a lost connection is made again.
@@ -229,7 +239,50 @@ fn answer(
     Some(match req.method.as_str() {
         "ping" => json!({"ok": "pong"}),
         "stats" => stats(sh, started),
-        "active_queues" => Value::Array(o.queues.iter().map(|q| queue_info(q)).collect()),
+        "active_queues" => Value::Array(sh.queues().iter().map(|q| queue_info(q)).collect()),
+        "add_consumer" | "cancel_consumer" => {
+            let on = req.method == "add_consumer";
+            let Some(q) = arg("queue")
+                .and_then(Value::as_str)
+                .filter(|q| queue_name_ok(q))
+            else {
+                return Some(
+                    json!({"error": "a queue name (1 to 200 printable characters) is needed"}),
+                );
+            };
+            let changed = sh.consume(q, on);
+            match (on, changed) {
+                (true, true) => json!({"ok": format!("add consumer {q}")}),
+                (true, false) => json!({"ok": format!("already consuming from {q}")}),
+                (false, _) => json!({"ok": format!("no longer consuming from {q}")}),
+            }
+        }
+        "rate_limit" | "time_limit" => {
+            let Some(task) = arg("task_name")
+                .and_then(Value::as_str)
+                .filter(|t| sh.registry.get(t).is_some())
+            else {
+                return Some(json!({"error": "unknown task"}));
+            };
+            if req.method == "rate_limit" {
+                match super::tuning::parse_rate(arg("rate_limit")) {
+                    Err(e) => json!({"error": e}),
+                    Ok(interval) => {
+                        sh.tuning.set_rate(task, interval);
+                        tracing::info!(task, ?interval, "rate limit set by remote control");
+                        match interval {
+                            Some(_) => json!({"ok": "new rate limit set successfully"}),
+                            None => json!({"ok": "rate limit disabled successfully"}),
+                        }
+                    }
+                }
+            } else {
+                let secs = |k: &str| arg(k).and_then(Value::as_f64);
+                sh.tuning.set_time_limits(task, secs("hard"), secs("soft"));
+                tracing::info!(task, hard = ?secs("hard"), soft = ?secs("soft"), "time limits set by remote control");
+                json!({"ok": "time limits set successfully"})
+            }
+        }
         "registered" => json!(sh.registry.names()),
         "conf" => json!({
             "broker_url": redact_url(o.broker_url.expose()),
@@ -320,6 +373,11 @@ fn answer(
         }
         other => json!({"error": format!("No such method: {other}")}),
     })
+}
+
+/// A queue name a control request may add: a Redis key of printable characters, bounded.
+fn queue_name_ok(q: &str) -> bool {
+    !q.is_empty() && q.len() <= 200 && !q.chars().any(char::is_control)
 }
 
 /// The `n` of pool_grow / pool_shrink: Celery's default 1, at most 1,024 a request (a typo must
@@ -517,8 +575,14 @@ mod tests {
             ("*@x", "celery@h", false),
             ("", "a", false),
             ("a*b*c", "aXbYc", true),
+            ("*?", "", false),
+            ("**", "", true),
+            ("a*", "b", false),
         ] {
             assert_eq!(glob(p, n), want, "{p} {n}");
         }
+        // A hostile pattern costs its length times the name's, not exponential time.
+        let evil = "*a".repeat(5000) + "b";
+        assert!(!glob(&evil, &"a".repeat(200)));
     }
 }

@@ -266,6 +266,14 @@ async fn run(
             held.set(Stage::Reserved);
         }
     }
+    // A rate limit set by remote control: wait for this task name's turn, holding the prefetch
+    // slot but not a pool slot, as Celery's consumer does.
+    if let Some(at) = sh.tuning.next_start(def.name) {
+        tokio::select! {
+            _ = tokio::time::sleep_until(at) => {}
+            _ = sh.stop_fetch.cancelled() => return sh.give_back(msg.delivery_tag, permit).await,
+        }
+    }
     let slot = tokio::select! {
         s = sh.concurrency.clone().acquire_owned() => s,
         _ = sh.stop_fetch.cancelled() => return sh.give_back(msg.delivery_tag, permit).await,
@@ -282,7 +290,10 @@ async fn run(
     }
     held.set(Stage::Active);
 
-    let limits = def.limits.with_overrides(msg.hard_limit, msg.soft_limit);
+    let limits = sh
+        .tuning
+        .limits(def.name, def.limits)
+        .with_overrides(msg.hard_limit, msg.soft_limit);
     let call = Call {
         id: msg.id.clone(),
         name: msg.name.clone(),

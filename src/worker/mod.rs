@@ -1,13 +1,14 @@
 //! The Celery-compatible worker: fetches from Redis, runs tasks with bounded concurrency, settles
 //! results and acks, restores abandoned messages, and shuts down without losing any.
 
-mod control;
+pub mod control;
 mod decide;
 pub mod events;
 mod inventory;
 mod lifecycle;
 mod revoked;
 mod settle;
+pub mod tuning;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -92,6 +93,12 @@ pub struct Shared {
     inventory: Arc<inventory::Inventory>,
     /// Ids revoked by remote control: discarded when they come up.
     revoked: revoked::Revoked,
+    /// Rate and time limits set at run time by remote control.
+    tuning: tuning::Tuning,
+    /// The queues consumed now: `-Q`, then `add_consumer` / `cancel_consumer`; the version
+    /// rises with each change so the fetch loop rebuilds its poll order.
+    consuming: Mutex<Vec<String>>,
+    consuming_version: std::sync::atomic::AtomicU64,
     /// Concurrency now: `-c`, then moved by `pool_grow` / `pool_shrink`.
     pool_size: std::sync::atomic::AtomicUsize,
 }
@@ -122,6 +129,26 @@ impl Shared {
     fn active(&self) -> usize {
         self.pool_size()
             .saturating_sub(self.concurrency.available_permits())
+    }
+
+    fn queues(&self) -> Vec<String> {
+        self.consuming.lock().map(|q| q.clone()).unwrap_or_default()
+    }
+
+    /// `add_consumer` (`on`) or `cancel_consumer`; returns whether it changed anything.
+    fn consume(&self, queue: &str, on: bool) -> bool {
+        let Ok(mut q) = self.consuming.lock() else {
+            return false;
+        };
+        let has = q.iter().any(|x| x == queue);
+        match (on, has) {
+            (true, false) => q.push(queue.to_string()),
+            (false, true) => q.retain(|x| x != queue),
+            _ => return false,
+        }
+        self.consuming_version
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        true
     }
 
     fn pool_size(&self) -> usize {
@@ -236,6 +263,9 @@ pub async fn run(
         prefetch: Arc::new(Semaphore::new(opts.prefetch())),
         concurrency: Arc::new(Semaphore::new(opts.concurrency.max(1))),
         pool_size: opts.concurrency.max(1).into(),
+        tuning: Default::default(),
+        consuming: Mutex::new(opts.queues.clone()),
+        consuming_version: Default::default(),
         opts,
         broker,
         backend,
@@ -376,8 +406,27 @@ pub async fn run(
 /// queue has work, else one blocking BRPOP.
 async fn fetch_loop(sh: Arc<Shared>) {
     let mut order = PollOrder::new(&sh.opts.queues);
+    let mut version = 0;
+    let mut idle = sh.opts.queues.is_empty();
     let mut backoff = Backoff::default();
     loop {
+        let now = sh
+            .consuming_version
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if now != version {
+            let queues = sh.queues();
+            tracing::info!(?queues, "consuming from");
+            order = PollOrder::new(&queues);
+            idle = queues.is_empty();
+            version = now;
+        }
+        if idle {
+            // Every queue cancelled: nothing to poll until add_consumer.
+            tokio::select! {
+                _ = tokio::time::sleep(BRPOP_TIMEOUT) => continue,
+                _ = sh.stop_fetch.cancelled() => return,
+            }
+        }
         let first = tokio::select! {
             p = sh.prefetch.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = sh.stop_fetch.cancelled() => return,

@@ -460,3 +460,115 @@ fn the_pool_grows_and_shrinks_at_run_time() {
     assert_eq!(active(), 1, "the shrunk slot was used");
     stop(&ids);
 }
+
+/// `add_consumer` / `cancel_consumer`, `time_limit` and `rate_limit` by remote control, as
+/// `celery control` and Flower send them.
+#[test]
+fn queues_and_limits_change_at_run_time() {
+    let redis = RedisServer::start(false);
+    let q1 = unique_queue("consumed");
+    let q2 = unique_queue("added");
+    let _w = WorkerProc::start(&redis, &["-Q", &q1]);
+    let ctl = |method: &str, args: Value| {
+        let call = format!("control:{method}:{args}");
+        let r = control(&redis, "*", &[&call]);
+        r[&call][0]
+            .as_object()
+            .and_then(|m| m.values().next().cloned())
+            .unwrap_or(Value::Null)
+    };
+    let echo =
+        |q: &str, word: &str| call(&redis, q, "orbit.echo", json!([word]), json!({}), json!({}));
+    assert_eq!(
+        ctl("add_consumer", json!({"queue": q2})),
+        json!({"ok": format!("add consumer {q2}")})
+    );
+    assert_eq!(echo(&q2, "added")["state"], "SUCCESS");
+    let queues = control(&redis, "*", &["inspect:active_queues"]).to_string();
+    assert!(queues.contains(&q1) && queues.contains(&q2), "{queues}");
+    assert_eq!(
+        ctl("cancel_consumer", json!({"queue": q1})),
+        json!({"ok": format!("no longer consuming from {q1}")})
+    );
+    let waiting = send(
+        &redis,
+        &q1,
+        json!([{"name": "orbit.echo", "args": ["later"]}]),
+    )[0]
+    .clone();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        meta(&redis, &waiting).is_none(),
+        "a cancelled queue was consumed"
+    );
+    assert_eq!(list(&redis, &q1).len(), 1, "the message waits on its queue");
+    ctl("add_consumer", json!({"queue": q1}));
+    wait_meta(&redis, &waiting, "SUCCESS", Duration::from_secs(20));
+    assert!(ctl("add_consumer", json!({"queue": ""}))["error"].is_string());
+
+    // time_limit replaces the task's own limits.
+    assert_eq!(
+        ctl(
+            "time_limit",
+            json!({"task_name": "orbit.debug.sleep", "hard": 1, "soft": 0.5})
+        ),
+        json!({"ok": "time limits set successfully"})
+    );
+    let r = call(
+        &redis,
+        &q1,
+        "orbit.debug.sleep",
+        json!([30, true]),
+        json!({}),
+        json!({}),
+    );
+    assert_eq!(r["raised"]["type"], "TimeLimitExceeded", "{r}");
+    assert_eq!(
+        ctl(
+            "time_limit",
+            json!({"task_name": "no.such.task", "hard": 1})
+        ),
+        json!({"error": "unknown task"})
+    );
+
+    // rate_limit paces the starts of one task name: 30/m is one start every 2 s.
+    assert_eq!(
+        ctl(
+            "rate_limit",
+            json!({"task_name": "orbit.echo", "rate_limit": "30/m"})
+        ),
+        json!({"ok": "new rate limit set successfully"})
+    );
+    let ids = send(
+        &redis,
+        &q1,
+        json!([{"name": "orbit.echo", "args": [1]}, {"name": "orbit.echo", "args": [2]},
+               {"name": "orbit.echo", "args": [3]}]),
+    );
+    let mut done: Vec<chrono::DateTime<chrono::FixedOffset>> = ids
+        .iter()
+        .map(|id| {
+            let m = wait_meta(&redis, id, "SUCCESS", Duration::from_secs(30));
+            chrono::DateTime::parse_from_rfc3339(m["date_done"].as_str().unwrap()).unwrap()
+        })
+        .collect();
+    done.sort();
+    for pair in done.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= chrono::Duration::milliseconds(1900),
+            "starts closer than the rate allows: {done:?}"
+        );
+    }
+    assert!(ctl(
+        "rate_limit",
+        json!({"task_name": "orbit.echo", "rate_limit": "5/d"})
+    )["error"]
+        .is_string());
+    assert_eq!(
+        ctl(
+            "rate_limit",
+            json!({"task_name": "orbit.echo", "rate_limit": null})
+        ),
+        json!({"ok": "rate limit disabled successfully"})
+    );
+}
