@@ -386,6 +386,82 @@ fn count(v: Option<&Value>) -> usize {
     v.and_then(Value::as_u64).unwrap_or(1).clamp(0, 1024) as usize
 }
 
+/// How long mingle waits for other workers' answers: Celery's `mingle` waits 1 s too.
+const MINGLE_WAIT: Duration = Duration::from_secs(1);
+
+/// Mingle, as a starting Celery worker does: `hello` to every node, and their revoked sets
+/// merged into ours (and their clocks into ours), so a revoke outlives the restart of the worker
+/// that heard it. Silence is fine ("mingle: all alone").
+pub async fn mingle(sh: &Shared, conn: &RedisConn) {
+    let rk = uuid::Uuid::new_v4().to_string();
+    let body = json!({
+        "method": "hello",
+        "arguments": {"from_node": sh.opts.hostname, "revoked": sh.revoked.with_times()},
+        "destination": null, "pattern": null, "matcher": null,
+        "ticket": uuid::Uuid::new_v4().to_string(),
+        "reply_to": {"exchange": "reply.celery.pidbox", "routing_key": rk},
+    });
+    let envelope = crate::celery::message::transient_envelope(
+        &body,
+        json!({"clock": sh.events.tick(), "expires": unix_now() + MINGLE_WAIT.as_secs_f64()}),
+        "celery.pidbox",
+        "",
+    );
+    let channel = format!("/{}.celery.pidbox", conn.db());
+    if let Err(e) = conn
+        .query::<i64>(redis::cmd("PUBLISH").arg(&channel).arg(envelope))
+        .await
+    {
+        tracing::warn!("mingle: cannot ask the other nodes: {e}");
+        return;
+    }
+    let key = format!("{rk}.reply.celery.pidbox");
+    let deadline = tokio::time::Instant::now() + MINGLE_WAIT;
+    let mut nodes = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let r: Result<Option<(String, Vec<u8>)>, _> = conn
+            .query(
+                redis::cmd("BRPOP")
+                    .arg(&key)
+                    .arg(left.as_secs_f64().max(0.01)),
+            )
+            .await;
+        let Ok(Some((_, raw))) = r else { break };
+        // A reply is an envelope like a request: the same reader, without the addressing.
+        let Some(reply) = reply_body(&raw) else {
+            continue;
+        };
+        for (node, answer) in reply.iter().filter(|(n, _)| **n != sh.opts.hostname) {
+            merge_revoked(sh, answer.get("revoked"));
+            if let Some(c) = answer.get("clock").and_then(Value::as_u64) {
+                sh.events.adjust(c);
+            }
+            nodes.push(node.clone());
+        }
+    }
+    let _ = conn.query::<i64>(redis::cmd("DEL").arg(&key)).await;
+    if nodes.is_empty() {
+        tracing::info!("mingle: all alone");
+    } else {
+        tracing::info!(nodes = ?nodes, revoked = sh.revoked.ids().len(), "mingle: sync with {} nodes", nodes.len());
+    }
+}
+
+/// The `{hostname: answer}` body of a control reply envelope.
+fn reply_body(raw: &[u8]) -> Option<serde_json::Map<String, Value>> {
+    let env: Value = serde_json::from_slice(raw).ok()?;
+    let b = env.get("body")?.as_str()?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b).ok()?;
+    match serde_json::from_slice(&bytes).ok()? {
+        Value::Object(m) => Some(m),
+        _ => None,
+    }
+}
+
 /// Revoked ids another worker handed over (a dict of id → time, or a list of ids).
 fn merge_revoked(sh: &Shared, v: Option<&Value>) {
     match v {

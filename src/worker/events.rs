@@ -41,6 +41,8 @@ pub struct Events {
     /// Tasks received since start: the heartbeat's `processed`, as Celery counts it.
     received: AtomicU64,
     dropped: AtomicU64,
+    /// Set while PUBLISH fails: the failure is logged once, not once per batch.
+    failing: AtomicBool,
 }
 
 impl Events {
@@ -55,6 +57,7 @@ impl Events {
             tx,
             received: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
         };
         (Arc::new(events), rx)
     }
@@ -246,16 +249,28 @@ pub async fn publisher(
     }
 }
 
-/// One PUBLISH. A failure is logged and the events are lost: monitoring is best effort, as in
-/// Celery, and must not hold the worker.
+/// One PUBLISH. On a failure the events are lost (counted with the dropped ones): monitoring is
+/// best effort, as in Celery, and must not hold the worker. The first failure of a run of them
+/// is logged, and the recovery; a dead Redis at 10 k tasks/s does not write a line per batch.
 async fn publish(events: &Events, conn: &RedisConn, routing_key: &str, body: &Value) {
     let channel = events.channel(routing_key);
     let envelope = events.envelope(routing_key, body);
     let r = conn
         .query::<i64>(redis::cmd("PUBLISH").arg(&channel).arg(envelope))
         .await;
-    if let Err(e) = r {
-        tracing::warn!(%channel, "cannot send events: {e}");
+    match r {
+        Err(e) => {
+            let n = body.as_array().map_or(1, Vec::len) as u64;
+            events.dropped.fetch_add(n, Ordering::Relaxed);
+            if !events.failing.swap(true, Ordering::Relaxed) {
+                tracing::warn!(%channel, "cannot send events: {e}; dropping them until Redis answers");
+            }
+        }
+        Ok(_) => {
+            if events.failing.swap(false, Ordering::Relaxed) {
+                tracing::info!(dropped = events.dropped(), "events sent again");
+            }
+        }
     }
 }
 

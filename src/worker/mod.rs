@@ -321,6 +321,14 @@ pub async fn run(
         }
     }
     sweep(&sh).await;
+    {
+        // Its own connection: BRPOP for the answers must not hold the broker's.
+        let conn = crate::redis_conn::RedisConn::open(
+            sh.opts.broker_url.expose(),
+            Duration::from_secs(5),
+        )?;
+        control::mingle(&sh, &conn).await;
+    }
 
     let http_stop = CancellationToken::new();
     let http = match sh.opts.http {

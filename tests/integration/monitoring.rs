@@ -572,3 +572,29 @@ fn queues_and_limits_change_at_run_time() {
         json!({"ok": "rate limit disabled successfully"})
     );
 }
+
+/// Mingle: a worker that starts after a revoke hears it from the worker that did, so the revoke
+/// outlives that worker.
+#[test]
+fn a_revoke_outlives_the_worker_that_heard_it() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("mingle");
+    let mut first = WorkerProc::start(&redis, &["-Q", &q, "-n", "rust5a@%h"]);
+    assert!(first.log().contains("mingle: all alone"), "{}", first.log());
+    let id = "00000000-0000-4000-8000-00000000e002";
+    control(&redis, "*", &[&format!("revoke:{id}")]);
+    let second = WorkerProc::start(&redis, &["-Q", &q, "-n", "rust5b@%h"]);
+    assert!(
+        second.log().contains("mingle: sync with 1 nodes"),
+        "{}",
+        second.log()
+    );
+    first.kill9();
+    send(
+        &redis,
+        &q,
+        json!([{"name": "orbit.echo", "args": [1], "options": {"task_id": id}}]),
+    );
+    let m = wait_meta(&redis, id, "REVOKED", Duration::from_secs(20));
+    assert_eq!(m["result"]["exc_message"], json!(["revoked"]), "{m}");
+}
