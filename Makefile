@@ -185,9 +185,10 @@ bench-embed: tools tiktoken-cache corpus-100m
 	ORBIT_BENCH_CORPUS=$(CORPUS_DIR)/corpus-100m.jsonl cargo bench -p orbit-pipeline --bench embed
 
 # orbit.echo through our worker and the real Python Celery worker, same Redis build, same run:
-# tasks/s, worker CPU per task, Redis commands per task.
+# tasks/s, worker CPU per task, Redis commands per task; each with events off and with -E (a
+# monitor subscribed, as Flower, counting the task events that reach it).
 bench-celery: release venv
-	$(VENV)/bin/python scripts/bench_celery.py $(BIN) --tasks 20000 --rounds 2
+	$(VENV)/bin/python scripts/bench_celery.py $(BIN) --tasks 20000 --rounds 2 --events
 
 # The store stage: the embedded store against a Qdrant server, same binary and corpus
 # (docs/scaling.md).

@@ -10,6 +10,7 @@ INFO commandstats, minus the harness's own polling.
 usage: bench_celery.py ORBIT_WORKER_BIN [--tasks N] [--rounds R]
 """
 import argparse
+import base64
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import redis
@@ -71,7 +73,7 @@ def prepare_messages(url, n):
     return dump
 
 
-def start_worker(kind, bin_path, url, logdir):
+def start_worker(kind, bin_path, url, logdir, events):
     env = dict(os.environ, BROKER=url, REDIS_URL=url, QUEUE=QUEUE, PYTHONPATH=PYAPP, NO_COLOR="1")
     env.pop("CELERY_BROKER_URL", None)
     env.pop("CELERY_RESULT_BACKEND", None)
@@ -82,6 +84,8 @@ def start_worker(kind, bin_path, url, logdir):
                "--loglevel", "INFO", "--without-mingle", "--without-gossip", "-n", f"py{free_port()}@%h"]
     else:
         cmd = [bin_path, "worker", "-c", "2", "-Q", QUEUE, "--loglevel", "info"]
+    if events:
+        cmd.append("-E")
     p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -92,7 +96,35 @@ def start_worker(kind, bin_path, url, logdir):
     raise SystemExit(f"{kind} worker did not start; see {log.name}")
 
 
-def run_round(kind, bin_path, n, dump, logdir):
+class EventCounter(threading.Thread):
+    """A monitor on the events channels (as Flower's PSUBSCRIBE): counts task events, so the
+    events-on figures include someone receiving them and prove they flowed."""
+
+    def __init__(self, url):
+        super().__init__(daemon=True)
+        self.pubsub = redis.Redis.from_url(url).pubsub()
+        self.pubsub.psubscribe("/0.celeryev/*")
+        self.task_events = 0
+        self.messages = 0
+
+    def run(self):
+        try:
+            self.count()
+        except redis.ConnectionError:
+            pass  # the round's redis-server is gone: counting is over
+
+    def count(self):
+        for m in self.pubsub.listen():
+            if m["type"] != "pmessage":
+                continue
+            self.messages += 1
+            env = json.loads(m["data"])
+            body = json.loads(base64.b64decode(env["body"]))
+            if isinstance(body, list):
+                self.task_events += len(body)
+
+
+def run_round(kind, bin_path, n, dump, logdir, events):
     port = free_port()
     server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                "--appendonly", "no"], stdout=subprocess.DEVNULL)
@@ -104,7 +136,10 @@ def run_round(kind, bin_path, n, dump, logdir):
             break
         except redis.ConnectionError:
             time.sleep(0.05)
-    worker = start_worker(kind, bin_path, url, logdir)
+    counter = EventCounter(url) if events else None
+    if counter:
+        counter.start()
+    worker = start_worker(kind, bin_path, url, logdir, events)
     try:
         time.sleep(1.0)  # past start-up: only steady-state work is counted
         polls = 0
@@ -131,13 +166,15 @@ def run_round(kind, bin_path, n, dump, logdir):
         server.kill()
         server.wait()
     harness = {"llen": polls, "hlen": polls, "restore": 1, "info": 1}
+    time.sleep(0.5)  # the last events in flight
     cmds = {}
     for k, v in stats1.items():
         d = v - stats0.get(k, 0) - harness.get(k, 0)
         if d > 0:
             cmds[k] = d
     assert results == n, f"{kind}: {results} results for {n} tasks"
-    return {"kind": kind, "tasks": n, "wall_s": wall, "tasks_per_s": n / wall,
+    return {"kind": kind, "events": events, "task_events": counter.task_events if counter else 0,
+            "event_messages": counter.messages if counter else 0, "tasks": n, "wall_s": wall, "tasks_per_s": n / wall,
             "cpu_ms_per_task": cpu * 1000 / n, "redis_cmds_per_task": sum(cmds.values()) / n,
             "cmds": {k: round(v / n, 3) for k, v in sorted(cmds.items())}}
 
@@ -147,6 +184,7 @@ def main():
     ap.add_argument("bin")
     ap.add_argument("--tasks", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--events", action="store_true", help="also run both workers with -E")
     a = ap.parse_args()
     logdir = tempfile.mkdtemp(prefix="bench-celery-")
     port = free_port()
@@ -158,19 +196,28 @@ def main():
     finally:
         server.kill()
     rows = []
+    modes = (False, True) if a.events else (False,)
     for _ in range(a.rounds):
-        for kind in ("python", "rust"):
-            row = run_round(kind, a.bin, a.tasks, dump, logdir)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    best = {k: max((r for r in rows if r["kind"] == k), key=lambda r: r["tasks_per_s"]) for k in ("python", "rust")}
-    py, rs = best["python"], best["rust"]
+        for events in modes:
+            for kind in ("python", "rust"):
+                row = run_round(kind, a.bin, a.tasks, dump, logdir, events)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     print(f"\norbit.echo, {a.tasks} tasks, concurrency 2, acks_late, results on (best of {a.rounds}):")
-    print(f"{'worker':<8} {'tasks/s':>10} {'CPU ms/task':>12} {'redis cmds/task':>16}")
-    for r in (py, rs):
-        print(f"{r['kind']:<8} {r['tasks_per_s']:>10.0f} {r['cpu_ms_per_task']:>12.4f} {r['redis_cmds_per_task']:>16.2f}")
-    print(f"ratio: {rs['tasks_per_s'] / py['tasks_per_s']:.1f}x tasks/s, "
-          f"{py['cpu_ms_per_task'] / rs['cpu_ms_per_task']:.1f}x less CPU per task; logs in {logdir}")
+    print(f"{'worker':<8} {'-E':<4} {'tasks/s':>10} {'CPU ms/task':>12} {'redis cmds/task':>16} {'events/task':>12} {'events/msg':>11}")
+    best = {}
+    for events in modes:
+        for kind in ("python", "rust"):
+            r = max((r for r in rows if r["kind"] == kind and r["events"] == events), key=lambda r: r["tasks_per_s"])
+            best[(kind, events)] = r
+            per_msg = r["task_events"] / r["event_messages"] if r["event_messages"] else 0
+            print(f"{kind:<8} {'on' if events else 'off':<4} {r['tasks_per_s']:>10.0f} {r['cpu_ms_per_task']:>12.4f} "
+                  f"{r['redis_cmds_per_task']:>16.2f} {r['task_events'] / r['tasks']:>12.2f} {per_msg:>11.1f}")
+    for events in modes:
+        py, rs = best[("python", events)], best[("rust", events)]
+        print(f"ratio (-E {'on' if events else 'off'}): {rs['tasks_per_s'] / py['tasks_per_s']:.1f}x tasks/s, "
+              f"{py['cpu_ms_per_task'] / rs['cpu_ms_per_task']:.1f}x less CPU per task")
+    print(f"logs in {logdir}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ pub enum Stage {
 }
 
 struct Entry {
+    /// Which hold this is: a retry's new message may be held under the same id before the old
+    /// one's guard is dropped, and that drop must not take the new entry out.
+    serial: u64,
     stage: Stage,
     /// `revoke(terminate=True)`: fired to stop the task where it runs.
     terminate: CancellationToken,
@@ -32,6 +35,7 @@ struct Entry {
 #[derive(Default)]
 pub struct Inventory {
     tasks: Mutex<HashMap<String, Entry>>,
+    serial: std::sync::atomic::AtomicU64,
     /// Tasks accepted since start, by name: `stats`' `total`.
     totals: Mutex<HashMap<String, u64>>,
 }
@@ -40,6 +44,7 @@ pub struct Inventory {
 pub struct Held {
     inv: Arc<Inventory>,
     id: String,
+    serial: u64,
 }
 
 impl Held {
@@ -49,13 +54,17 @@ impl Held {
             .tasks
             .lock()
             .ok()
-            .and_then(|t| t.get(&self.id).map(|e| e.terminate.clone()))
+            .and_then(|t| {
+                t.get(&self.id)
+                    .filter(|e| e.serial == self.serial)
+                    .map(|e| e.terminate.clone())
+            })
             .unwrap_or_default()
     }
 
     pub fn set(&self, stage: Stage) {
         if let Ok(mut t) = self.inv.tasks.lock() {
-            if let Some(e) = t.get_mut(&self.id) {
+            if let Some(e) = t.get_mut(&self.id).filter(|e| e.serial == self.serial) {
                 e.stage = stage;
                 if stage == Stage::Active {
                     e.request["time_start"] = json!(super::events::unix_now());
@@ -68,7 +77,9 @@ impl Held {
 impl Drop for Held {
     fn drop(&mut self) {
         if let Ok(mut t) = self.inv.tasks.lock() {
-            t.remove(&self.id);
+            if t.get(&self.id).is_some_and(|e| e.serial == self.serial) {
+                t.remove(&self.id);
+            }
         }
     }
 }
@@ -111,10 +122,14 @@ impl Inventory {
         if let Ok(mut t) = self.totals.lock() {
             *t.entry(r.name.to_string()).or_default() += 1;
         }
+        let serial = self
+            .serial
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut t) = self.tasks.lock() {
             t.insert(
                 r.id.to_string(),
                 Entry {
+                    serial,
                     stage: Stage::Reserved,
                     terminate: CancellationToken::new(),
                     request,
@@ -126,6 +141,7 @@ impl Inventory {
         Held {
             inv: self.clone(),
             id: r.id.to_string(),
+            serial,
         }
     }
 
@@ -229,5 +245,12 @@ mod tests {
         drop(b);
         assert!(inv.at(Stage::Active).is_empty() && inv.at(Stage::Scheduled).is_empty());
         assert_eq!(inv.totals(), json!({"t": 2}));
+        // The same id held again before the old guard goes: the old drop leaves the new entry.
+        let old = inv.hold(request("r", &empty));
+        let new = inv.hold(request("r", &empty));
+        drop(old);
+        assert_eq!(inv.at(Stage::Reserved).len(), 1);
+        drop(new);
+        assert!(inv.at(Stage::Reserved).is_empty());
     }
 }
