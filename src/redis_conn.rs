@@ -539,7 +539,7 @@ mod tests {
             "sentinel://h:26379",
             "sentinel://h:26379?master_name=m;redis://h2",
             "sentinel://h:notaport?master_name=m",
-            "sentinel:///tmp/s.sock?master_name=m",
+            "sentinel:///?master_name=m",
         ] {
             assert!(sentinel_url(bad).is_err(), "{bad}");
         }

@@ -234,11 +234,8 @@ async fn run(
     held: Held,
 ) {
     let mut permit = Some(permit);
-    if is_expired(&msg) {
-        return revoke_expired(&sh, msg, permit).await;
-    }
-    if sh.revoked.contains(&msg.id) {
-        return discard_revoked(&sh, msg, permit).await;
+    if let Some(reason) = discard_reason(&sh, &msg) {
+        return discard(&sh, msg, permit, reason).await;
     }
     if msg.redelivered {
         // A redelivery of a task that already succeeded (its worker died before the ack) is done.
@@ -281,12 +278,9 @@ async fn run(
     let Ok(_slot) = slot else {
         return sh.give_back(msg.delivery_tag, permit).await;
     };
-    if is_expired(&msg) {
-        return revoke_expired(&sh, msg, permit).await;
-    }
-    // Revoked while it waited for its ETA or a slot.
-    if sh.revoked.contains(&msg.id) {
-        return discard_revoked(&sh, msg, permit).await;
+    // Expired or revoked while it waited for its ETA or a slot.
+    if let Some(reason) = discard_reason(&sh, &msg) {
+        return discard(&sh, msg, permit, reason).await;
     }
     held.set(Stage::Active);
 
@@ -519,34 +513,43 @@ fn is_expired(msg: &TaskMessage) -> bool {
     msg.expires.is_some_and(|t| t <= Utc::now())
 }
 
-async fn revoke_expired(sh: &Shared, msg: TaskMessage, permit: Option<OwnedSemaphorePermit>) {
-    sh.services
-        .metrics
-        .task_finished(&msg.name, "revoked", None);
-    tracing::warn!(
-        "Discarding revoked task: {}[{}] (expired)",
-        msg.name,
-        msg.id
-    );
-    sh.events.task(
-        "task-revoked",
-        || json!({"uuid": msg.id, "terminated": false, "signum": null, "expired": true}),
-    );
-    let result = result_of(&msg, &Outcome::Revoked { reason: "expired" });
-    sh.ack(msg.delivery_tag, result, permit).await;
+/// Why a task is discarded instead of run, checked when it comes up and again after it waited
+/// for its ETA or a slot: it expired, or remote control revoked it.
+fn discard_reason(sh: &Shared, msg: &TaskMessage) -> Option<&'static str> {
+    if is_expired(msg) {
+        Some("expired")
+    } else if sh.revoked.contains(&msg.id) {
+        Some("revoked")
+    } else {
+        None
+    }
 }
 
-/// A task revoked before it ran: REVOKED (`revoked`) and acked, never run.
-async fn discard_revoked(sh: &Shared, msg: TaskMessage, permit: Option<OwnedSemaphorePermit>) {
+/// A task discarded before it ran: REVOKED with Celery's reason, acked, never run.
+async fn discard(
+    sh: &Shared,
+    msg: TaskMessage,
+    permit: Option<OwnedSemaphorePermit>,
+    reason: &'static str,
+) {
     sh.services
         .metrics
         .task_finished(&msg.name, "revoked", None);
-    tracing::warn!("Discarding revoked task: {}[{}]", msg.name, msg.id);
+    let expired = reason == "expired";
+    if expired {
+        tracing::warn!(
+            "Discarding revoked task: {}[{}] (expired)",
+            msg.name,
+            msg.id
+        );
+    } else {
+        tracing::warn!("Discarding revoked task: {}[{}]", msg.name, msg.id);
+    }
     sh.events.task(
         "task-revoked",
-        || json!({"uuid": msg.id, "terminated": false, "signum": null, "expired": false}),
+        || json!({"uuid": msg.id, "terminated": false, "signum": null, "expired": expired}),
     );
-    let result = result_of(&msg, &Outcome::Revoked { reason: "revoked" });
+    let result = result_of(&msg, &Outcome::Revoked { reason });
     sh.ack(msg.delivery_tag, result, permit).await;
 }
 
