@@ -16,7 +16,7 @@ export ORBIT_MODEL_DIR ?= $(MODEL_DIR)
 export TIKTOKEN_CACHE_DIR ?= $(TIKTOKEN_DIR)
 export ORBIT_TEST_PYTHON ?= $(VENV)/bin/python
 
-.PHONY: qdrant node-servers postgres all demo test eval bench bench-embed bench-store bench-e2e bench-celery lint model venv tiktoken-cache corpus-100m corpus-1g tools release clean chaos fuzz fuzz-smoke cargo-fuzz
+.PHONY: chromium qdrant node-servers postgres all demo test eval bench bench-embed bench-store bench-e2e bench-celery lint model venv tiktoken-cache corpus-100m corpus-1g tools release clean chaos fuzz fuzz-smoke cargo-fuzz
 
 all: release
 
@@ -28,6 +28,10 @@ tools:
 	@command -v espeak-ng >/dev/null && command -v sox >/dev/null || { apt-get update && apt-get install -y espeak-ng sox libsox-fmt-all; }
 	@command -v npm >/dev/null || { apt-get update && apt-get install -y nodejs npm; }
 	@pkg-config --exists openssl || { apt-get update && apt-get install -y libssl-dev pkg-config; }
+
+# Debian's Chromium, headless, for the tests that render Flower's pages.
+chromium:
+	@command -v chromium >/dev/null || apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }
 
 # The real local servers of the side-task tests (npm): a Web Push service and an SMTP server.
 NODE_DIR ?= $(CACHE)/node
@@ -110,7 +114,7 @@ demo: tools model release
 	@echo; echo '$$ orbit-worker ask --user 1 "What medication does Pickles the cat take?"'
 	ORBIT_DATA_DIR=$(DEMO_DATA) ORBIT_CHAT_MODEL= $(BIN) ask --user 1 "What medication does Pickles the cat take?"
 
-test: tools postgres model venv tiktoken-cache node-servers qdrant
+test: tools postgres model venv tiktoken-cache node-servers qdrant chromium
 	cargo test --workspace --all-targets --no-fail-fast
 	$(MAKE) chaos ROUNDS=2
 	$(MAKE) fuzz-smoke
@@ -188,7 +192,7 @@ bench-embed: tools tiktoken-cache corpus-100m
 # tasks/s, worker CPU per task, Redis commands per task; each with events off and with -E (a
 # monitor subscribed, as Flower, counting the task events that reach it).
 bench-celery: release venv
-	$(VENV)/bin/python scripts/bench_celery.py $(BIN) --tasks 20000 --rounds 2 --events
+	$(VENV)/bin/python scripts/bench_celery.py $(BIN) --tasks 20000 --rounds 2 --events --log-formats text
 
 # The store stage: the embedded store against a Qdrant server, same binary and corpus
 # (docs/scaling.md).

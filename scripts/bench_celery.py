@@ -77,13 +77,17 @@ def start_worker(kind, bin_path, url, logdir, events):
     env = dict(os.environ, BROKER=url, REDIS_URL=url, QUEUE=QUEUE, PYTHONPATH=PYAPP, NO_COLOR="1")
     env.pop("CELERY_BROKER_URL", None)
     env.pop("CELERY_RESULT_BACKEND", None)
-    log = open(os.path.join(logdir, f"{kind}.log"), "w")
+    log = open(os.path.join(logdir, f"{kind.replace(':', '-')}.log"), "w")
     if kind == "python":
         celery = os.path.join(os.path.dirname(sys.executable), "celery")
         cmd = [celery, "-A", "pyapp", "worker", "-P", "prefork", "-c", "2", "-Q", QUEUE,
                "--loglevel", "INFO", "--without-mingle", "--without-gossip", "-n", f"py{free_port()}@%h"]
     else:
+        # "rust" or "rust:FORMAT": our worker with that --log-format (its default: celery).
+        fmt = kind.partition(":")[2]
         cmd = [bin_path, "worker", "-c", "2", "-Q", QUEUE, "--loglevel", "info"]
+        if fmt:
+            cmd += ["--log-format", fmt]
     if events:
         cmd.append("-E")
     p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -185,7 +189,10 @@ def main():
     ap.add_argument("--tasks", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--events", action="store_true", help="also run both workers with -E")
+    ap.add_argument("--log-formats", default="",
+                    help="comma-separated --log-format values to run our worker with besides its default")
     a = ap.parse_args()
+    kinds = ["python", "rust"] + [f"rust:{f}" for f in a.log_formats.split(",") if f]
     logdir = tempfile.mkdtemp(prefix="bench-celery-")
     port = free_port()
     server = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
@@ -199,19 +206,19 @@ def main():
     modes = (False, True) if a.events else (False,)
     for _ in range(a.rounds):
         for events in modes:
-            for kind in ("python", "rust"):
+            for kind in kinds:
                 row = run_round(kind, a.bin, a.tasks, dump, logdir, events)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print(f"\norbit.echo, {a.tasks} tasks, concurrency 2, acks_late, results on (best of {a.rounds}):")
-    print(f"{'worker':<8} {'-E':<4} {'tasks/s':>10} {'CPU ms/task':>12} {'redis cmds/task':>16} {'events/task':>12} {'events/msg':>11}")
+    print(f"{'worker':<12} {'-E':<4} {'tasks/s':>10} {'CPU ms/task':>12} {'redis cmds/task':>16} {'events/task':>12} {'events/msg':>11}")
     best = {}
     for events in modes:
-        for kind in ("python", "rust"):
+        for kind in kinds:
             r = max((r for r in rows if r["kind"] == kind and r["events"] == events), key=lambda r: r["tasks_per_s"])
             best[(kind, events)] = r
             per_msg = r["task_events"] / r["event_messages"] if r["event_messages"] else 0
-            print(f"{kind:<8} {'on' if events else 'off':<4} {r['tasks_per_s']:>10.0f} {r['cpu_ms_per_task']:>12.4f} "
+            print(f"{kind:<12} {'on' if events else 'off':<4} {r['tasks_per_s']:>10.0f} {r['cpu_ms_per_task']:>12.4f} "
                   f"{r['redis_cmds_per_task']:>16.2f} {r['task_events'] / r['tasks']:>12.2f} {per_msg:>11.1f}")
     for events in modes:
         py, rs = best[("python", events)], best[("rust", events)]

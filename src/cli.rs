@@ -33,20 +33,30 @@ pub struct Cli {
     /// for the worker, warn otherwise. ORBIT_LOG overrides with a full filter.
     #[arg(short = 'l', long, global = true)]
     pub loglevel: Option<String>,
-    /// Log lines as text, or as one JSON object per line for machines.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    /// Log lines in Celery's own format (the worker's default, so ops' log searches keep
+    /// matching), as tracing's text (the other commands' default), or as one JSON object per
+    /// line for machines.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
+    Celery,
     Text,
     Json,
 }
 
 impl Cli {
+    pub fn log_format(&self) -> LogFormat {
+        self.log_format.unwrap_or(match self.command {
+            Command::Worker(_) => LogFormat::Celery,
+            _ => LogFormat::Text,
+        })
+    }
+
     pub fn log_level(&self) -> String {
         let default = match self.command {
             Command::Worker(_) => "info",

@@ -25,6 +25,8 @@ pub struct HttpState {
     /// The broker, for health, queue depth and unacked count.
     pub broker: RedisConn,
     pub queues: Vec<String>,
+    /// The worker's state now, for its series on `/metrics`.
+    pub worker: Option<Box<dyn Fn() -> crate::metrics::WorkerSnapshot + Send + Sync>>,
 }
 
 pub fn router(state: Arc<HttpState>) -> Router {
@@ -157,6 +159,9 @@ async fn healthz(State(st): State<Arc<HttpState>>) -> Response {
 
 async fn metrics(State(st): State<Arc<HttpState>>) -> Response {
     let m = &st.services.metrics;
+    if let Some(worker) = &st.worker {
+        m.observe_worker(&worker());
+    }
     // Queue depth is read now, not counted: other workers and the app change it.
     if let Ok(mut c) = st.broker.conn().await {
         for q in &st.queues {
@@ -272,6 +277,7 @@ async fn build_status(
         "created_at": b.created_at,
         "started_at": b.started_at,
         "finished_at": b.finished_at,
+        "progress": b.progress_view(),
         "counts": counts,
     }))
     .into_response()

@@ -16,7 +16,15 @@ fn main() -> std::process::ExitCode {
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_writer(logging::writer());
-    match args.log_format {
+    match args.log_format() {
+        cli::LogFormat::Celery => {
+            use tracing_subscriber::layer::SubscriberExt;
+            use tracing_subscriber::util::SubscriberInitExt;
+            fmt.event_format(logging::CeleryFormat)
+                .finish()
+                .with(logging::TaskSpans)
+                .init()
+        }
         cli::LogFormat::Text => fmt.init(),
         cli::LogFormat::Json => fmt
             .json()

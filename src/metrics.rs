@@ -1,5 +1,6 @@
 //! Prometheus metrics of one worker process: tasks by name and state, task durations, pipeline
-//! stage throughput, and (read at scrape time) queue depth and unacked messages.
+//! stage throughput, and (read at scrape time) queue depth, unacked messages and the worker
+//! series Flower shows (online, active, prefetched, processed, pool size, load average).
 
 use orbit_pipeline::BuildReport;
 use prometheus::{
@@ -27,6 +28,93 @@ pub struct Metrics {
     reused: prometheus::IntCounter,
     pub queue_depth: prometheus::IntGaugeVec,
     pub unacked: IntGauge,
+    worker: WorkerSeries,
+}
+
+/// What a worker is doing now, read at scrape time, as its heartbeat and `inspect` tell Flower.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WorkerSnapshot {
+    /// The node name Flower lists (`celery@host`).
+    pub hostname: String,
+    /// False once a warm shutdown has begun.
+    pub online: bool,
+    pub active: usize,
+    /// Taken from the queue and waiting for a pool slot (`inspect reserved`).
+    pub reserved: usize,
+    /// Waiting for an ETA (`inspect scheduled`).
+    pub scheduled: usize,
+    /// Tasks received since start: the heartbeat's `processed`.
+    pub processed: u64,
+    pub pool_size: usize,
+    /// 1, 5 and 15 minutes.
+    pub loadavg: [f64; 3],
+}
+
+/// The series of [`WorkerSnapshot`], each labelled `worker` with the node name, so a dashboard
+/// can join them with Flower's (`flower_worker_online{worker}`, …).
+struct WorkerSeries {
+    online: prometheus::IntGaugeVec,
+    active: prometheus::IntGaugeVec,
+    reserved: prometheus::IntGaugeVec,
+    scheduled: prometheus::IntGaugeVec,
+    processed: IntCounterVec,
+    pool_size: prometheus::IntGaugeVec,
+    loadavg: GaugeVec,
+}
+
+impl WorkerSeries {
+    fn new() -> Self {
+        let gauge = |name: &str, help: &str| {
+            prometheus::IntGaugeVec::new(Opts::new(name, help), &["worker"]).expect("valid metric")
+        };
+        WorkerSeries {
+            online: gauge(
+                "orbit_worker_online",
+                "1 while the worker consumes, 0 from its shutdown",
+            ),
+            active: gauge(
+                "orbit_worker_active_tasks",
+                "Tasks running now (Flower's active)",
+            ),
+            reserved: gauge(
+                "orbit_worker_reserved_tasks",
+                "Tasks taken from the queue, waiting for a pool slot (inspect reserved)",
+            ),
+            scheduled: gauge(
+                "orbit_worker_scheduled_tasks",
+                "Tasks held until their ETA (inspect scheduled)",
+            ),
+            processed: IntCounterVec::new(
+                Opts::new(
+                    "orbit_worker_processed_total",
+                    "Tasks received since the worker started (Flower's processed)",
+                ),
+                &["worker"],
+            )
+            .expect("valid metric"),
+            pool_size: gauge(
+                "orbit_worker_pool_size",
+                "Concurrency now (-c, pool_grow, pool_shrink)",
+            ),
+            loadavg: GaugeVec::new(
+                Opts::new("orbit_worker_load_average", "The machine's load average"),
+                &["worker", "period"],
+            )
+            .expect("valid metric"),
+        }
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.online.clone()),
+            Box::new(self.active.clone()),
+            Box::new(self.reserved.clone()),
+            Box::new(self.scheduled.clone()),
+            Box::new(self.processed.clone()),
+            Box::new(self.pool_size.clone()),
+            Box::new(self.loadavg.clone()),
+        ]
+    }
 }
 
 impl Default for Metrics {
@@ -119,6 +207,7 @@ impl Metrics {
             &["queue"],
         )
         .expect("valid metric");
+        let worker = WorkerSeries::new();
         let unacked = IntGauge::new(
             "orbit_unacked_messages",
             "Messages taken by some worker and not yet acknowledged (all workers)",
@@ -138,7 +227,10 @@ impl Metrics {
             Box::new(reused.clone()),
             Box::new(queue_depth.clone()),
             Box::new(unacked.clone()),
-        ] {
+        ]
+        .into_iter()
+        .chain(worker.collectors())
+        {
             registry.register(c).expect("unique metric names");
         }
         Metrics {
@@ -156,6 +248,26 @@ impl Metrics {
             reused,
             queue_depth,
             unacked,
+            worker,
+        }
+    }
+
+    /// Sets the worker series from `w`, read at scrape time.
+    pub fn observe_worker(&self, w: &WorkerSnapshot) {
+        let s = &self.worker;
+        let at = [w.hostname.as_str()];
+        s.online.with_label_values(&at).set(i64::from(w.online));
+        s.active.with_label_values(&at).set(w.active as i64);
+        s.reserved.with_label_values(&at).set(w.reserved as i64);
+        s.scheduled.with_label_values(&at).set(w.scheduled as i64);
+        s.pool_size.with_label_values(&at).set(w.pool_size as i64);
+        let processed = s.processed.with_label_values(&at);
+        // A counter only rises: it follows the worker's own count by the difference.
+        processed.inc_by(w.processed.saturating_sub(processed.get()));
+        for (period, v) in ["1m", "5m", "15m"].iter().zip(w.loadavg) {
+            s.loadavg
+                .with_label_values(&[w.hostname.as_str(), period])
+                .set(v);
         }
     }
 

@@ -10,6 +10,7 @@ pub mod hash;
 pub mod http_call;
 pub mod lexical;
 pub mod pretokenize;
+pub mod progress;
 pub mod report;
 pub mod retry;
 pub mod runner;

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::chunk::Chunker;
 use crate::embed::Embedder;
 use crate::error::PipelineError;
+use crate::progress::BuildProgress;
 use crate::report::{BuildParts, BuildReport};
 use crate::settings::{CpuPool, PipelineSettings};
 use crate::source::Source;
@@ -43,7 +44,31 @@ impl Pipeline {
         cancel: CancellationToken,
         progress: Option<extract::ProgressFn>,
     ) -> Result<BuildReport, PipelineError> {
+        self.run_live(scope, cancel, progress, None).await
+    }
+
+    /// `run`, its stages publishing their counts into `live` as they go, against the number of
+    /// documents the source counted first.
+    pub async fn run_live(
+        &self,
+        scope: BuildScope,
+        cancel: CancellationToken,
+        progress: Option<extract::ProgressFn>,
+        live: Option<Arc<BuildProgress>>,
+    ) -> Result<BuildReport, PipelineError> {
         let started = Instant::now();
+        if let Some(p) = &live {
+            match self.source.count(&scope).await {
+                Ok(Some(n)) => p.expect(n),
+                Ok(None) => {}
+                // Progress without a total; the build itself will meet the error if it lasts.
+                Err(e) => tracing::debug!(error = %e, "the source could not count its documents"),
+            }
+        }
+        let meter = |name| match &live {
+            Some(p) => M::new(name).publishing(p),
+            None => M::new(name),
+        };
         let chunker = Chunker::new(self.settings.chunk.clone())?;
         let (model, dimension) = (self.embedder.model_id(), self.embedder.dimension());
         self.store.ensure_model(model, dimension).await?;
@@ -62,7 +87,7 @@ impl Pipeline {
         let limits = self.settings.limits;
         // Only one user's build is capped: a build of everyone streams at flat memory.
         let max_docs = matches!(scope, BuildScope::User(_)).then_some(limits.max_documents);
-        let x = extract::run(docs, docs_tx, stop(), progress, M::new("extract"), max_docs);
+        let x = extract::run(docs, docs_tx, stop(), progress, meter("extract"), max_docs);
         let c = clean_chunk::spawn(
             chunker,
             pool,
@@ -70,10 +95,11 @@ impl Pipeline {
             chunk_tx,
             stop(),
             limits.max_document_bytes,
+            live.clone(),
         );
-        let r = reuse::run(known, chunk_rx, todo_tx, hit_tx, stop(), M::new("reuse"));
-        let e = embed::run(emb, todo_rx, store_tx, stop(), M::new("embed"));
-        let s = store::run(db, gen, store_rx, stop(), M::new("store"));
+        let r = reuse::run(known, chunk_rx, todo_tx, hit_tx, stop(), meter("reuse"));
+        let e = embed::run(emb, todo_rx, store_tx, stop(), meter("embed"));
+        let s = store::run(db, gen, store_rx, stop(), meter("store"));
         let (x, c, r, e, s) =
             tokio::join!(f.watch(x), f.watch(c), f.watch(r), f.watch(e), f.watch(s));
         let (Some(x), Some(c), Some(r), Some(e), Some(s)) = (x, c, r, e, s) else {
@@ -196,5 +222,27 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, PipelineError::Cancelled), "{err}");
+    }
+
+    #[tokio::test]
+    async fn every_stage_publishes_its_counts_into_the_live_progress() {
+        let p = pipeline(false);
+        let live = Arc::new(BuildProgress::default());
+        let r = p
+            .run_live(
+                BuildScope::User(1),
+                CancellationToken::new(),
+                None,
+                Some(live.clone()),
+            )
+            .await
+            .unwrap();
+        let s = live.snapshot();
+        assert_eq!(s.documents_read, 40);
+        assert_eq!(s.documents_expected, None, "this source cannot count");
+        assert_eq!(s.percent, None);
+        assert_eq!((s.chunks, s.tokens), (r.chunks, r.tokens));
+        assert_eq!(s.chunks_embedded, r.chunks);
+        assert_eq!(s.chunks_stored, r.vectors_upserted);
     }
 }

@@ -129,7 +129,10 @@ pub fn py_repr(v: &Value) -> String {
         Value::Null => "None".into(),
         Value::Bool(true) => "True".into(),
         Value::Bool(false) => "False".into(),
-        Value::Number(n) => n.to_string(),
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() => py_float(f),
+            _ => n.to_string(),
+        },
         Value::String(s) => py_str_repr(s),
         Value::Array(a) => format!("[{}]", a.iter().map(py_repr).collect::<Vec<_>>().join(", ")),
         Value::Object(o) => format!(
@@ -139,6 +142,36 @@ pub fn py_repr(v: &Value) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
+    }
+}
+
+/// Python's `repr()` of a float: the shortest digits that read back, in exponent form (two
+/// exponent digits at least) below 1e-4 and from 1e16, as in `succeeded in 1.5e-05s`.
+pub fn py_float(f: f64) -> String {
+    if !f.is_finite() {
+        return if f.is_nan() {
+            "nan".into()
+        } else if f > 0.0 {
+            "inf".into()
+        } else {
+            "-inf".into()
+        };
+    }
+    let a = f.abs();
+    if a != 0.0 && !(1e-4..1e16).contains(&a) {
+        let e = format!("{f:e}");
+        let (mantissa, exp) = e.split_once('e').unwrap_or((&e, "0"));
+        let (sign, digits) = match exp.strip_prefix('-') {
+            Some(d) => ('-', d),
+            None => ('+', exp),
+        };
+        return format!("{mantissa}e{sign}{digits:0>2}");
+    }
+    let s = format!("{f}");
+    if s.contains('.') {
+        s
+    } else {
+        format!("{s}.0")
     }
 }
 
@@ -278,6 +311,24 @@ impl serde_json::ser::Formatter for PythonFormatter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn floats_read_as_python_writes_them() {
+        for (f, want) in [
+            (0.0, "0.0"),
+            (1.0, "1.0"),
+            (0.0012345, "0.0012345"),
+            (0.0001, "0.0001"),
+            (1.5e-5, "1.5e-05"),
+            (2.25e-7, "2.25e-07"),
+            (12.5, "12.5"),
+            (1e16, "1e+16"),
+            (-3.0e-5, "-3e-05"),
+            (f64::NAN, "nan"),
+        ] {
+            assert_eq!(py_float(f), want, "{f}");
+        }
+    }
 
     #[test]
     fn values_are_shown_as_python_reprs_them() {

@@ -86,6 +86,7 @@ pub struct BuildRow {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    pub progress: BuildProgressCols,
 }
 
 /// Counts a finished build writes on its record.
@@ -197,7 +198,7 @@ pub struct ActionItem {
 
 const BUILD_COLUMNS: &str = "id, user_id, status, task_id, attempt, documents, chunks, tokens, \
      chunks_reused, chunks_embedded, error_message, coalesced_into_id, created_at, started_at, \
-     finished_at";
+     finished_at, to_jsonb(orbitpilot_memorybuild) AS row_json";
 
 fn build_row(r: &sqlx::postgres::PgRow) -> Result<BuildRow, sqlx::Error> {
     Ok(BuildRow {
@@ -216,7 +217,61 @@ fn build_row(r: &sqlx::postgres::PgRow) -> Result<BuildRow, sqlx::Error> {
         created_at: r.try_get("created_at")?,
         started_at: r.try_get("started_at")?,
         finished_at: r.try_get("finished_at")?,
+        progress: BuildProgressCols::of(r.try_get("row_json")?),
     })
+}
+
+/// The progress columns of a build record, read from the row as JSON so that a database
+/// without them (an app that has not added them) still reads its records.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct BuildProgressCols {
+    pub documents_expected: Option<i64>,
+    pub percent: Option<f64>,
+    pub eta_seconds: Option<f64>,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+impl BuildRow {
+    /// The progress the polling UI shows: 100 once completed; while running, what this run
+    /// wrote last (none before its first write, not an earlier attempt's).
+    pub fn progress_view(&self) -> serde_json::Value {
+        let p = &self.progress;
+        let this_run = match (p.updated_at, self.started_at) {
+            (Some(u), Some(s)) => u >= s,
+            _ => false,
+        };
+        let (percent, eta) = match self.status.as_str() {
+            "completed" => (Some(100.0), Some(0.0)),
+            "running" if this_run => (p.percent, p.eta_seconds),
+            "running" => (Some(0.0), None),
+            _ => (None, None),
+        };
+        serde_json::json!({
+            "documents_read": self.documents,
+            "documents_expected": p.documents_expected,
+            "chunks": self.chunks,
+            "tokens": self.tokens,
+            "chunks_embedded": self.chunks_embedded,
+            "chunks_reused": self.chunks_reused,
+            "percent": percent,
+            "eta_seconds": eta,
+            "updated_at": p.updated_at,
+        })
+    }
+}
+
+impl BuildProgressCols {
+    fn of(row: serde_json::Value) -> Self {
+        BuildProgressCols {
+            documents_expected: row["documents_expected"].as_i64(),
+            percent: row["progress_percent"].as_f64(),
+            eta_seconds: row["eta_seconds"].as_f64(),
+            updated_at: row["progress_at"]
+                .as_str()
+                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&Utc)),
+        }
+    }
 }
 
 /// Clamps a count into the record's INTEGER column.
@@ -489,6 +544,35 @@ impl Db {
         .execute(&self.pool)
         .await?;
         Ok(r.rows_affected() == 1)
+    }
+
+    /// A running build's progress so far, under its fence and only while it runs (a late
+    /// write never touches an ended record). Err when the progress columns are missing.
+    pub async fn build_progress(
+        &self,
+        id: i64,
+        fence: i64,
+        p: &orbit_pipeline::progress::Snapshot,
+    ) -> Result<(), DbError> {
+        sqlx::query(
+            "UPDATE orbitpilot_memorybuild SET documents = $3, chunks = $4, tokens = $5, \
+             chunks_reused = $6, chunks_embedded = $7, documents_expected = $8, \
+             progress_percent = $9, eta_seconds = $10, progress_at = now() \
+             WHERE id = $1 AND fence_token = $2 AND status = 'running'",
+        )
+        .bind(id)
+        .bind(fence)
+        .bind(int(p.documents_read))
+        .bind(int(p.chunks))
+        .bind(p.tokens.min(i64::MAX as u64) as i64)
+        .bind(int(p.chunks_reused))
+        .bind(int(p.chunks_embedded))
+        .bind(p.documents_expected.map(int))
+        .bind(p.percent)
+        .bind(p.eta_seconds)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// running → completed, for the build and every request coalesced into it.

@@ -2,15 +2,17 @@
 //! keeps the app's build record true (planned → running → completed | failed), holds the user's
 //! build lock, and coalesces a request that arrives while a build runs.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use orbit_pipeline::progress::BuildProgress;
 use orbit_pipeline::{BuildReport, BuildScope, PipelineError, Retryable};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    bind, AbortReason, Raises, RetryPolicy, TaskContext, TaskDef, TaskError, TaskResult,
+    bind, AbortReason, Raises, RetryPolicy, TaskContext, TaskDef, TaskError, TaskInfo, TaskResult,
     DEFAULT_LIMITS,
 };
 use crate::cache::Cache;
@@ -117,7 +119,14 @@ async fn run(ctx: TaskContext) -> TaskResult {
             stop.cancel();
         })
     };
-    let result = run_passes(&ctx, uid, &lock, &stop).await;
+    let live = Arc::new(BuildProgress::default());
+    let reporter = tokio::spawn(report_progress(
+        record.clone(),
+        ctx.info.clone(),
+        live.clone(),
+    ));
+    let result = run_passes(&ctx, uid, &lock, &stop, &live).await;
+    reporter.abort();
     watcher.abort();
     ctx.on_abort.clear();
     // The lock releases itself when it goes out of scope, on every path.
@@ -130,6 +139,33 @@ async fn run(ctx: TaskContext) -> TaskResult {
             });
             on_failure(&ctx, record.as_ref(), &e).await;
             Err(e)
+        }
+    }
+}
+
+/// How often a running build's progress is written to its record and shown to `inspect
+/// active`: the dashboard polls every 4 s, so it sees every second write; one UPDATE every 2 s
+/// costs a build nothing it could measure.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+/// Writes the build's progress every [`PROGRESS_EVERY`] until aborted. A write that fails (a
+/// table without the progress columns, a database blip) is warned of once; the build goes on,
+/// and `inspect active` still shows the progress.
+async fn report_progress(record: Option<Record>, info: TaskInfo, live: Arc<BuildProgress>) {
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut warned = false;
+    loop {
+        tick.tick().await;
+        let p = live.snapshot();
+        info.set(serde_json::to_value(p).unwrap_or_default());
+        if let Some(r) = &record {
+            if let Err(e) = r.db.build_progress(r.id, r.fence, &p).await {
+                if !std::mem::replace(&mut warned, true) {
+                    tracing::warn!(build_id = r.id, error = %e, "cannot write the build's progress to its record (the progress columns, migrations/20261202000001_build_progress.sql?)");
+                }
+            }
         }
     }
 }
@@ -342,6 +378,7 @@ async fn run_passes(
     uid: i64,
     lock: &lock::BuildLock,
     stop: &CancellationToken,
+    live: &Arc<BuildProgress>,
 ) -> Result<BuildReport, BuildFailure> {
     let sv = &ctx.services;
     let mut pass = 0;
@@ -355,7 +392,12 @@ async fn run_passes(
             .await
             .map_err(|e| BuildFailure::Config(format!("{e:#}")))?;
         let report = pipeline
-            .run(BuildScope::User(uid), stop.clone(), None)
+            .run_live(
+                BuildScope::User(uid),
+                stop.clone(),
+                None,
+                Some(live.clone()),
+            )
             .await
             .map_err(BuildFailure::Pipeline)?;
         if pass >= MAX_PASSES || stop.is_cancelled() || !lock.take_again().await {

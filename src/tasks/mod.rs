@@ -190,6 +190,25 @@ pub struct TaskContext {
     /// The task's retry limit: `is_last_attempt` for tasks that must write a final record.
     pub max_retries: u32,
     pub on_abort: AbortHook,
+    /// What the task tells of itself while it runs (a build's progress): `inspect active`
+    /// shows it in the task's request.
+    pub info: TaskInfo,
+}
+
+/// A running task's own account of itself, shared with the worker's inventory.
+#[derive(Clone, Default)]
+pub struct TaskInfo(Arc<std::sync::Mutex<Option<Value>>>);
+
+impl TaskInfo {
+    pub fn set(&self, v: Value) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(v);
+        }
+    }
+
+    pub fn get(&self) -> Option<Value> {
+        self.0.lock().ok().and_then(|s| s.clone())
+    }
 }
 
 /// A task-only settings block, as `TaskContext::own_block` takes it out of the task's config.

@@ -315,13 +315,15 @@ fn answer(
         // The pool has a fixed size (moved by pool_grow / pool_shrink): Celery's answer for a
         // worker started without --autoscale.
         "autoscale" => json!({"error": "ValueError('Autoscale not enabled')"}),
-        "revoke" => {
+        // `terminate` is `celery control terminate SIGNAL ID…`: a revoke with terminate.
+        "revoke" | "terminate" => {
             let ids: Vec<&str> = match arg("task_id") {
                 Some(Value::String(s)) => vec![s.as_str()],
                 Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
                 _ => return Some(json!({"error": "revoke needs a task_id"})),
             };
-            let terminate = arg("terminate").and_then(Value::as_bool).unwrap_or(false);
+            let terminate = req.method == "terminate"
+                || arg("terminate").and_then(Value::as_bool).unwrap_or(false);
             for id in &ids {
                 sh.revoked.add(id);
                 if terminate && sh.inventory.terminate(id) {

@@ -172,7 +172,7 @@ fn utcoffset() -> f64 {
 }
 
 /// The 1, 5 and 15 minute load averages, to two places as Celery rounds them.
-fn loadavg() -> Vec<f64> {
+pub(crate) fn loadavg() -> Vec<f64> {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .map(|s| {

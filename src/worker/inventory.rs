@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use crate::tasks::TaskInfo;
+
 /// Where a held task is.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Stage {
@@ -27,6 +29,8 @@ struct Entry {
     stage: Stage,
     /// `revoke(terminate=True)`: fired to stop the task where it runs.
     terminate: CancellationToken,
+    /// What the running task tells of itself (`progress` in `inspect active`).
+    info: TaskInfo,
     request: Value,
     eta: Option<String>,
     priority: u8,
@@ -48,8 +52,9 @@ pub struct Held {
 }
 
 impl Held {
-    /// Fires when the task is revoked with `terminate` while it runs.
-    pub fn terminated(&self) -> CancellationToken {
+    /// Fires when the task is revoked with `terminate` while it runs; and the slot the task
+    /// tells of itself in.
+    pub fn handles(&self) -> (CancellationToken, TaskInfo) {
         self.inv
             .tasks
             .lock()
@@ -57,7 +62,7 @@ impl Held {
             .and_then(|t| {
                 t.get(&self.id)
                     .filter(|e| e.serial == self.serial)
-                    .map(|e| e.terminate.clone())
+                    .map(|e| (e.terminate.clone(), e.info.clone()))
             })
             .unwrap_or_default()
     }
@@ -132,6 +137,7 @@ impl Inventory {
                     serial,
                     stage: Stage::Reserved,
                     terminate: CancellationToken::new(),
+                    info: TaskInfo::default(),
                     request,
                     eta: r.eta,
                     priority: r.priority,
@@ -158,9 +164,28 @@ impl Inventory {
                 Stage::Scheduled => {
                     json!({"eta": e.eta, "priority": e.priority, "request": e.request})
                 }
-                _ => e.request.clone(),
+                _ => match e.info.get() {
+                    Some(progress) => {
+                        let mut r = e.request.clone();
+                        r["progress"] = progress;
+                        r
+                    }
+                    None => e.request.clone(),
+                },
             })
             .collect()
+    }
+
+    /// How many are held at each stage: (scheduled, reserved, active).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let Ok(t) = self.tasks.lock() else {
+            return (0, 0, 0);
+        };
+        t.values().fold((0, 0, 0), |(s, r, a), e| match e.stage {
+            Stage::Scheduled => (s + 1, r, a),
+            Stage::Reserved => (s, r + 1, a),
+            Stage::Active => (s, r, a + 1),
+        })
     }
 
     /// `query_task`: `{id: [state, request]}` for the ids held here.
@@ -238,7 +263,9 @@ mod tests {
             inv.query(&["a", "zz"]),
             json!({"a": ["active", inv.at(Stage::Active)[0]]})
         );
-        let stop = a.terminated();
+        let (stop, info) = a.handles();
+        info.set(json!({"percent": 5.0}));
+        assert_eq!(inv.at(Stage::Active)[0]["progress"]["percent"], 5.0);
         assert!(!inv.terminate("b"), "b is not running");
         assert!(inv.terminate("a") && stop.is_cancelled());
         drop(a);

@@ -16,7 +16,7 @@ use super::settle::{persist, Action, Completion};
 use super::Shared;
 use crate::celery::message::{queue_key, retry_envelope, DecodeError, MessageLimits, TaskMessage};
 use crate::celery::redis::Fetched;
-use crate::celery::result::{encode_meta, py_args_repr, py_repr, ExceptionInfo, Outcome};
+use crate::celery::result::{encode_meta, py_args_repr, py_float, py_repr, ExceptionInfo, Outcome};
 use crate::tasks::TimeLimits;
 use crate::tasks::{AbortHook, AbortReason, Call, TaskConfig, TaskContext, TaskDef, TaskError};
 
@@ -24,8 +24,8 @@ use crate::tasks::{AbortHook, AbortReason, Call, TaskConfig, TaskContext, TaskDe
 /// database must not hold a shutdown for ever.
 const ABORT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Longest result text in a `succeeded in` log line, as Celery shortens its repr.
-const LOG_RESULT_CHARS: usize = 200;
+/// Longest result repr in a `succeeded in` log line: Celery's `resultrepr_maxsize`.
+const LOG_RESULT_CHARS: usize = 1024;
 
 /// A message just taken from its list. `registered`: the tag it is in `unacked` under (the fetch
 /// script does that atomically; a BRPOP'd message is registered here). A message that is not
@@ -119,7 +119,7 @@ pub async fn accept(sh: Arc<Shared>, fetched: Fetched, permit: OwnedSemaphorePer
         .await;
         return;
     };
-    let span = tracing::info_span!("task", id = %msg.id, task = def.name, retries = msg.retries);
+    let span = tracing::info_span!("task", id = %msg.id, task = def.name, retries = msg.retries, slot = tracing::field::Empty);
     tracing::info!(parent: &span, "Task {}[{}] received", def.name, msg.id);
     sh.services.metrics.task_received(def.name);
     sh.events.task("task-received", || received_event(&msg));
@@ -187,7 +187,7 @@ impl PanicGuard {
 
     async fn settle(self, sh: &Shared, task: &str, panic: String) {
         tracing::error!(panic = %panic, "Task {task}[{}] crashed the worker's handling of it: failing it and acking", self.id);
-        sh.services.metrics.task_finished(task, "FAILURE", None);
+        sh.services.metrics.task_finished(task, "failed", None);
         let exc = ExceptionInfo::raised("PanicError", "orbit_worker.errors", &panic, task);
         let result = (!self.ignore_result).then(|| {
             (
@@ -283,6 +283,8 @@ async fn run(
         return discard(&sh, msg, permit, reason).await;
     }
     held.set(Stage::Active);
+    let slot_name = sh.slot_names.take();
+    tracing::Span::current().record("slot", slot_name.number());
 
     let limits = sh
         .tuning
@@ -299,12 +301,15 @@ async fn run(
     sh.events.task("task-started", || json!({"uuid": msg.id}));
     let metrics = sh.services.metrics.clone();
     metrics.task_started(def.name);
-    let ending = execute(&sh, def, call, limits, held.terminated()).await;
+    let (terminated, info) = held.handles();
+    let ending = execute(&sh, def, call, limits, terminated, info).await;
     let runtime = started.elapsed();
     drop(_slot);
     let decision = decide(ending, msg.retries, &def.retry);
     metrics.task_finished(def.name, decision.state(), Some(runtime.as_secs_f64()));
     settle(&sh, msg, def, &queue, decision, runtime, permit).await;
+    // Its lines are written: the name is free for the next task.
+    drop(slot_name);
 }
 
 /// Runs the task within its limits: the soft limit fires its token, the hard limit and a
@@ -315,6 +320,7 @@ async fn execute(
     call: Call,
     limits: TimeLimits,
     terminated: CancellationToken,
+    info: crate::tasks::TaskInfo,
 ) -> Ending {
     let cancel = CancellationToken::new();
     let on_abort = AbortHook::default();
@@ -326,6 +332,7 @@ async fn execute(
         config: TaskConfig::of(&sh.blocks, def.block),
         max_retries: def.retry.max_retries,
         on_abort: on_abort.clone(),
+        info,
     };
     let mut handle = tokio::spawn((def.run)(ctx));
     let soft_at = tokio::time::Instant::now() + limits.soft;
@@ -397,10 +404,10 @@ async fn settle(
         }
         Decision::Succeed(v) => {
             tracing::info!(
-                "Task {}[{}] succeeded in {:.6}s: {}",
+                "Task {}[{}] succeeded in {}s: {}",
                 def.name,
                 msg.id,
-                runtime.as_secs_f64(),
+                py_float(runtime.as_secs_f64()),
                 short(&v)
             );
             sh.events.task(
@@ -411,7 +418,6 @@ async fn settle(
         }
         Decision::Fail(e) => {
             tracing::error!(
-                retries = msg.retries,
                 "Task {}[{}] raised unexpected: {}",
                 def.name,
                 msg.id,
@@ -494,7 +500,13 @@ async fn retry(
         }
     };
     let list = queue_key(routing_key(&msg, queue), msg.priority);
-    tracing::info!(eta = %eta, "Task {}[{}] retry: Retry in {}s: {}", def.name, msg.id, secs(delay), error.repr());
+    tracing::info!(
+        "Task {}[{}] retry: Retry in {}s: {}",
+        def.name,
+        msg.id,
+        secs(delay),
+        error.repr()
+    );
     sh.events.task(
         "task-retried",
         || json!({"uuid": msg.id, "exception": error.repr(), "traceback": error.traceback}),
@@ -563,13 +575,14 @@ fn secs(d: Duration) -> String {
     }
 }
 
+/// The result as Python's repr, cut as Celery's `saferepr` cuts a long one (`...`).
 fn short(v: &serde_json::Value) -> String {
-    let s = v.to_string();
+    let s = py_repr(v);
     if s.chars().count() <= LOG_RESULT_CHARS {
         return s;
     }
     let mut t: String = s.chars().take(LOG_RESULT_CHARS).collect();
-    t.push('…');
+    t.push_str("...");
     t
 }
 

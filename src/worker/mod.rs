@@ -8,6 +8,7 @@ mod inventory;
 mod lifecycle;
 mod revoked;
 mod settle;
+mod slots;
 pub mod tuning;
 
 use std::collections::HashSet;
@@ -101,6 +102,8 @@ pub struct Shared {
     consuming_version: std::sync::atomic::AtomicU64,
     /// Concurrency now: `-c`, then moved by `pool_grow` / `pool_shrink`.
     pool_size: std::sync::atomic::AtomicUsize,
+    /// The `ForkPoolWorker-N` names of the slots running tasks, for their log lines.
+    slot_names: slots::SlotNames,
 }
 
 impl Shared {
@@ -123,6 +126,22 @@ impl Shared {
             .lock()
             .map(|h| h.iter().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// What `/metrics` shows of this worker now.
+    fn snapshot(&self) -> crate::metrics::WorkerSnapshot {
+        let (scheduled, reserved, _) = self.inventory.counts();
+        let l = events::loadavg();
+        crate::metrics::WorkerSnapshot {
+            hostname: self.opts.hostname.clone(),
+            online: !self.stop_fetch.is_cancelled(),
+            active: self.active(),
+            reserved,
+            scheduled,
+            processed: self.events.processed(),
+            pool_size: self.pool_size(),
+            loadavg: [l[0], l[1], l[2]],
+        }
     }
 
     /// Tasks running now (holding a concurrency slot).
@@ -263,6 +282,7 @@ pub async fn run(
         prefetch: Arc::new(Semaphore::new(opts.prefetch())),
         concurrency: Arc::new(Semaphore::new(opts.concurrency.max(1))),
         pool_size: opts.concurrency.max(1).into(),
+        slot_names: Default::default(),
         tuning: Default::default(),
         consuming: Mutex::new(opts.queues.clone()),
         consuming_version: Default::default(),
@@ -341,6 +361,10 @@ pub async fn run(
                     Duration::from_secs(5),
                 )?,
                 queues: sh.opts.queues.clone(),
+                worker: Some(Box::new({
+                    let sh = sh.clone();
+                    move || sh.snapshot()
+                })),
             });
             let listener = tokio::net::TcpListener::bind(addr)
                 .await

@@ -199,46 +199,163 @@ fn build_through_the_queue_completes_its_record_invalidates_the_cache_and_shows_
     drop(w);
 }
 
-/// Samples of a Prometheus text page, parsed by `prometheus_client` (Python's reference client).
-fn prometheus_parse(text: &str) -> Value {
-    use std::io::Write;
-    let mut child = std::process::Command::new(crate::helpers::python())
-        .args(["-c", "import sys, json\nfrom prometheus_client.parser import text_string_to_metric_families\nout = []\nfor fam in text_string_to_metric_families(sys.stdin.read()):\n    for s in fam.samples:\n        out.append({'name': s.name, 'labels': s.labels, 'value': s.value})\njson.dump(out, sys.stdout)"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "not Prometheus text: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+/// A worker whose builds take some seconds: the API double answers each embeddings request of
+/// `inputs` texts in `latency_ms`, one request at a time. Keep the double alive with the worker.
+fn slow_api_worker(
+    redis: &RedisServer,
+    db: &PgDb,
+    q: &str,
+    latency_ms: u64,
+    inputs: usize,
+    extra: &[&str],
+    env_extra: &[(&str, String)],
+) -> (OpenAiDouble, WorkerProc) {
+    let api = OpenAiDouble::with(crate::openai_double::DoubleConfig {
+        latency: Duration::from_millis(latency_ms),
+        ..Default::default()
+    });
+    let mut env = api.embedder_env();
+    env.push(("ORBIT_EMBED_BATCH_INPUTS", inputs.to_string()));
+    env.push(("ORBIT_EMBED_IN_FLIGHT", "1".into()));
+    env.extend(env_extra.iter().cloned());
+    let w = worker(redis, db, q, extra, &env);
+    (api, w)
 }
 
-/// The sample of `name` with `labels` in a parsed /metrics page.
-fn metric(parsed: &Value, name: &str, labels: Value) -> Option<f64> {
-    parsed
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| {
-            s["name"] == name
-                && labels
+/// `orbitpilot.build_memory` of `user` for a new record, sent without waiting: (record, task id).
+fn send_build(redis: &RedisServer, db: &PgDb, q: &str, user: i64) -> (String, String) {
+    let id = new_build(db, user);
+    let task = send(
+        redis,
+        q,
+        json!([{"name": "orbitpilot.build_memory", "args": [user], "kwargs": {"build_id": id.parse::<i64>().unwrap()}}]),
+    )[0]
+    .clone();
+    (id, task)
+}
+
+/// The dashboard's view of a build: polled through the status endpoint while it runs, its
+/// percentage rises (never falls) against the documents the source counted first, and ends at
+/// 100; `inspect active` shows the same progress in the task's request.
+#[test]
+fn a_build_shows_its_progress_rising_to_100_through_the_status_endpoint() {
+    let redis = RedisServer::start(false);
+    let db = PgDb::seeded(&fixture("sample.jsonl"));
+    let q = unique_queue("progress");
+    let addr = format!("127.0.0.1:{}", free_port());
+    // 0.4 s a request of 4 inputs: a build of some ten seconds, five progress writes or more.
+    let (_api, w) = slow_api_worker(
+        &redis,
+        &db,
+        &q,
+        400,
+        4,
+        &["--http", &addr],
+        &[("ORBIT_HTTP_TOKEN", "tok-2".into())],
+    );
+    let (_, task) = send_build(&redis, &db, &q, 1);
+    let mut seen: Vec<f64> = Vec::new();
+    let mut inspected = None;
+    let last = wait_for("the build to complete", Duration::from_secs(120), || {
+        let (code, body) = http_get(&addr, "/orbitpilot/build/status/?user_id=1", Some("tok-2"));
+        assert_eq!(code, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        if v["status"] == "running" {
+            if let Some(p) = v["progress"]["percent"].as_f64() {
+                seen.push(p);
+            }
+            if inspected.is_none() && seen.last().is_some_and(|p| *p > 0.0) {
+                let a = crate::monitoring::control(&redis, "*", &["inspect:active"]);
+                inspected = a["inspect:active"]
                     .as_object()
-                    .unwrap()
-                    .iter()
-                    .all(|(k, v)| &s["labels"][k] == v)
-        })
-        .and_then(|s| s["value"].as_f64())
+                    .and_then(|m| m.values().next())
+                    .and_then(|tasks| tasks.as_array()?.first().cloned());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(400));
+        (v["status"] == "completed").then_some(v)
+    });
+    // The source's count first, and the documents the build then read: the same.
+    let report = wait_meta(&redis, &task, "SUCCESS", Duration::from_secs(10))["result"].clone();
+    let expected = report["documents_read"].as_u64().unwrap();
+    assert!(expected > 100, "{report}");
+    let p = &last["progress"];
+    assert_eq!(p["percent"], 100.0, "{last}");
+    assert_eq!(p["documents_expected"], json!(expected), "{last}");
+    assert_eq!(p["chunks_embedded"], last["chunks_embedded"]);
+    let between: Vec<&f64> = seen.iter().filter(|p| **p > 0.0 && **p < 100.0).collect();
+    assert!(
+        between.len() >= 3,
+        "the percentage seen while running: {seen:?}\n{}",
+        w.log()
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "it went back: {seen:?}"
+    );
+    let active = inspected.expect("inspect active while the build ran");
+    assert_eq!(active["id"], json!(task), "{active}");
+    assert_eq!(
+        active["progress"]["documents_expected"],
+        json!(expected),
+        "{active}"
+    );
+    assert!(
+        active["progress"]["chunks"].as_u64().unwrap() > 0,
+        "{active}"
+    );
+    assert!(
+        active["progress"]["eta_seconds"].as_f64().is_some(),
+        "{active}"
+    );
+}
+
+/// `celery control terminate SIGTERM <id>` (the CLI's spelling of `revoke(id, terminate=True)`)
+/// on a running build: the task ends REVOKED, its record failed "revoked", and the user's lock
+/// is free for the next build.
+#[test]
+fn a_terminated_build_ends_revoked_and_its_record_failed_revoked() {
+    let redis = RedisServer::start(false);
+    let db = PgDb::seeded(&fixture("sample.jsonl"));
+    let q = unique_queue("terminate");
+    let (api, _w) = slow_api_worker(&redis, &db, &q, 500, 4, &[], &[]);
+    let (id, task) = send_build(&redis, &db, &q, 1);
+    wait_for("the build to embed", Duration::from_secs(30), || {
+        (build_row(&db, &id)[0] == "running" && api.embedding_requests() > 0).then_some(())
+    });
+    let mut revoke = std::process::Command::new(crate::helpers::python());
+    revoke.args([
+        "-m",
+        "celery",
+        "-A",
+        "pyapp",
+        "control",
+        "terminate",
+        "SIGTERM",
+        &task,
+    ]);
+    py_env(&mut revoke, &redis, &q);
+    let out = revoke.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = wait_meta(&redis, &task, "REVOKED", Duration::from_secs(20));
+    assert_eq!(m["status"], "REVOKED", "{m}");
+    let row = wait_for("the record to end", Duration::from_secs(10), || {
+        let r = build_row(&db, &id);
+        (r[0] != "running").then_some(r)
+    });
+    assert_eq!(
+        (row[0].as_str(), row[5].as_str()),
+        ("failed", "revoked"),
+        "{row:?}"
+    );
+    // The lock went with it: the next build runs now, not after the lock's TTL.
+    let next = new_build(&db, 1);
+    let r = build_call(&redis, &q, 1, &next, json!({}));
+    assert_eq!(r["state"], "SUCCESS", "{r}");
 }
 
 /// The embed stage counts requests and bytes apart, in its report and on /metrics, and both

@@ -160,3 +160,45 @@ pub fn http_request(
 pub fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
     http_request(addr, "GET", path, token, None)
 }
+
+/// Samples of a Prometheus text page, parsed by `prometheus_client` (Python's reference client).
+pub fn prometheus_parse(text: &str) -> Value {
+    use std::io::Write;
+    let mut child = std::process::Command::new(crate::helpers::python())
+        .args(["-c", "import sys, json\nfrom prometheus_client.parser import text_string_to_metric_families\nout = []\nfor fam in text_string_to_metric_families(sys.stdin.read()):\n    for s in fam.samples:\n        out.append({'name': s.name, 'labels': s.labels, 'value': s.value})\njson.dump(out, sys.stdout)"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "not Prometheus text: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The sample of `name` with `labels` in a parsed /metrics page.
+pub fn metric(parsed: &Value, name: &str, labels: Value) -> Option<f64> {
+    parsed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| {
+            s["name"] == name
+                && labels
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .all(|(k, v)| &s["labels"][k] == v)
+        })
+        .and_then(|s| s["value"].as_f64())
+}

@@ -839,3 +839,70 @@ fn a_second_signal_is_a_cold_shutdown_that_leaves_work_in_unacked() {
     );
     assert!(meta(&redis, &id).is_none());
 }
+
+/// The task lines of one worker's log, as text to compare: the timestamp checked for Celery's
+/// shape (`2026-05-23 10:12:33,501`) and replaced, the ids of `ids` named by their index, and a
+/// runtime checked for Python's float repr and replaced.
+fn task_lines(log: &str, ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = log
+        .lines()
+        .filter(|l| l.starts_with('[') && l.contains("Task orbit."))
+        .map(|l| {
+            let ts = &l[1..24];
+            let shape: String = ts
+                .chars()
+                .map(|c| if c.is_ascii_digit() { '9' } else { c })
+                .collect();
+            assert_eq!(shape, "9999-99-99 99:99:99,999", "{l}");
+            let mut l = format!("[TS{}", &l[24..]);
+            for (i, id) in ids.iter().enumerate() {
+                l = l.replace(id.as_str(), &format!("id{i}"));
+            }
+            if let Some((head, tail)) = l.split_once(" succeeded in ") {
+                let (t, rest) = tail.split_once("s: ").expect("a runtime");
+                let ok = t.parse::<f64>().is_ok()
+                    && t.contains(['.', 'e'])
+                    && !t.contains("e-") | t.contains("e-0");
+                assert!(ok, "not Python's float repr: {t} in {l}");
+                l = format!("{head} succeeded in Ts: {rest}");
+            }
+            l
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn our_task_log_lines_are_the_python_workers_prefix_included() {
+    let redis = RedisServer::start(false);
+    let (qp, qo) = (unique_queue("logpy"), unique_queue("logrs"));
+    let py = PyWorker::start(&redis, &qp, 1, 3600.0);
+    let ours = WorkerProc::start(&redis, &args(&qo, &["-c", "1"]));
+    let tasks = json!([
+        {"name": "orbit.echo", "args": [1, "two"], "kwargs": {"k": [true, null]}},
+        {"name": "orbit.debug.fail", "args": ["ValueError", "boom"]},
+        {"name": "orbit.debug.flaky", "args": [1, 1]},
+    ]);
+    let (py_log, our_log) = (|| py.log(), || ours.log());
+    let sides: [(&String, &dyn Fn() -> String); 2] = [(&qp, &py_log), (&qo, &our_log)];
+    let mut seen = Vec::new();
+    for (q, log) in sides {
+        let ids = send(&redis, q, tasks.clone());
+        wait_meta(&redis, &ids[0], "SUCCESS", Duration::from_secs(30));
+        wait_meta(&redis, &ids[1], "FAILURE", Duration::from_secs(30));
+        wait_meta(&redis, &ids[2], "SUCCESS", Duration::from_secs(30));
+        // Two lines per task, and the retry's three: retry, received again, succeeded.
+        let lines = wait_for("every task line", Duration::from_secs(10), || {
+            let l = task_lines(&log(), &ids);
+            (l.len() >= 8).then_some(l)
+        });
+        seen.push(lines);
+    }
+    assert_eq!(seen[1], seen[0], "ours (left) against Python's (right)");
+    assert!(
+        seen[0].iter().any(|l| l.contains("INFO/ForkPoolWorker-1] Task orbit.echo[id0] succeeded in Ts: {'args': [1, 'two'], 'kwargs': {'k': [True, None]}}")),
+        "{:#?}",
+        seen[0]
+    );
+}

@@ -428,6 +428,8 @@ pub fn send(redis: &RedisServer, queue: &str, tasks: Value) -> Vec<String> {
 pub struct PyWorker {
     child: Option<Child>,
     pub log: PathBuf,
+    /// `py<port>@`: its node name before Celery's `%h`.
+    pub name_prefix: String,
     _dir: tempfile::TempDir,
 }
 
@@ -441,6 +443,7 @@ impl PyWorker {
         use std::os::unix::process::CommandExt;
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("celery.log");
+        let name_prefix = format!("py{}@", free_port());
         let celery = python().with_file_name("celery");
         let mut cmd = Command::new(celery);
         cmd.args([
@@ -460,7 +463,7 @@ impl PyWorker {
             "-Q",
             queue,
             "-n",
-            &format!("py{}@%h", free_port()),
+            &format!("{name_prefix}%h"),
         ])
         .arg("--logfile")
         .arg(&log)
@@ -473,6 +476,7 @@ impl PyWorker {
         let w = PyWorker {
             child: Some(child),
             log,
+            name_prefix,
             _dir: dir,
         };
         wait_for("python worker ready", Duration::from_secs(60), || {

@@ -167,7 +167,7 @@ fn without_e_nothing_is_published() {
 }
 
 /// Celery's remote-control client (tests/py/control_client.py) against `node` ("*" for all).
-fn control(redis: &RedisServer, node: &str, calls: &[&str]) -> Value {
+pub fn control(redis: &RedisServer, node: &str, calls: &[&str]) -> Value {
     let mut cmd = Command::new(python());
     cmd.arg(repo().join("tests/py/control_client.py"))
         .arg(node)
@@ -284,13 +284,65 @@ fn celery_inspect_and_control_see_and_steer_our_worker() {
     assert_eq!(unacked_len(&redis), 0, "nothing held after the shutdown");
 }
 
-/// Flower 2.2, unchanged, on the test's Redis: it finds our worker by remote control, switches its
-/// events on (the worker runs without `-E`) and lists its tasks from those events.
+/// Headless Chromium (Debian's, `make chromium`) renders `url`: the DOM after its scripts ran,
+/// and a screenshot kept at `shot` as a test artefact.
+fn browser_dom(url: &str, shot: &std::path::Path) -> String {
+    let run = |what: &str| {
+        let profile = tempfile::tempdir().unwrap();
+        let out = Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--hide-scrollbars",
+                "--window-size=1400,900",
+                // Time for the page's own requests (Flower fills its tables from its API).
+                "--virtual-time-budget=10000",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(what)
+            .arg(url)
+            .output()
+            .expect("chromium (make chromium)");
+        assert!(
+            out.status.success(),
+            "chromium {what} {url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&format!("--screenshot={}", shot.display()));
+    assert!(
+        shot.metadata().map(|m| m.len() > 0).unwrap_or(false),
+        "no screenshot of {url}"
+    );
+    run("--dump-dom")
+}
+
+/// The table row of a rendered page that holds `needle`.
+fn row_of<'a>(dom: &'a str, needle: &str) -> Option<&'a str> {
+    let at = dom.find(needle)?;
+    let start = dom[..at].rfind("<tr")?;
+    let end = at + dom[at..].find("</tr>")?;
+    Some(&dom[start..end])
+}
+
+/// A mixed fleet, as during a migration: our worker and a Python Celery worker, both without
+/// `-E`. Flower 2.2, unchanged, finds both by remote control, switches their events on and lists
+/// their tasks; headless Chromium renders Flower's workers and tasks pages with them; `celery
+/// status` and `inspect ping` list both; one `revoke` reaches both; our `/metrics` agrees with
+/// what Flower shows.
 #[test]
-fn flower_lists_our_worker_and_its_tasks() {
+fn flower_a_browser_and_celery_see_a_mixed_fleet() {
     let redis = RedisServer::start(false);
-    let q = unique_queue("flower");
-    let w = WorkerProc::start(&redis, &["-Q", &q, "-n", "rust3@%h"]);
+    let (q, qp) = (unique_queue("flower"), unique_queue("flowerpy"));
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let w = WorkerProc::start(
+        &redis,
+        &["-Q", &q, "-n", "rust3@%h", "--http", &metrics_addr],
+    );
+    let py = PyWorker::start(&redis, &qp, 1, 3600.0);
     let port = free_port();
     let mut cmd = Command::new(python());
     cmd.args(["-m", "celery", "-A", "pyapp", "flower"])
@@ -317,35 +369,174 @@ fn flower_lists_our_worker_and_its_tasks() {
             .then(|| serde_json::from_str(&body).ok())
             .flatten()
     };
-    let host = wait_for("Flower to list our worker", Duration::from_secs(60), || {
-        let workers = get("/api/workers?refresh=1")?;
-        let (host, info) = workers
-            .as_object()?
-            .iter()
-            .find(|(k, _)| k.starts_with("rust3@"))?;
-        let registered = info.get("registered")?.as_array()?;
-        (registered.contains(&json!("orbit.echo")) && info.get("stats")?.get("pool").is_some())
-            .then(|| host.clone())
-    });
+    let (host, py_host) = wait_for(
+        "Flower to list both workers",
+        Duration::from_secs(60),
+        || {
+            let workers = get("/api/workers?refresh=1")?;
+            let find = |prefix: &str, queue: &str| {
+                let (host, info) = workers
+                    .as_object()?
+                    .iter()
+                    .find(|(k, _)| k.starts_with(prefix))?;
+                let registered = info.get("registered")?.as_array()?;
+                let queues = info.get("active_queues")?.as_array()?;
+                (registered.contains(&json!("orbit.echo"))
+                    && info.get("stats")?.get("pool").is_some()
+                    && queues.iter().any(|x| x["name"] == queue))
+                .then(|| host.clone())
+            };
+            Some((find("rust3@", &q)?, find(&py.name_prefix, &qp)?))
+        },
+    );
     // Flower's enable_events broadcast (every few seconds) switches our events on.
     w.wait_log("Flower's enable_events", "enabled by remote");
-    let ok = call(
+
+    // Ours: a success, a failure, a task retried once (1 s later); Python's: a success.
+    let ids = send(
         &redis,
         &q,
-        "orbit.echo",
-        json!(["flower"]),
-        json!({}),
-        json!({}),
+        json!([
+            {"name": "orbit.echo", "args": ["flower"]},
+            {"name": "orbit.debug.fail", "args": ["ValueError", "boom"]},
+            {"name": "orbit.debug.flaky", "args": [1, 1]},
+        ]),
     );
-    assert_eq!(ok["state"], "SUCCESS");
-    let id = ok["id"].as_str().unwrap().to_string();
-    let task = wait_for("Flower to show the task", Duration::from_secs(30), || {
-        let t = get("/api/tasks")?.get(&id)?.clone();
-        (t.get("state")? == "SUCCESS").then_some(t)
+    let py_id = send(&redis, &qp, json!([{"name": "orbit.echo", "args": ["py"]}]))[0].clone();
+    let want = [
+        (&ids[0], "SUCCESS", &host),
+        (&ids[1], "FAILURE", &host),
+        (&ids[2], "SUCCESS", &host),
+        (&py_id, "SUCCESS", &py_host),
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let tasks = loop {
+        let t = get("/api/tasks").unwrap_or_default();
+        let states = |(id, state, _): &(&String, &str, &String)| {
+            t.get(id.as_str()).and_then(|x| x.get("state")) == Some(&json!(state))
+        };
+        if want.iter().all(states) {
+            break t;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Flower's tasks, against {want:?}: {t:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for (id, _, worker) in &want {
+        let t = &tasks[id.as_str()];
+        assert_eq!(t["worker"], json!(worker), "{t}");
+    }
+    let ok = &tasks[ids[0].as_str()];
+    assert_eq!(ok["name"], "orbit.echo", "{ok}");
+    assert_eq!(ok["args"], "['flower']", "{ok}");
+    assert!(ok["runtime"].as_f64().unwrap() > 0.0, "{ok}");
+    let failed = &tasks[ids[1].as_str()];
+    assert_eq!(failed["exception"], "ValueError('boom')", "{failed}");
+    assert!(failed["runtime"].is_null() || failed["runtime"].as_f64().is_some());
+    let retried = &tasks[ids[2].as_str()];
+    assert_eq!(retried["retries"], 1, "{retried}");
+    assert!(retried["retried"].as_f64().is_some(), "{retried}");
+    assert!(
+        retried["exception"]
+            .as_str()
+            .unwrap()
+            .contains("flaky attempt 0"),
+        "{retried}"
+    );
+    assert!(retried["runtime"].as_f64().unwrap() > 0.0, "{retried}");
+
+    // A real browser renders Flower's pages with both workers and the tasks in their states.
+    let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("flower");
+    std::fs::create_dir_all(&shots).unwrap();
+    let dom = browser_dom(
+        &format!("http://{addr}/workers"),
+        &shots.join("workers.png"),
+    );
+    assert!(
+        dom.contains(&host) && dom.contains(&py_host),
+        "workers page: {dom}"
+    );
+    let online = row_of(&dom, &host).unwrap_or_else(|| panic!("no row for {host}: {dom}"));
+    assert!(online.contains("Online"), "{online}");
+    let dom = browser_dom(&format!("http://{addr}/tasks"), &shots.join("tasks.png"));
+    for (id, state, _) in &want {
+        let row = row_of(&dom, id).unwrap_or_else(|| panic!("no row for {id}: {dom}"));
+        assert!(row.contains(state), "{id} not {state}: {row}");
+    }
+
+    // `celery status` and `inspect ping` list both.
+    let mut status = Command::new(python());
+    status.args(["-m", "celery", "-A", "pyapp", "status"]);
+    py_env(&mut status, &redis, &q);
+    let out = status.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("{host}: OK")), "{text}");
+    assert!(text.contains(&format!("{py_host}: OK")), "{text}");
+    assert!(text.contains("2 nodes online"), "{text}");
+    let pong = control(&redis, "*", &["inspect:ping"]);
+    assert_eq!(pong["inspect:ping"][&host], json!({"ok": "pong"}), "{pong}");
+    assert_eq!(
+        pong["inspect:ping"][&py_host],
+        json!({"ok": "pong"}),
+        "{pong}"
+    );
+
+    // One revoke, sent once to every node, reaches both.
+    let eta = send(
+        &redis,
+        &qp,
+        json!([{"name": "orbit.echo", "args": [0], "options": {"countdown": 600}}]),
+    )[0]
+    .clone();
+    control(&redis, "*", &[&format!("revoke:{eta}")]);
+    let revoked = control(&redis, "*", &["inspect:revoked"]);
+    for node in [&host, &py_host] {
+        let ids = revoked["inspect:revoked"][node].as_array();
+        assert!(
+            ids.is_some_and(|i| i.contains(&json!(eta))),
+            "{node}: {revoked}"
+        );
+    }
+
+    // Our /metrics shows what Flower shows of our worker.
+    let flower = wait_for("Flower's counts to settle", Duration::from_secs(20), || {
+        let f = get("/api/workers?refresh=1")?.get(&host)?.clone();
+        let total: u64 = f["stats"]["total"]
+            .as_object()?
+            .values()
+            .filter_map(Value::as_u64)
+            .sum();
+        // echo, fail, flaky, and flaky again for its retry.
+        (total == 4).then_some(f)
     });
-    assert_eq!(task["worker"], json!(host), "{task}");
-    assert_eq!(task["name"], "orbit.echo", "{task}");
-    assert_eq!(task["args"], "['flower']", "{task}");
+    let (code, text) = crate::app_harness::http_get(&metrics_addr, "/metrics", None);
+    assert_eq!(code, 200);
+    let parsed = crate::app_harness::prometheus_parse(&text);
+    let m = |name: &str| crate::app_harness::metric(&parsed, name, json!({"worker": host}));
+    assert_eq!(m("orbit_worker_online"), Some(1.0), "{text}");
+    assert_eq!(m("orbit_worker_processed_total"), Some(4.0), "{text}");
+    assert_eq!(m("orbit_worker_active_tasks"), Some(0.0));
+    assert_eq!(
+        m("orbit_worker_pool_size"),
+        flower["stats"]["pool"]["max-concurrency"].as_f64()
+    );
+    assert_eq!(m("orbit_worker_scheduled_tasks"), Some(0.0));
+    assert!(crate::app_harness::metric(
+        &parsed,
+        "orbit_worker_load_average",
+        json!({"worker": host, "period": "1m"})
+    )
+    .is_some());
+    assert_eq!(
+        crate::app_harness::metric(
+            &parsed,
+            "orbit_tasks_total",
+            json!({"task": "orbit.debug.fail", "state": "failed"})
+        ),
+        Some(1.0)
+    );
 }
 
 /// `revoke` as `AsyncResult.revoke()` / `celery control revoke` send it: a task revoked before it

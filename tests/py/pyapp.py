@@ -37,3 +37,21 @@ def sleep(seconds, ignore_cancel=False):
     started = time.monotonic()
     time.sleep(seconds)
     return {"slept": time.monotonic() - started, "cancelled": False, "worker": "python"}
+
+
+@app.task(name="orbit.debug.fail")
+def fail(exc_type, message, exc_module="builtins"):
+    import importlib
+
+    raise getattr(importlib.import_module(exc_module), exc_type)(message)
+
+
+@app.task(name="orbit.debug.flaky", bind=True, max_retries=3)
+def flaky(self, failures, countdown=None):
+    # As orbit-worker's: a retry until it has been retried `failures` times, 1 s apart by default.
+    if self.request.retries >= failures:
+        return {"retries": self.request.retries}
+    raise self.retry(
+        exc=KeyError(f"flaky attempt {self.request.retries}"),
+        countdown=1 if countdown is None else countdown,
+    )

@@ -81,9 +81,17 @@ pub trait Source: Send + Sync {
     fn size_hint_bytes(&self) -> Option<u64> {
         None
     }
+    /// How many documents `scope` holds, when the source can tell cheaply before reading them
+    /// (a count query): a build's progress is shown against it. None: not known.
+    fn count(&self, _scope: &BuildScope) -> CountFuture<'_> {
+        Box::pin(async { Ok(None) })
+    }
     /// A short human description for logs.
     fn describe(&self) -> String;
 }
+
+pub type CountFuture<'a> =
+    Pin<Box<dyn std::future::Future<Output = Result<Option<u64>, SourceError>> + Send + 'a>>;
 
 /// Every user with a document in `source`, ascending: what a run over all users fans out over.
 /// Reads the whole source once (documents are not kept).

@@ -78,6 +78,28 @@ impl Source for PostgresSource {
         }))
     }
 
+    /// Each kind's query counted by the server (`count(*)` over it), none of its rows sent.
+    fn count(&self, scope: &BuildScope) -> super::CountFuture<'_> {
+        let user = match scope {
+            BuildScope::User(u) => Some(*u),
+            BuildScope::AllUsers => None,
+        };
+        Box::pin(async move {
+            let mut total = 0u64;
+            for q in self.queries.iter() {
+                let sql = format!("SELECT count(*) FROM ({}) AS orbit_count", q.sql);
+                let n: i64 = sqlx::query_scalar(&sql)
+                    .persistent(false)
+                    .bind(user)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(|e| query_error(q.kind, e))?;
+                total += n.max(0) as u64;
+            }
+            Ok(Some(total))
+        })
+    }
+
     fn describe(&self) -> String {
         format!("postgres ({} document kinds)", self.queries.len())
     }

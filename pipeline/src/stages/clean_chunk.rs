@@ -14,6 +14,7 @@ use super::StageMeter;
 use crate::chunk::{Chunker, Packer, Split};
 use crate::clean::{Cleaner, Deduper};
 use crate::error::PipelineError;
+use crate::progress::BuildProgress;
 use crate::report::{DocCounts, StageReport};
 use crate::source::SourceBatch;
 use crate::types::Chunk;
@@ -34,10 +35,13 @@ pub async fn spawn(
     tx: mpsc::Sender<Vec<Chunk>>,
     stop: CancellationToken,
     max_document_bytes: usize,
+    progress: Option<Arc<BuildProgress>>,
 ) -> Result<CleanChunkReport, PipelineError> {
-    tokio::task::spawn_blocking(move || run(chunker, pool, rx, tx, stop, max_document_bytes))
-        .await
-        .map_err(|e| PipelineError::Internal(e.to_string()))?
+    tokio::task::spawn_blocking(move || {
+        run(chunker, pool, rx, tx, stop, max_document_bytes, progress)
+    })
+    .await
+    .map_err(|e| PipelineError::Internal(e.to_string()))?
 }
 
 /// Runs until `rx` closes. Blocking: call it from `spawn_blocking`. A document's text past
@@ -49,13 +53,16 @@ pub fn run(
     tx: mpsc::Sender<Vec<Chunk>>,
     stop: CancellationToken,
     max_document_bytes: usize,
+    progress: Option<Arc<BuildProgress>>,
 ) -> Result<CleanChunkReport, PipelineError> {
     let cleaner = Cleaner::new();
     let mut dedup = Deduper::default();
     let mut packer = Packer::new(chunker.settings().clone());
     // Waiting on the reader counts for clean, waiting on the next stage for chunk.
-    let mut clean = StageMeter::new("clean");
-    let mut chunk = StageMeter::new("chunk");
+    let (mut clean, mut chunk) = (StageMeter::new("clean"), StageMeter::new("chunk"));
+    if let Some(p) = &progress {
+        (clean, chunk) = (clean.publishing(p), chunk.publishing(p));
+    }
     let mut clean_busy = Duration::ZERO;
     let mut docs = DocCounts::default();
 
@@ -98,6 +105,8 @@ pub fn run(
         }
         docs.documents_kept += kept.len() as u64;
         clean_busy += tc.elapsed();
+        (clean.items_in, clean.items_out) = (docs.documents_read, docs.documents_kept);
+        clean.publish();
 
         let splits: Vec<Split> =
             pool.install(|| kept.into_par_iter().map(|d| chunker.split(d)).collect());
@@ -215,6 +224,7 @@ mod tests {
             out_tx,
             CancellationToken::new(),
             usize::MAX,
+            None,
         )
         .unwrap();
         let mut chunks = Vec::new();
@@ -266,6 +276,7 @@ mod tests {
             out_tx,
             CancellationToken::new(),
             usize::MAX,
+            None,
         )
         .unwrap();
         let chunks = out_rx.blocking_recv().unwrap();
@@ -290,7 +301,16 @@ mod tests {
             })
             .unwrap();
         drop(in_tx);
-        let r = run(chunker, pool, in_rx, out_tx, CancellationToken::new(), 1001).unwrap();
+        let r = run(
+            chunker,
+            pool,
+            in_rx,
+            out_tx,
+            CancellationToken::new(),
+            1001,
+            None,
+        )
+        .unwrap();
         let mut chunks = Vec::new();
         while let Some(b) = out_rx.blocking_recv() {
             chunks.extend(b);
@@ -315,7 +335,7 @@ mod tests {
         let (out_tx, _out_rx) = mpsc::channel(1);
         let stop = CancellationToken::new();
         stop.cancel();
-        let r = run(chunker, pool, in_rx, out_tx, stop, usize::MAX);
+        let r = run(chunker, pool, in_rx, out_tx, stop, usize::MAX, None);
         assert!(matches!(r, Err(PipelineError::Cancelled)));
     }
 }

@@ -8,12 +8,14 @@ pub mod extract;
 pub mod reuse;
 pub mod store;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::PipelineError;
+use crate::progress::BuildProgress;
 use crate::report::StageReport;
 
 /// Times a stage: how long it waited on the previous stage (receives) and on the next (sends),
@@ -31,9 +33,24 @@ pub struct StageMeter {
     pub bytes_out: u64,
     pub tokens: u64,
     pub requests: u64,
+    /// Where the counts go as batches move on, for a build's live progress.
+    live: Option<(Arc<BuildProgress>, usize)>,
 }
 
 impl StageMeter {
+    /// Publishes this stage's counts into `p` at every hand-on and [`StageMeter::publish`].
+    pub fn publishing(mut self, p: &Arc<BuildProgress>) -> Self {
+        self.live = BuildProgress::slot(self.name).map(|slot| (p.clone(), slot));
+        self
+    }
+
+    /// The counts now, to the build's live progress (a stage that hands nothing on calls it).
+    pub fn publish(&self) {
+        if let Some((p, slot)) = &self.live {
+            p.publish(*slot, self.items_in, self.items_out, self.tokens);
+        }
+    }
+
     pub fn new(name: &'static str) -> Self {
         StageMeter {
             name,
@@ -46,6 +63,7 @@ impl StageMeter {
             bytes_out: 0,
             tokens: 0,
             requests: 0,
+            live: None,
         }
     }
 
@@ -63,6 +81,7 @@ impl StageMeter {
 
     /// Hands `v` on, timed as waiting downstream.
     pub async fn send<T>(&mut self, tx: &mpsc::Sender<T>, v: T) -> Result<(), PipelineError> {
+        self.publish();
         let t = Instant::now();
         let r = tx.send(v).await.map_err(|_| PipelineError::Cancelled);
         self.wait_down += t.elapsed();
@@ -79,6 +98,7 @@ impl StageMeter {
 
     /// `send` for a stage on a blocking thread.
     pub fn blocking_send<T>(&mut self, tx: &mpsc::Sender<T>, v: T) -> Result<(), PipelineError> {
+        self.publish();
         let t = Instant::now();
         let r = tx.blocking_send(v).map_err(|_| PipelineError::Cancelled);
         self.wait_down += t.elapsed();

@@ -37,6 +37,7 @@ pub async fn run(
             store.upsert(gen, &part).await?;
             meter.requests += 1;
             meter.items_out += n as u64;
+            meter.publish();
         }
         if last {
             return Ok(meter.report());
