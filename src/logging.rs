@@ -5,7 +5,7 @@
 //! line, cost a fifth of its CPU. Lines are kept in a buffer that is written out when it fills,
 //! at least every `FLUSH_EVERY`, at once for warnings and errors, and at exit.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::io::Write;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -211,13 +211,15 @@ where
             Some(slot) => write!(w, "[{now}: {level}/ForkPoolWorker-{slot}] ")?,
             None => write!(w, "[{now}: {level}/MainProcess] ")?,
         }
+        // A task id, a name or a message from outside cannot start a line of its own.
+        let mut one = OneLine(&mut w);
         if let Some((name, id, _)) = &task {
             if !meta.target().starts_with(WORKER_TARGET) {
-                write!(w, "{name}[{id}]: ")?;
+                write!(one, "{name}[{id}]: ")?;
             }
         }
         let mut line = LineFields {
-            w: &mut w,
+            w: &mut one,
             result: Ok(()),
         };
         event.record(&mut line);
@@ -226,17 +228,37 @@ where
     }
 }
 
+/// Writes through to the line, control characters escaped (`\n`, `\r`, `\u{1b}`), so one event is
+/// one line whatever it carries: a forged `[…: INFO/MainProcess] …` stays inside its own line.
+struct OneLine<'a, 'w>(&'a mut Writer<'w>);
+
+impl fmt::Write for OneLine<'_, '_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        if !s.chars().any(|c| c.is_control() && c != '\t') {
+            return self.0.write_str(s);
+        }
+        for c in s.chars() {
+            match c {
+                '\t' => self.0.write_char(c)?,
+                c if c.is_control() => write!(self.0, "{}", c.escape_default())?,
+                c => self.0.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Writes the message, then the other fields as ` key=value`.
-struct LineFields<'a, 'w> {
-    w: &'a mut Writer<'w>,
+struct LineFields<'a, 'b, 'w> {
+    w: &'a mut OneLine<'b, 'w>,
     result: fmt::Result,
 }
 
-impl Visit for LineFields<'_, '_> {
+impl Visit for LineFields<'_, '_, '_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         if self.result.is_ok() {
             self.result = if field.name() == "message" {
-                self.w.write_str(value)
+                fmt::Write::write_str(self.w, value)
             } else {
                 write!(self.w, " {}={value}", field.name())
             };
@@ -307,12 +329,13 @@ mod tests {
             span.record("slot", 2u64);
             span.in_scope(|| {
                 tracing::warn!(target: "orbit_worker::tasks::memory", chunks = 3, "own line");
+                tracing::info!(target: "orbit_worker::tasks::memory", "a\n[2026-01-01 00:00:00,000: ERROR/MainProcess] forged\r\x1b");
                 tracing::error!(target: "orbit_worker::worker::lifecycle", "Task orbit.echo[abc-1] raised unexpected: ValueError('x')");
             });
         });
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(lines.len(), 5, "{text}");
         let mut rest = Vec::new();
         for l in &lines {
             // `[2026-05-23 10:12:33,501: ` — the timestamp with a comma before the milliseconds.
@@ -335,6 +358,7 @@ mod tests {
                 "INFO/MainProcess] Connected to redis",
                 "INFO/MainProcess] Task orbit.echo[abc-1] received",
                 "WARNING/ForkPoolWorker-2] orbit.echo[abc-1]: own line chunks=3",
+                "INFO/ForkPoolWorker-2] orbit.echo[abc-1]: a\\n[2026-01-01 00:00:00,000: ERROR/MainProcess] forged\\r\\u{1b}",
                 "ERROR/ForkPoolWorker-2] Task orbit.echo[abc-1] raised unexpected: ValueError('x')",
             ]
         );

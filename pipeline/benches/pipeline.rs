@@ -12,6 +12,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criteri
 use orbit_pipeline::chunk::{ChunkSettings, Chunker, Packer, Split};
 use orbit_pipeline::clean::{clean_text, Cleaner};
 use orbit_pipeline::embed::HashingEmbedder;
+use orbit_pipeline::progress::BuildProgress;
 use orbit_pipeline::source::JsonlSource;
 use orbit_pipeline::store::NullStore;
 use orbit_pipeline::tokenize::Encoding;
@@ -291,30 +292,35 @@ fn bench_pipeline(c: &mut Criterion) {
     let mut g = c.benchmark_group("pipeline");
     g.throughput(Throughput::Bytes(bytes));
     g.sample_size(10);
-    for threads in [1, 2] {
-        g.bench_function(
-            BenchmarkId::new("hashing-embed/null-store", format!("{threads}t")),
-            |b| {
-                let pool = orbit_pipeline::cpu_pool(threads).unwrap();
-                b.iter(|| {
-                    let p = Pipeline {
-                        source: Arc::new(JsonlSource::new(&[&slice]).unwrap()),
-                        embedder: Arc::new(HashingEmbedder::new(384)),
-                        store: Arc::new(NullStore::default()),
-                        settings: PipelineSettings {
-                            chunk: ChunkSettings::default(),
-                            cpu_threads: threads,
-                            reuse_vectors: true,
-                            ..Default::default()
-                        },
-                        pool: pool.clone(),
-                    };
-                    rt.block_on(p.run(BuildScope::AllUsers, Default::default(), None))
-                        .unwrap()
-                        .chunks
-                })
-            },
-        );
+    // `live`: the stages also publish into a BuildProgress, as a worker's build does: its
+    // cost, on the fastest path there is (the hashing embedder, no store).
+    for (threads, live) in [(1, false), (2, false), (2, true)] {
+        let name = if live {
+            "hashing-embed/null-store/live"
+        } else {
+            "hashing-embed/null-store"
+        };
+        g.bench_function(BenchmarkId::new(name, format!("{threads}t")), |b| {
+            let pool = orbit_pipeline::cpu_pool(threads).unwrap();
+            b.iter(|| {
+                let p = Pipeline {
+                    source: Arc::new(JsonlSource::new(&[&slice]).unwrap()),
+                    embedder: Arc::new(HashingEmbedder::new(384)),
+                    store: Arc::new(NullStore::default()),
+                    settings: PipelineSettings {
+                        chunk: ChunkSettings::default(),
+                        cpu_threads: threads,
+                        reuse_vectors: true,
+                        ..Default::default()
+                    },
+                    pool: pool.clone(),
+                };
+                let progress = live.then(|| Arc::new(BuildProgress::default()));
+                rt.block_on(p.run_live(BuildScope::AllUsers, Default::default(), None, progress))
+                    .unwrap()
+                    .chunks
+            })
+        });
     }
     g.finish();
 }

@@ -405,7 +405,10 @@ fn a_queued_reembed_is_shared_by_two_workers_and_each_user_is_done_once() {
     let ids: Vec<String> = logs
         .lines()
         .filter(|l| l.contains("orbitpilot.reembed_user") && l.contains("succeeded"))
-        .filter_map(|l| l.split('[').nth(1)?.split(']').next().map(str::to_string))
+        .filter_map(|l| {
+            let after = l.split("orbitpilot.reembed_user[").nth(1)?;
+            after.split(']').next().map(str::to_string)
+        })
         .collect();
     assert_eq!(ids.len(), 6, "{logs}");
     for id in &ids {
