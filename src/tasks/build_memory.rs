@@ -144,8 +144,8 @@ async fn run(ctx: TaskContext) -> TaskResult {
 }
 
 /// How often a running build's progress is written to its record and shown to `inspect
-/// active`: the dashboard polls every 4 s, so it sees every second write; one UPDATE every 2 s
-/// costs a build nothing it could measure.
+/// active`: the dashboard polls every 4 s, so it sees every second write. One fenced UPDATE of
+/// one row every 2 s, off the pipeline's tasks (its cost on a build is not yet measured).
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
 /// Writes the build's progress every [`PROGRESS_EVERY`] until aborted. A write that fails (a
