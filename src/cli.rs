@@ -179,6 +179,10 @@ pub struct WorkerArgs {
     /// Serve /healthz, /metrics and the status endpoints on this address (e.g. 127.0.0.1:8081).
     #[arg(long, env = "ORBIT_HTTP_ADDR")]
     pub http: Option<std::net::SocketAddr>,
+    /// MAX,MIN: grow the pool with the work up to MAX, back to MIN when idle (replaces -c).
+    /// Scale-down waits AUTOSCALE_KEEPALIVE seconds (default 30) after the last task.
+    #[arg(long)]
+    pub autoscale: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -310,7 +314,16 @@ async fn worker(settings: Settings, a: WorkerArgs) -> Result<()> {
     if queues.is_empty() {
         bail!("no queue to consume: pass -Q NAME");
     }
+    let autoscale = a
+        .autoscale
+        .as_deref()
+        .map(worker::autoscale::Range::parse)
+        .transpose()?;
+    let autoscale_keepalive =
+        worker::autoscale::keepalive_from(std::env::var("AUTOSCALE_KEEPALIVE").ok().as_deref())?;
     let opts = WorkerOptions {
+        autoscale,
+        autoscale_keepalive,
         broker_url: celery.broker_url,
         backend_url: celery.backend_url,
         result_expires: celery.result_expires,

@@ -297,6 +297,11 @@ fn answer(
         "reserved" => json!(sh.inventory.at(Stage::Reserved)),
         "scheduled" => json!(sh.inventory.at(Stage::Scheduled)),
         "revoked" => json!(sh.revoked.ids()),
+        // With an autoscaler the pool is its to move: Celery refuses these the same way.
+        "pool_grow" | "pool_shrink" if sh.autoscaler.is_some() => json!({"error": format!(
+            "{} is not supported with autoscale. Adjust autoscale range instead.",
+            req.method
+        )}),
         "pool_grow" => {
             let n = count(arg("n"));
             sh.grow_pool(n);
@@ -312,9 +317,24 @@ fn answer(
             );
             json!({"ok": "pool will shrink"})
         }
-        // The pool has a fixed size (moved by pool_grow / pool_shrink): Celery's answer for a
-        // worker started without --autoscale.
-        "autoscale" => json!({"error": "ValueError('Autoscale not enabled')"}),
+        "autoscale" => {
+            let (max, min) = match (bound(arg("max")), bound(arg("min"))) {
+                (Ok(max), Ok(min)) => (max, min),
+                _ => return Some(json!({"error": "autoscale wants whole numbers: max, min"})),
+            };
+            match sh.autoscale_update(max, min) {
+                None => json!({"error": "ValueError('Autoscale not enabled')"}),
+                Some(Err(e)) => json!({"error": e.to_string()}),
+                Some(Ok(r)) => {
+                    tracing::info!(
+                        max = r.max,
+                        min = r.min,
+                        "autoscale range set by remote control"
+                    );
+                    json!({"ok": format!("autoscale now max={} min={}", r.max, r.min)})
+                }
+            }
+        }
         // `terminate` is `celery control terminate SIGNAL ID…`: a revoke with terminate.
         "revoke" | "terminate" => {
             let ids: Vec<&str> = match arg("task_id") {
@@ -386,6 +406,20 @@ fn queue_name_ok(q: &str) -> bool {
 /// not ask for a million slots).
 fn count(v: Option<&Value>) -> usize {
     v.and_then(Value::as_u64).unwrap_or(1).clamp(0, 1024) as usize
+}
+
+/// An `autoscale` bound: absent or null leaves it as it is; a number, or the digits
+/// `celery control autoscale 10 3` may send as text. Anything else is refused, not guessed.
+fn bound(v: Option<&Value>) -> Result<Option<usize>, ()> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(|n| Some(n.min(usize::MAX as u64) as usize))
+            .ok_or(()),
+        Some(Value::String(s)) => s.trim().parse().map(Some).map_err(|_| ()),
+        Some(_) => Err(()),
+    }
 }
 
 /// How long mingle waits for other workers' answers: Celery's `mingle` waits 1 s too.
@@ -493,7 +527,7 @@ fn queue_info(q: &str) -> Value {
 fn stats(sh: &Shared, started: Instant) -> Value {
     let o = &sh.opts;
     let broker = url::Url::parse(o.broker_url.expose().split(';').next().unwrap_or("")).ok();
-    json!({
+    let mut v = json!({
         "total": sh.inventory.totals(),
         "pid": std::process::id(),
         "clock": sh.events.clock().to_string(),
@@ -521,9 +555,14 @@ fn stats(sh: &Shared, started: Instant) -> Value {
             "failover_strategy": "round-robin",
             "alternates": [],
         },
-        "prefetch_count": o.prefetch(),
+        "prefetch_count": sh.prefetch_count.load(std::sync::atomic::Ordering::Relaxed),
         "rusage": rusage(),
-    })
+    });
+    // Celery's autoscaler bootstep adds its section only when it runs.
+    if let (Some(a), Some(m)) = (sh.autoscaler_info(), v.as_object_mut()) {
+        m.insert("autoscaler".into(), a);
+    }
+    v
 }
 
 /// getrusage(RUSAGE_SELF), in the fields and units Python's `resource` gives.

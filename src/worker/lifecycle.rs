@@ -139,6 +139,7 @@ pub async fn accept(sh: Arc<Shared>, fetched: Fetched, permit: OwnedSemaphorePer
         redelivered: msg.redelivered,
         eta: msg.eta.map(|t| t.to_rfc3339()),
     });
+    sh.autoscale_look(true);
     let guard = PanicGuard::of(&msg);
     let sh2 = sh.clone();
     sh.tracker.spawn(

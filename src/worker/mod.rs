@@ -1,6 +1,7 @@
 //! The Celery-compatible worker: fetches from Redis, runs tasks with bounded concurrency, settles
 //! results and acks, restores abandoned messages, and shuts down without losing any.
 
+pub mod autoscale;
 pub mod control;
 mod decide;
 pub mod events;
@@ -51,14 +52,24 @@ pub struct WorkerOptions {
     pub debug_tasks: bool,
     /// Where to serve /healthz, /metrics and the status endpoints; None: no HTTP.
     pub http: Option<std::net::SocketAddr>,
+    /// `--autoscale MAX,MIN`: the pool starts at MIN and moves with the work; `concurrency` is
+    /// then unused, as in Celery.
+    pub autoscale: Option<autoscale::Range>,
+    /// `AUTOSCALE_KEEPALIVE`: how long the pool stays grown after the last task or scale-up.
+    pub autoscale_keepalive: Duration,
 }
 
 impl WorkerOptions {
     /// Messages held at once (running or waiting for a slot): Celery's prefetch count.
+    /// Sized for the most slots the pool may have (autoscale's MAX), as Celery's consumer is.
     pub fn prefetch(&self) -> usize {
-        (self.concurrency * self.prefetch_multiplier)
-            .max(self.concurrency)
-            .max(1)
+        let slots = self.autoscale.map_or(self.concurrency, |r| r.max);
+        (slots * self.prefetch_multiplier).max(slots).max(1)
+    }
+
+    /// Slots at start: autoscale's MIN (which may be 0: the first task scales it up), else `-c`.
+    fn initial_pool(&self) -> usize {
+        self.autoscale.map_or(self.concurrency.max(1), |r| r.min)
     }
 
     /// How often held messages are refreshed and stale ones restored. Celery sweeps about every
@@ -100,8 +111,13 @@ pub struct Shared {
     /// rises with each change so the fetch loop rebuilds its poll order.
     consuming: Mutex<Vec<String>>,
     consuming_version: std::sync::atomic::AtomicU64,
-    /// Concurrency now: `-c`, then moved by `pool_grow` / `pool_shrink`.
+    /// Concurrency now: `-c` (or autoscale's MIN), then moved by `pool_grow` / `pool_shrink`
+    /// or the autoscaler. A shrink lowers it at once; the slots are taken as they come free.
     pool_size: std::sync::atomic::AtomicUsize,
+    /// Messages that may be held now: the prefetch semaphore's size, for `stats`.
+    prefetch_count: std::sync::atomic::AtomicUsize,
+    /// `--autoscale`: its range and clock, behind the one lock every resize takes.
+    autoscaler: Option<Mutex<autoscale::Autoscaler>>,
     /// The `ForkPoolWorker-N` names of the slots running tasks, for their log lines.
     slot_names: slots::SlotNames,
 }
@@ -144,10 +160,10 @@ impl Shared {
         }
     }
 
-    /// Tasks running now (holding a concurrency slot).
+    /// Tasks running now. Counted in the inventory rather than from free slots: a shrink that
+    /// waits for busy slots lowers the pool size before the tasks in them end.
     fn active(&self) -> usize {
-        self.pool_size()
-            .saturating_sub(self.concurrency.available_permits())
+        self.inventory.counts().2
     }
 
     fn queues(&self) -> Vec<String> {
@@ -175,16 +191,13 @@ impl Shared {
     }
 
     /// `pool_grow`: `n` more slots, and the prefetch that goes with them, as Celery grows both.
-    fn grow_pool(&self, n: usize) {
-        self.pool_size
-            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        self.concurrency.add_permits(n);
-        self.prefetch
-            .add_permits(n * self.opts.prefetch_multiplier.max(1));
+    fn grow_pool(self: &Arc<Self>, n: usize) {
+        self.add_slots(n);
+        self.resize_prefetch((n * self.opts.prefetch_multiplier.max(1)) as isize);
     }
 
-    /// `pool_shrink`: `n` fewer slots (never below one). Running tasks are not stopped: the slots
-    /// are taken as they come free, and their prefetch with them.
+    /// `pool_shrink`: `n` fewer slots (never below one), and their prefetch. Running tasks are
+    /// not stopped: the slots are taken as they come free.
     fn shrink_pool(self: &Arc<Self>, n: usize) -> usize {
         use std::sync::atomic::Ordering;
         let mut took = 0;
@@ -194,19 +207,111 @@ impl Shared {
                 took = n.min(size.saturating_sub(1));
                 Some(size - took)
             });
-        if took > 0 {
-            let sh = self.clone();
+        self.take_slots(took);
+        self.resize_prefetch(-((took * self.opts.prefetch_multiplier.max(1)) as isize));
+        took
+    }
+
+    fn add_slots(&self, n: usize) {
+        self.pool_size
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        self.concurrency.add_permits(n);
+    }
+
+    /// Takes `n` slots out of the pool as they come free (the pool size is already lowered):
+    /// the semaphore is fair, so tasks waiting for a slot queue behind the shrink.
+    fn take_slots(self: &Arc<Self>, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let slots = self.concurrency.clone();
+        tokio::spawn(async move {
+            if let Ok(p) = slots.acquire_many_owned(n as u32).await {
+                p.forget();
+            }
+        });
+    }
+
+    /// Moves the prefetch by `delta` messages; a cut waits for held messages to settle.
+    fn resize_prefetch(&self, delta: isize) {
+        use std::sync::atomic::Ordering;
+        let n = delta.unsigned_abs();
+        if delta > 0 {
+            self.prefetch_count.fetch_add(n, Ordering::Relaxed);
+            self.prefetch.add_permits(n);
+        } else if n > 0 {
+            self.prefetch_count.fetch_sub(n, Ordering::Relaxed);
+            let fetches = self.prefetch.clone();
             tokio::spawn(async move {
-                let per = sh.opts.prefetch_multiplier.max(1);
-                let slots = sh.concurrency.clone().acquire_many_owned(took as u32);
-                let fetches = sh.prefetch.clone().acquire_many_owned((took * per) as u32);
-                if let (Ok(s), Ok(f)) = tokio::join!(slots, fetches) {
-                    s.forget();
-                    f.forget();
+                if let Ok(p) = fetches.acquire_many_owned(n as u32).await {
+                    p.forget();
                 }
             });
         }
-        took
+    }
+
+    /// One look of the autoscaler: each tick, and on each task received while the pool is
+    /// below its max (Celery looks on each task message too, so a burst needs no tick to start).
+    fn autoscale_look(self: &Arc<Self>, received: bool) {
+        let Some(Ok(mut a)) = self.autoscaler.as_ref().map(|a| a.lock()) else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        if received {
+            a.received(now);
+            if self.pool_size() >= a.range().max {
+                return;
+            }
+        }
+        let (_, reserved, active) = self.inventory.counts();
+        match a.step(self.pool_size(), reserved + active, now) {
+            autoscale::Step::Grow(n) => {
+                tracing::info!("Scaling up {n} processes.");
+                self.add_slots(n);
+            }
+            autoscale::Step::Shrink(n) => {
+                tracing::info!("Scaling down {n} processes.");
+                self.pool_size
+                    .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+                self.take_slots(n);
+            }
+            autoscale::Step::Hold => {}
+        }
+    }
+
+    /// The `autoscale` control command; None when the worker runs without `--autoscale`.
+    fn autoscale_update(
+        self: &Arc<Self>,
+        max: Option<usize>,
+        min: Option<usize>,
+    ) -> Option<Result<autoscale::Range, autoscale::AutoscaleError>> {
+        let mut a = self.autoscaler.as_ref()?.lock().ok()?;
+        let u = match a.update(max, min, self.pool_size()) {
+            Ok(u) => u,
+            Err(e) => return Some(Err(e)),
+        };
+        if u.shrink > 0 {
+            tracing::info!("Scaling down {} processes.", u.shrink);
+            self.pool_size
+                .fetch_sub(u.shrink, std::sync::atomic::Ordering::Relaxed);
+            self.take_slots(u.shrink);
+        }
+        if u.grow > 0 {
+            tracing::info!("Scaling up {} processes.", u.grow);
+            self.add_slots(u.grow);
+        }
+        self.resize_prefetch(u.max_delta * self.opts.prefetch_multiplier.max(1) as isize);
+        Some(Ok(a.range()))
+    }
+
+    /// What `stats` shows of the autoscaler, in Celery's shape.
+    fn autoscaler_info(&self) -> Option<serde_json::Value> {
+        let a = self.autoscaler.as_ref()?.lock().ok()?;
+        let (_, reserved, active) = self.inventory.counts();
+        let r = a.range();
+        Some(serde_json::json!({
+            "max": r.max, "min": r.min, "current": self.pool_size(), "qty": reserved + active,
+        }))
     }
 
     fn is_held(&self, tag: &str) -> bool {
@@ -280,8 +385,12 @@ pub async fn run(
     let sh = Arc::new(Shared {
         shared_redis: opts.broker_url.expose() == opts.backend_url.expose(),
         prefetch: Arc::new(Semaphore::new(opts.prefetch())),
-        concurrency: Arc::new(Semaphore::new(opts.concurrency.max(1))),
-        pool_size: opts.concurrency.max(1).into(),
+        concurrency: Arc::new(Semaphore::new(opts.initial_pool())),
+        pool_size: opts.initial_pool().into(),
+        prefetch_count: opts.prefetch().into(),
+        autoscaler: opts
+            .autoscale
+            .map(|r| Mutex::new(autoscale::Autoscaler::new(r, opts.autoscale_keepalive))),
         slot_names: Default::default(),
         tuning: Default::default(),
         consuming: Mutex::new(opts.queues.clone()),
@@ -308,6 +417,7 @@ pub async fn run(
         results = %redact_url(o.backend_url.expose()),
         queues = ?o.queues,
         concurrency = o.concurrency,
+        autoscale = ?o.autoscale,
         prefetch = o.prefetch(),
         visibility_timeout_s = o.visibility_timeout.as_secs_f64(),
         tasks = ?sh.registry.names(),
@@ -402,6 +512,9 @@ pub async fn run(
         ))
     };
     let maintenance = tokio::spawn(maintain(sh.clone()));
+    if sh.autoscaler.is_some() {
+        tokio::spawn(autoscale_ticks(sh.clone()));
+    }
     let fetcher = tokio::spawn(fetch_loop(sh.clone()));
     tracing::info!("{} ready.", sh.opts.hostname);
 
@@ -507,6 +620,18 @@ async fn fetch_loop(sh: Arc<Shared>) {
         }
         if sh.stop_fetch.is_cancelled() {
             return;
+        }
+    }
+}
+
+/// The autoscaler's clock: a look every second until fetching stops.
+async fn autoscale_ticks(sh: Arc<Shared>) {
+    let mut every = tokio::time::interval(autoscale::TICK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => sh.autoscale_look(false),
+            _ = sh.stop_fetch.cancelled() => return,
         }
     }
 }

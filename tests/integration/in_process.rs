@@ -28,6 +28,8 @@ fn options(redis: &RedisServer, queue: &str) -> WorkerOptions {
         shutdown_grace: Duration::from_secs(5),
         debug_tasks: true,
         http: None,
+        autoscale: None,
+        autoscale_keepalive: worker::autoscale::DEFAULT_KEEPALIVE,
     }
 }
 

@@ -184,6 +184,26 @@ pub fn control(redis: &RedisServer, node: &str, calls: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// The first worker's reply to one `inspect` method (Null when none answered).
+fn inspect_one(redis: &RedisServer, method: &str) -> Value {
+    let call = format!("inspect:{method}");
+    let r = control(redis, "*", &[&call]);
+    r[&call]
+        .as_object()
+        .and_then(|m| m.values().next().cloned())
+        .unwrap_or(Value::Null)
+}
+
+/// The first worker's reply to one `control` method with its JSON arguments.
+fn control_one(redis: &RedisServer, method: &str, args: Value) -> Value {
+    let call = format!("control:{method}:{args}");
+    let r = control(redis, "*", &[&call]);
+    r[&call][0]
+        .as_object()
+        .and_then(|m| m.values().next().cloned())
+        .unwrap_or(Value::Null)
+}
+
 #[test]
 fn celery_inspect_and_control_see_and_steer_our_worker() {
     let redis = RedisServer::start(false);
@@ -603,14 +623,7 @@ fn the_pool_grows_and_shrinks_at_run_time() {
     let redis = RedisServer::start(false);
     let q = unique_queue("pool");
     let _w = WorkerProc::start(&redis, &["-Q", &q, "-c", "1"]);
-    let max = || {
-        let r = control(&redis, "*", &["inspect:stats"]);
-        r["inspect:stats"]
-            .as_object()
-            .and_then(|m| m.values().next())
-            .map(|s| s["pool"]["max-concurrency"].clone())
-            .unwrap_or(Value::Null)
-    };
+    let max = || inspect_one(&redis, "stats")["pool"]["max-concurrency"].clone();
     assert_eq!(max(), 1);
     // Long enough for the inspect calls (each waits its 3 s for replies); ended by revoke.
     let sleep = json!({"name": "orbit.debug.sleep", "args": [60]});
@@ -652,6 +665,104 @@ fn the_pool_grows_and_shrinks_at_run_time() {
     stop(&ids);
 }
 
+/// `--autoscale MAX,MIN`: the pool grows with the work up to MAX, Flower's and `celery control
+/// autoscale`'s range change moves it at run time, the pool buttons are refused as Celery refuses
+/// them, and a keepalive after the work ends the pool is back at MIN.
+#[test]
+fn the_autoscaler_follows_the_work_and_its_range() {
+    let redis = RedisServer::start(false);
+    let q = unique_queue("autoscale");
+    let w = WorkerProc::start_env(
+        &redis,
+        &["-Q", &q, "--autoscale", "3,1"],
+        &[("AUTOSCALE_KEEPALIVE", "1")],
+    );
+    let stats = || inspect_one(&redis, "stats");
+    let s = stats();
+    assert_eq!(s["pool"]["max-concurrency"], 1, "starts at min: {s}");
+    assert_eq!(
+        s["autoscaler"],
+        json!({"max": 3, "min": 1, "current": 1, "qty": 0})
+    );
+    assert_eq!(s["prefetch_count"], 12, "prefetch is sized for max: {s}");
+    let ctl = |method: &str, args: Value| control_one(&redis, method, args);
+    assert_eq!(
+        ctl("pool_grow", json!({"n": 1}))["error"],
+        "pool_grow is not supported with autoscale. Adjust autoscale range instead."
+    );
+    // (running, waiting for a slot), as `celery inspect` sees them.
+    let held = || {
+        let r = control(&redis, "*", &["inspect:active", "inspect:reserved"]);
+        let n = |k: &str| {
+            r[k].as_object()
+                .and_then(|m| m.values().next().cloned())
+                .and_then(|a| a.as_array().map(Vec::len))
+                .unwrap_or(0)
+        };
+        (n("inspect:active"), n("inspect:reserved"))
+    };
+    let sleep = json!({"name": "orbit.debug.sleep", "args": [60]});
+    let ids = send(&redis, &q, json!([sleep, sleep, sleep, sleep]));
+    wait_for(
+        "the pool to grow to its max",
+        Duration::from_secs(20),
+        || (held() == (3, 1)).then_some(()),
+    );
+    w.wait_log("the scale-up line", "Scaling up");
+    assert_eq!(stats()["pool"]["max-concurrency"], 3, "grown past max");
+    // `celery control autoscale 4 1`, the real CLI: the range moves and the fourth runs.
+    let mut cli = Command::new(python());
+    cli.args([
+        "-m",
+        "celery",
+        "-A",
+        "pyapp",
+        "control",
+        "autoscale",
+        "4",
+        "1",
+    ]);
+    py_env(&mut cli, &redis, &q);
+    let out = cli.output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("autoscale now max=4 min=1"),
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the fourth to run", Duration::from_secs(20), || {
+        (held() == (4, 0)).then_some(())
+    });
+    assert!(ctl("autoscale", json!({"max": 2, "min": 5}))["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("above max")));
+    // One revoke for all, so they end together.
+    ctl("revoke", json!({"task_id": ids, "terminate": true}));
+    for id in &ids {
+        wait_meta(&redis, id, "REVOKED", Duration::from_secs(20));
+    }
+    // Idle past the keepalive: back to min.
+    wait_for("the pool back at min", Duration::from_secs(20), || {
+        (stats()["pool"]["max-concurrency"] == 1).then_some(())
+    });
+    w.wait_log("the scale-down line", "Scaling down");
+    // A lower max holds: of two, one runs.
+    assert_eq!(
+        ctl("autoscale", json!({"max": 1, "min": 1})),
+        json!({"ok": "autoscale now max=1 min=1"})
+    );
+    let sleep = json!({"name": "orbit.debug.sleep", "args": [60]});
+    let ids = send(&redis, &q, json!([sleep, sleep]));
+    wait_for("one running", Duration::from_secs(20), || {
+        (held().0 == 1).then_some(())
+    });
+    // Two looks of the autoscaler later, the second still waits.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(held(), (1, 1), "ran past the max");
+    ctl("revoke", json!({"task_id": ids, "terminate": true}));
+    assert_eq!(stats()["prefetch_count"], 4, "the prefetch follows max");
+}
+
 /// `add_consumer` / `cancel_consumer`, `time_limit` and `rate_limit` by remote control, as
 /// `celery control` and Flower send them.
 #[test]
@@ -660,14 +771,7 @@ fn queues_and_limits_change_at_run_time() {
     let q1 = unique_queue("consumed");
     let q2 = unique_queue("added");
     let _w = WorkerProc::start(&redis, &["-Q", &q1]);
-    let ctl = |method: &str, args: Value| {
-        let call = format!("control:{method}:{args}");
-        let r = control(&redis, "*", &[&call]);
-        r[&call][0]
-            .as_object()
-            .and_then(|m| m.values().next().cloned())
-            .unwrap_or(Value::Null)
-    };
+    let ctl = |method: &str, args: Value| control_one(&redis, method, args);
     let echo =
         |q: &str, word: &str| call(&redis, q, "orbit.echo", json!([word]), json!({}), json!({}));
     assert_eq!(
