@@ -86,6 +86,11 @@ struct Headers {
     root_id: Option<Value>,
     argsrepr: Option<Value>,
     kwargsrepr: Option<Value>,
+    /// Celery's stamping (5.3+): the names of the stamps and their values, for
+    /// `revoke_by_stamped_headers`. Any JSON is accepted; what is not the expected shape is
+    /// left out.
+    stamped_headers: Option<Value>,
+    stamps: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -131,6 +136,9 @@ pub struct TaskMessage {
     /// The embed names a chain, callbacks, errbacks or a chord: canvas work this worker does
     /// not run yet, so it says so instead of dropping it silently.
     pub has_canvas: bool,
+    /// The message's stamps, `(header, value)` for each name in `stamped_headers` that has a
+    /// value (a value may be a list, as Celery allows).
+    pub stamps: Vec<(String, Value)>,
     pub raw: String,
 }
 
@@ -307,6 +315,7 @@ impl TaskMessage {
         let expires = parse_time("expires", headers.expires.as_deref()).map_err(fail)?;
         let (hard_limit, soft_limit) = headers.timelimit.unwrap_or((None, None));
         let di = env.properties.delivery_info.unwrap_or_default();
+        let stamps = stamps_of(headers.stamped_headers.as_ref(), headers.stamps.as_ref());
         Ok(TaskMessage {
             id: task_id,
             name,
@@ -328,9 +337,25 @@ impl TaskMessage {
             redelivered: headers.redelivered.or(di.redelivered).unwrap_or(false),
             ignore_result: headers.ignore_result.unwrap_or(false),
             has_canvas,
+            stamps,
             raw: raw.to_string(),
         })
     }
+}
+
+/// Celery's `Request.stamps`: the value of each stamp `stamped_headers` names, nulls left out.
+fn stamps_of(names: Option<&Value>, stamps: Option<&Value>) -> Vec<(String, Value)> {
+    let (Some(Value::Array(names)), Some(Value::Object(stamps))) = (names, stamps) else {
+        return Vec::new();
+    };
+    names
+        .iter()
+        .filter_map(Value::as_str)
+        .filter_map(|n| match stamps.get(n) {
+            None | Some(Value::Null) => None,
+            Some(v) => Some((n.to_string(), v.clone())),
+        })
+        .collect()
 }
 
 /// A header that is a string, else none.
@@ -571,6 +596,24 @@ mod tests {
         assert_eq!(m.name, "orbitpilot.reembed_user");
         assert_eq!(m.args, vec![serde_json::json!("r1"), serde_json::json!(7)]);
         assert!(m.kwargs.is_empty());
+    }
+
+    #[test]
+    fn stamps_are_the_values_stamped_headers_names() {
+        use serde_json::json;
+        let names = json!(["a", "b", "missing", 3, "nul"]);
+        let stamps = json!({"a": "x", "b": ["y", "z"], "c": "not named", "nul": null});
+        assert_eq!(
+            stamps_of(Some(&names), Some(&stamps)),
+            vec![
+                ("a".to_string(), json!("x")),
+                ("b".to_string(), json!(["y", "z"]))
+            ]
+        );
+        // Wrong shapes from outside: no stamps, no error.
+        assert!(stamps_of(Some(&json!("a")), Some(&stamps)).is_empty());
+        assert!(stamps_of(Some(&names), Some(&json!([1]))).is_empty());
+        assert!(stamps_of(None, None).is_empty());
     }
 
     #[test]

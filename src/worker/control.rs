@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::events::unix_now;
 use super::inventory::Stage;
 use super::Shared;
+use crate::celery::result::{py_repr, py_str_repr};
 use crate::redis_conn::{redact_url, RedisConn};
 
 /// Wait before subscribing again after the control connection failed.
@@ -351,11 +352,29 @@ fn answer(
                 }
             }
             tracing::info!(terminate, "Tasks flagged as revoked: {}", ids.join(", "));
-            let set: Vec<String> = ids
-                .iter()
-                .map(|i| crate::celery::result::py_str_repr(i))
-                .collect();
+            let set: Vec<String> = ids.iter().map(|i| py_str_repr(i)).collect();
             json!({"ok": format!("tasks {{{}}} flagged as revoked", set.join(", "))})
+        }
+        // Celery 5.3's stamping: `headers` is {header: value or list}, or the CLI's ["k=v", …].
+        "revoke_by_stamped_headers" => {
+            let Some(headers) = stamped_headers(arg("headers")) else {
+                return Some(json!({"error": "revoke_by_stamped_headers needs headers"}));
+            };
+            for (h, v) in &headers {
+                sh.revoked_stamps.add(h, v);
+            }
+            let shown = py_repr(&Value::Object(headers.clone()));
+            tracing::info!("Tasks with stamped headers {shown} flagged as revoked");
+            if !arg("terminate").and_then(Value::as_bool).unwrap_or(false) {
+                return Some(
+                    json!({"ok": format!("headers {shown} flagged as revoked, but not terminated")}),
+                );
+            }
+            let hit = sh.inventory.terminate_stamped(&headers);
+            if hit.is_empty() {
+                return Some(json!({"ok": format!("headers {shown} were not terminated")}));
+            }
+            json!({"ok": format!("headers {} revoked", py_set_mapping(&hit))})
         }
         "query_task" => {
             let ids: Vec<&str> = match arg("ids") {
@@ -498,6 +517,40 @@ fn reply_body(raw: &[u8]) -> Option<serde_json::Map<String, Value>> {
     }
 }
 
+/// `revoke_by_stamped_headers`' `headers`: a non-empty dict, or Celery's CLI list of `key=value`
+/// (split as Celery splits them: the text between the first and a second `=`).
+fn stamped_headers(v: Option<&Value>) -> Option<serde_json::Map<String, Value>> {
+    let m: serde_json::Map<String, Value> = match v? {
+        Value::Object(m) => m.clone(),
+        Value::Array(a) => a
+            .iter()
+            .map(|h| {
+                let mut parts = h.as_str()?.split('=');
+                let (k, v) = (parts.next()?, parts.next()?);
+                Some((k.to_string(), Value::String(v.to_string())))
+            })
+            .collect::<Option<_>>()?,
+        _ => return None,
+    };
+    (!m.is_empty() && m.keys().all(|k| !k.is_empty())).then_some(m)
+}
+
+/// Celery's reply shows the stamps that stopped a task as its `defaultdict(set)`.
+fn py_set_mapping(hit: &[(String, Value)]) -> String {
+    let mut by: Vec<(&String, Vec<String>)> = Vec::new();
+    for (h, v) in hit {
+        match by.iter_mut().find(|(k, _)| *k == h) {
+            Some((_, vs)) => vs.push(py_repr(v)),
+            None => by.push((h, vec![py_repr(v)])),
+        }
+    }
+    let body: Vec<String> = by
+        .iter()
+        .map(|(h, vs)| format!("{}: {{{}}}", py_str_repr(h), vs.join(", ")))
+        .collect();
+    format!("defaultdict(<class 'set'>, {{{}}})", body.join(", "))
+}
+
 /// Revoked ids another worker handed over (a dict of id → time, or a list of ids).
 fn merge_revoked(sh: &Shared, v: Option<&Value>) {
     match v {
@@ -616,6 +669,37 @@ mod tests {
         })
         .to_string()
         .into_bytes()
+    }
+
+    #[test]
+    fn stamped_headers_read_as_celery_reads_them() {
+        let dict = json!({"mtask_id": ["a", "b"]});
+        assert_eq!(stamped_headers(Some(&dict)), dict.as_object().cloned());
+        // The CLI's `key=value` words: the text between the first and a second `=`.
+        assert_eq!(
+            stamped_headers(Some(&json!(["k=v", "x=1=2"]))),
+            json!({"k": "v", "x": "1"}).as_object().cloned()
+        );
+        for bad in [
+            json!([]),
+            json!({}),
+            json!(["novalue"]),
+            json!([7]),
+            json!("k=v"),
+            json!({"": 1}),
+        ] {
+            assert_eq!(stamped_headers(Some(&bad)), None, "{bad}");
+        }
+        assert_eq!(stamped_headers(None), None);
+        let hit = vec![
+            ("batch".to_string(), json!("b1")),
+            ("id".to_string(), json!(3)),
+            ("batch".to_string(), json!("b2")),
+        ];
+        assert_eq!(
+            py_set_mapping(&hit),
+            "defaultdict(<class 'set'>, {'batch': {'b1', 'b2'}, 'id': {3}})"
+        );
     }
 
     #[test]

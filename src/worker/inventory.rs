@@ -34,6 +34,7 @@ struct Entry {
     request: Value,
     eta: Option<String>,
     priority: u8,
+    stamps: Vec<(String, Value)>,
 }
 
 #[derive(Default)]
@@ -101,6 +102,8 @@ pub struct Request<'a> {
     pub priority: u8,
     pub redelivered: bool,
     pub eta: Option<String>,
+    /// The message's stamps, for `revoke_by_stamped_headers` with `terminate`.
+    pub stamps: &'a [(String, Value)],
 }
 
 impl Inventory {
@@ -141,6 +144,7 @@ impl Inventory {
                     request,
                     eta: r.eta,
                     priority: r.priority,
+                    stamps: r.stamps.to_vec(),
                 },
             );
         }
@@ -221,6 +225,30 @@ impl Inventory {
         }
     }
 
+    /// `revoke_by_stamped_headers(terminate=True)`: stops every running task with a stamp that
+    /// `given` names. Returns the stamps that stopped one.
+    pub fn terminate_stamped(
+        &self,
+        given: &serde_json::Map<String, Value>,
+    ) -> Vec<(String, Value)> {
+        let Ok(t) = self.tasks.lock() else {
+            return Vec::new();
+        };
+        let mut hit = Vec::new();
+        for e in t.values().filter(|e| e.stage == Stage::Active) {
+            let m = super::revoked::stamps_matching(given, &e.stamps);
+            if !m.is_empty() {
+                e.terminate.cancel();
+                hit.extend(
+                    m.into_iter()
+                        .filter(|p| !hit.contains(p))
+                        .collect::<Vec<_>>(),
+                );
+            }
+        }
+        hit
+    }
+
     pub fn totals(&self) -> Value {
         self.totals
             .lock()
@@ -245,6 +273,7 @@ mod tests {
             priority: 0,
             redelivered: false,
             eta: Some("2030-01-01T00:00:00+00:00".into()),
+            stamps: &[],
         }
     }
 

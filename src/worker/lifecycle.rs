@@ -16,7 +16,9 @@ use super::settle::{persist, Action, Completion};
 use super::Shared;
 use crate::celery::message::{queue_key, retry_envelope, DecodeError, MessageLimits, TaskMessage};
 use crate::celery::redis::Fetched;
-use crate::celery::result::{encode_meta, py_args_repr, py_float, py_repr, ExceptionInfo, Outcome};
+use crate::celery::result::{
+    encode_meta, py_args_repr, py_float, py_repr, py_str_repr, ExceptionInfo, Outcome,
+};
 use crate::tasks::TimeLimits;
 use crate::tasks::{AbortHook, AbortReason, Call, TaskConfig, TaskContext, TaskDef, TaskError};
 
@@ -138,6 +140,7 @@ pub async fn accept(sh: Arc<Shared>, fetched: Fetched, permit: OwnedSemaphorePer
         priority: msg.priority,
         redelivered: msg.redelivered,
         eta: msg.eta.map(|t| t.to_rfc3339()),
+        stamps: &msg.stamps,
     });
     sh.autoscale_look(true);
     let guard = PanicGuard::of(&msg);
@@ -531,7 +534,7 @@ fn is_expired(msg: &TaskMessage) -> bool {
 fn discard_reason(sh: &Shared, msg: &TaskMessage) -> Option<&'static str> {
     if is_expired(msg) {
         Some("expired")
-    } else if sh.revoked.contains(&msg.id) {
+    } else if sh.revoked.contains(&msg.id) || sh.revoked_stamps.matching(&msg.stamps).is_some() {
         Some("revoked")
     } else {
         None
@@ -554,6 +557,18 @@ async fn discard(
             "Discarding revoked task: {}[{}] (expired)",
             msg.name,
             msg.id
+        );
+    } else if let Some((h, v)) = sh
+        .revoked_stamps
+        .matching(&msg.stamps)
+        .filter(|_| !sh.revoked.contains(&msg.id))
+    {
+        tracing::warn!(
+            "Discarding revoked task: {}[{}] (revoked by header: {{{}: {}}})",
+            msg.name,
+            msg.id,
+            py_str_repr(&h),
+            py_repr(&v)
         );
     } else {
         tracing::warn!("Discarding revoked task: {}[{}]", msg.name, msg.id);

@@ -105,6 +105,8 @@ pub struct Shared {
     inventory: Arc<inventory::Inventory>,
     /// Ids revoked by remote control: discarded when they come up.
     revoked: revoked::Revoked,
+    /// Stamps revoked by `revoke_by_stamped_headers`: a task carrying one is discarded too.
+    revoked_stamps: revoked::RevokedStamps,
     /// Rate and time limits set at run time by remote control.
     tuning: tuning::Tuning,
     /// The queues consumed now: `-Q`, then `add_consumer` / `cancel_consumer`; the version
@@ -409,6 +411,7 @@ pub async fn run(
         events,
         inventory: Default::default(),
         revoked: Default::default(),
+        revoked_stamps: Default::default(),
     });
     let o = &sh.opts;
     tracing::info!(

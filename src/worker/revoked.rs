@@ -1,6 +1,8 @@
 //! The task ids revoked by `revoke` broadcasts, kept as Celery keeps them (`REVOKES_MAX`,
 //! `REVOKE_EXPIRES`): at most 50,000, each for 3 hours. A revoked task that comes up is discarded
 //! REVOKED; `inspect revoked` lists the set, and mingle (`hello`) hands it to starting workers.
+//! Stamps revoked by `revoke_by_stamped_headers` are kept the same way, under the same bounds
+//! (Celery keeps them in an unbounded dict; a flood of them must not grow the worker without end).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -94,9 +96,112 @@ impl Revoked {
     }
 }
 
+/// `revoke_by_stamped_headers`' set: `(header, value)` pairs, a task is revoked when one of its
+/// stamps is among them.
+#[derive(Default)]
+pub struct RevokedStamps {
+    pairs: Revoked,
+}
+
+/// One pair as a key: the header, a unit separator, the value's JSON (so `"1"` and `1` differ, as
+/// they do in Python).
+fn stamp_key(header: &str, value: &serde_json::Value) -> String {
+    format!("{header}\u{1f}{value}")
+}
+
+/// A stamp's value as Celery's `maybe_list` sees it: a list stands for each of its items.
+fn each_value(v: &serde_json::Value) -> &[serde_json::Value] {
+    match v {
+        serde_json::Value::Array(a) => a,
+        one => std::slice::from_ref(one),
+    }
+}
+
+impl RevokedStamps {
+    /// Revokes every value given for `header` (one value or a list).
+    pub fn add(&self, header: &str, values: &serde_json::Value) {
+        for v in each_value(values) {
+            self.pairs.add(&stamp_key(header, v));
+        }
+    }
+
+    /// The first of a task's stamps that is revoked, as Celery's `Request.revoked` finds it.
+    pub fn matching(
+        &self,
+        stamps: &[(String, serde_json::Value)],
+    ) -> Option<(String, serde_json::Value)> {
+        stamps.iter().find_map(|(h, v)| {
+            each_value(v)
+                .iter()
+                .find(|x| self.pairs.contains(&stamp_key(h, x)))
+                .map(|x| (h.clone(), x.clone()))
+        })
+    }
+}
+
+/// The stamps of `stamps` that `given` (header → a value or a list of them) names: what
+/// `revoke_by_stamped_headers` with `terminate` matches a running task by.
+pub fn stamps_matching(
+    given: &serde_json::Map<String, serde_json::Value>,
+    stamps: &[(String, serde_json::Value)],
+) -> Vec<(String, serde_json::Value)> {
+    let mut hits = Vec::new();
+    for (h, v) in stamps {
+        let Some(wanted) = given.get(h) else { continue };
+        for x in each_value(v) {
+            if each_value(wanted).contains(x) && !hits.contains(&(h.clone(), x.clone())) {
+                hits.push((h.clone(), x.clone()));
+            }
+        }
+    }
+    hits
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn stamps_match_by_header_and_value_lists_on_either_side() {
+        let r = RevokedStamps::default();
+        r.add("mtask_id", &json!(["a", "b"]));
+        r.add("batch", &json!(7));
+        let st = |h: &str, v: serde_json::Value| vec![(h.to_string(), v)];
+        assert_eq!(
+            r.matching(&st("mtask_id", json!("b"))),
+            Some(("mtask_id".into(), json!("b")))
+        );
+        assert_eq!(
+            r.matching(&st("mtask_id", json!(["x", "a"]))),
+            Some(("mtask_id".into(), json!("a")))
+        );
+        assert_eq!(r.matching(&st("mtask_id", json!("c"))), None);
+        // Another header with the same value, and the same value as a string: not revoked.
+        assert_eq!(r.matching(&st("other", json!("a"))), None);
+        assert_eq!(r.matching(&st("batch", json!("7"))), None);
+        assert_eq!(
+            r.matching(&st("batch", json!(7))),
+            Some(("batch".into(), json!(7)))
+        );
+        assert_eq!(r.matching(&[]), None);
+
+        let given = json!({"mtask_id": "a", "batch": [7, 8]});
+        let given = given.as_object().unwrap();
+        let stamps = vec![
+            ("mtask_id".to_string(), json!(["a", "z"])),
+            ("batch".to_string(), json!(8)),
+            ("other".to_string(), json!("a")),
+        ];
+        assert_eq!(
+            stamps_matching(given, &stamps),
+            vec![
+                ("mtask_id".to_string(), json!("a")),
+                ("batch".to_string(), json!(8))
+            ]
+        );
+        assert!(stamps_matching(given, &[("mtask_id".to_string(), json!("q"))]).is_empty());
+    }
 
     #[test]
     fn revokes_expire_and_stay_bounded() {
