@@ -16,7 +16,7 @@ export ORBIT_MODEL_DIR ?= $(MODEL_DIR)
 export TIKTOKEN_CACHE_DIR ?= $(TIKTOKEN_DIR)
 export ORBIT_TEST_PYTHON ?= $(VENV)/bin/python
 
-.PHONY: chromium qdrant node-servers postgres all demo test eval bench bench-embed bench-store bench-e2e bench-celery lint model venv tiktoken-cache corpus-100m corpus-1g tools release clean chaos fuzz fuzz-smoke cargo-fuzz
+.PHONY: chromium qdrant node-servers postgres all demo test eval bench bench-full bench-embed bench-store bench-e2e bench-celery lint model venv tiktoken-cache corpus-100m corpus-1g tools release clean chaos fuzz fuzz-smoke cargo-fuzz
 
 all: release
 
@@ -102,7 +102,7 @@ $(QDRANT_CACHE_TOOLS)/.ok:
 	touch $@
 
 release: tools
-	cargo build --release --bin orbit-worker
+	cargo build --release --bins
 
 demo: tools model release
 	@rm -rf $(DEMO_DATA)
@@ -175,11 +175,19 @@ $(CORPUS_DIR)/corpus-1g.jsonl:
 eval: tools model release
 	scripts/eval.sh $(BIN)
 
-bench: tools corpus-100m venv model
+# The criterion groups, then the harness end to end on 100 MB against the Python baseline
+# (CPU-bound: the double with no limit and no latency), into bench-out/ (report.md, SVG plots).
+BENCH_OUT ?= bench-out
+bench: tools corpus-100m venv model tiktoken-cache release
 	ORBIT_BENCH_CORPUS=$(CORPUS_DIR)/corpus-100m.jsonl cargo bench -p orbit-pipeline --bench pipeline
 	cargo bench -p orbit-pipeline --bench search
-	$(MAKE) bench-embed
-	$(MAKE) bench-e2e
+	ORBIT_BENCH_CORPUS_DIR=$(CORPUS_DIR) $(BIN) bench --corpus 100MB --baseline --out $(BENCH_OUT)
+
+# The full run kept in docs/benchmarks/: the sweep with the baseline (CPU-bound), the
+# rate-limited configuration (1 M TPM, 200 ms), and the worker benchmarks.
+bench-full: tools venv tiktoken-cache release
+	$(BIN) bench --sweep 10MB,100MB,1GB --baseline --out docs/benchmarks/cpu-bound
+	$(BIN) bench --corpus 100MB --tpm 1000000 --latency-ms 200 --us-per-token 50 --baseline --out docs/benchmarks/rate-limited
 	$(MAKE) bench-celery
 
 # The OpenAI embedder at a 1 M TPM key (the shared double's rate-limit mode, 200 ms + 50 µs a

@@ -92,6 +92,9 @@ pub enum Command {
     /// The app database: apply migrations, or load a JSONL corpus into the app tables.
     #[command(subcommand)]
     Db(DbCommand),
+    /// The end-to-end benchmark: our build against the Python baseline on one corpus and one
+    /// embedding server, with report.json, report.md and SVG plots.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -146,6 +149,41 @@ pub struct BuildArgs {
     /// Print the BuildReport as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Write each stage's counts and busy/waiting seconds to FILE as JSON lines, every
+    /// `TIMELINE_INTERVAL` (what `orbit-worker bench` plots).
+    #[arg(long, value_name = "FILE")]
+    pub timeline: Option<PathBuf>,
+}
+
+/// How often `build --timeline` writes a point: fine enough to see a stage stall, and at most
+/// a few thousand lines for a build of an hour.
+const TIMELINE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Writes the build's stage times to `path` until `done` fires, then once more.
+fn timeline_writer(
+    path: &std::path::Path,
+    live: Arc<orbit_pipeline::progress::BuildProgress>,
+    done: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>> {
+    use std::io::Write;
+    let f = std::fs::File::create(path)
+        .with_context(|| format!("cannot write the timeline {}", path.display()))?;
+    let mut w = std::io::BufWriter::new(f);
+    Ok(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(TIMELINE_INTERVAL);
+        loop {
+            let last = tokio::select! {
+                _ = tick.tick() => false,
+                _ = done.cancelled() => true,
+            };
+            let (t, stages) = live.stage_times();
+            let line = serde_json::json!({"t": t, "stages": stages});
+            if writeln!(w, "{line}").is_err() || last {
+                let _ = w.flush();
+                return;
+            }
+        }
+    }))
 }
 
 /// Flags mirror `celery worker`. The broker is REDIS_URL (CELERY_BROKER_URL overrides it); results
@@ -203,6 +241,8 @@ pub struct SearchArgs {
 pub async fn run(cli: Cli) -> Result<()> {
     let settings = Settings::from_env()?;
     match cli.command {
+        // The harness only starts and measures other processes, on blocking threads.
+        Command::Bench(a) => tokio::task::spawn_blocking(move || crate::bench::run(a)).await?,
         Command::Worker(a) => worker(settings, a).await,
         Command::Health => health().await,
         Command::Build(a) => build(settings, a).await,
@@ -414,7 +454,22 @@ async fn build(mut settings: Settings, a: BuildArgs) -> Result<()> {
         }
     });
     let bar = LazyBar::new(total);
-    let report = pipeline.run(scope, cancel, Some(bar.callback())).await;
+    let live = a
+        .timeline
+        .as_ref()
+        .map(|_| Arc::new(orbit_pipeline::progress::BuildProgress::default()));
+    let done = CancellationToken::new();
+    let writer = match (&a.timeline, &live) {
+        (Some(path), Some(l)) => Some(timeline_writer(path, l.clone(), done.clone())?),
+        _ => None,
+    };
+    let report = pipeline
+        .run_live(scope, cancel, Some(bar.callback()), live)
+        .await;
+    done.cancel();
+    if let Some(w) = writer {
+        let _ = w.await;
+    }
     bar.finish();
     let report = report.context("build failed")?;
     if a.json {

@@ -3,6 +3,7 @@
 //! so tests run the worker in-process; `main.rs` is a thin binary over `cli`.
 
 pub mod answer;
+pub mod bench;
 pub mod cache;
 pub mod celery;
 pub mod chat;

@@ -20,6 +20,22 @@ struct Live {
     items_in: AtomicU64,
     items_out: AtomicU64,
     tokens: AtomicU64,
+    /// Microseconds the stage worked, waited on the previous stage and on the next, so far.
+    busy_us: AtomicU64,
+    wait_up_us: AtomicU64,
+    wait_down_us: AtomicU64,
+}
+
+/// One stage's counts and times so far: a point of a build's timeline (`build --timeline`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct StageTimes {
+    pub name: &'static str,
+    pub items_in: u64,
+    pub items_out: u64,
+    pub tokens: u64,
+    pub busy_s: f64,
+    pub wait_upstream_s: f64,
+    pub wait_downstream_s: f64,
 }
 
 /// Shared by a build's stages and its reporter.
@@ -73,6 +89,39 @@ impl BuildProgress {
         l.items_in.store(items_in, Relaxed);
         l.items_out.store(items_out, Relaxed);
         l.tokens.store(tokens, Relaxed);
+    }
+
+    pub(crate) fn publish_times(
+        &self,
+        slot: usize,
+        busy: std::time::Duration,
+        wait_up: std::time::Duration,
+        wait_down: std::time::Duration,
+    ) {
+        let l = &self.stages[slot];
+        let us = |d: std::time::Duration| d.as_micros().min(u64::MAX as u128) as u64;
+        l.busy_us.store(us(busy), Relaxed);
+        l.wait_up_us.store(us(wait_up), Relaxed);
+        l.wait_down_us.store(us(wait_down), Relaxed);
+    }
+
+    /// Every stage's counts and times now, in pipeline order, and the seconds since the start.
+    pub fn stage_times(&self) -> (f64, Vec<StageTimes>) {
+        let s = |us: &AtomicU64| us.load(Relaxed) as f64 / 1e6;
+        let stages = STAGES
+            .iter()
+            .zip(&self.stages)
+            .map(|(name, l)| StageTimes {
+                name,
+                items_in: l.items_in.load(Relaxed),
+                items_out: l.items_out.load(Relaxed),
+                tokens: l.tokens.load(Relaxed),
+                busy_s: s(&l.busy_us),
+                wait_upstream_s: s(&l.wait_up_us),
+                wait_downstream_s: s(&l.wait_down_us),
+            })
+            .collect();
+        (self.started.elapsed().as_secs_f64(), stages)
     }
 
     /// The source's count, before the first document.
@@ -188,5 +237,25 @@ mod tests {
         p.publish(em, 80, 60, 2000);
         assert_eq!(p.snapshot().percent, Some(75.0));
         assert!(p.snapshot().eta_seconds.is_some());
+        p.publish_times(
+            em,
+            std::time::Duration::from_millis(1500),
+            std::time::Duration::from_micros(250),
+            std::time::Duration::ZERO,
+        );
+        let (_, times) = p.stage_times();
+        assert_eq!(times.len(), STAGES.len());
+        assert_eq!(
+            times[em],
+            StageTimes {
+                name: "embed",
+                items_in: 80,
+                items_out: 60,
+                tokens: 2000,
+                busy_s: 1.5,
+                wait_upstream_s: 0.00025,
+                wait_downstream_s: 0.0,
+            }
+        );
     }
 }

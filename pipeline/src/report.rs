@@ -56,6 +56,9 @@ pub struct BuildReport {
     pub chunks: u64,
     pub packed_messages: u64,
     pub tokens: u64,
+    /// Of `tokens`, those a chunk repeats from the previous chunk of its document (the
+    /// overlap): `tokens - overlap_tokens` is the text chunked, whatever the overlap policy.
+    pub overlap_tokens: u64,
     pub bytes_read: u64,
     pub vectors_upserted: u64,
     /// Chunks whose unchanged text kept the vector already stored (incremental rebuild).
@@ -84,6 +87,7 @@ pub struct DocCounts {
     pub chunks: u64,
     pub packed_messages: u64,
     pub tokens: u64,
+    pub overlap_tokens: u64,
     pub bytes_read: u64,
     pub rejected_count: u64,
     pub rejected: Vec<Rejection>,
@@ -139,6 +143,7 @@ impl BuildReport {
             chunks: d.chunks,
             packed_messages: d.packed_messages,
             tokens: d.tokens,
+            overlap_tokens: d.overlap_tokens,
             bytes_read: d.bytes_read,
             vectors_upserted: p.vectors_upserted,
             chunks_reused: p.chunks_reused,

@@ -11,6 +11,7 @@ mod qdrant_server;
 
 mod app;
 mod app_harness;
+mod bench;
 mod celery;
 mod celery_harness;
 mod chaos;

@@ -123,14 +123,14 @@ pub fn run(
         if chunker.settings().lexical_terms {
             add_terms(&pool, &mut out);
         }
-        send(&mut chunk, &tx, out)?;
+        send(&mut chunk, &mut docs.overlap_tokens, &tx, out)?;
     }
     let mut tail = Vec::new();
     packer.finish(&mut tail);
     if chunker.settings().lexical_terms {
         add_terms(&pool, &mut tail);
     }
-    send(&mut chunk, &tx, tail)?;
+    send(&mut chunk, &mut docs.overlap_tokens, &tx, tail)?;
 
     if docs.truncated > 0 {
         tracing::warn!(
@@ -167,8 +167,11 @@ fn add_terms(pool: &rayon::ThreadPool, chunks: &mut [Chunk]) {
     });
 }
 
+/// Hands a batch on, counting its chunks, text, tokens and overlap tokens. A document's chunks
+/// are cut together, so they sit side by side in one batch.
 fn send(
     meter: &mut StageMeter,
+    overlap: &mut u64,
     tx: &mpsc::Sender<Vec<Chunk>>,
     batch: Vec<Chunk>,
 ) -> Result<(), PipelineError> {
@@ -180,7 +183,18 @@ fn send(
         meter.bytes_out += c.text.len() as u64;
         meter.tokens += c.token_count as u64;
     }
+    *overlap += overlap_tokens(&batch);
     meter.blocking_send(tx, batch)
+}
+
+/// Tokens each chunk shares with the one before it of the same document.
+fn overlap_tokens(batch: &[Chunk]) -> u64 {
+    batch
+        .windows(2)
+        .filter(|w| w[1].chunk_index > 0 && w[1].chunk_index == w[0].chunk_index + 1)
+        .filter(|w| w[0].user_id == w[1].user_id && w[0].source_ids == w[1].source_ids)
+        .map(|w| w[0].token_end.saturating_sub(w[1].token_start) as u64)
+        .sum()
 }
 
 #[cfg(test)]
@@ -243,6 +257,10 @@ mod tests {
             chunks.iter().map(|c| c.token_count as u64).sum::<u64>()
         );
         assert_eq!((r.clean.items_in, r.clean.items_out), (4, 2));
+        // The long note's cuts each repeat the default overlap; the short note repeats nothing.
+        let cuts = chunks.iter().filter(|c| c.chunk_index > 0).count() as u64;
+        assert!(cuts >= 2);
+        assert_eq!(r.docs.overlap_tokens, cuts * 64);
         // Every chunk leaves with its lexical terms.
         let pickles = chunks.iter().find(|c| c.text.contains("Pickles")).unwrap();
         assert_eq!(

@@ -48,6 +48,23 @@ impl StageMeter {
     pub fn publish(&self) {
         if let Some((p, slot)) = &self.live {
             p.publish(*slot, self.items_in, self.items_out, self.tokens);
+            let (busy, wait_down) = self.times();
+            p.publish_times(*slot, busy, self.wait_up, wait_down);
+        }
+    }
+
+    /// (busy, waited on the next stage) so far: wall minus both waits, or the work the stage
+    /// measured on its own thread.
+    fn times(&self) -> (Duration, Duration) {
+        let wall = self.started.elapsed();
+        match self.measured_busy {
+            // The work ran ahead on its own thread: the rest of the stage's life it was blocked
+            // on the next stage.
+            Some(b) => (b, wall.saturating_sub(b).max(self.wait_down)),
+            None => (
+                wall.saturating_sub(self.wait_up + self.wait_down),
+                self.wait_down,
+            ),
         }
     }
 
@@ -111,16 +128,7 @@ impl StageMeter {
     }
 
     pub fn report(&self) -> StageReport {
-        let wall = self.started.elapsed();
-        let (busy, wait_down) = match self.measured_busy {
-            // The work ran ahead on its own thread: the rest of the stage's life it was blocked
-            // on the next stage.
-            Some(b) => (b, wall.saturating_sub(b).max(self.wait_down)),
-            None => (
-                wall.saturating_sub(self.wait_up + self.wait_down),
-                self.wait_down,
-            ),
-        };
+        let (busy, wait_down) = self.times();
         StageReport {
             name: self.name,
             items_in: self.items_in,
