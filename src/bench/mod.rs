@@ -400,6 +400,7 @@ fn side(name: &str, m: measure::Measured, r: &Value, stages: Vec<StageTotal>) ->
     Side {
         name: name.into(),
         wall_s: m.wall_s,
+        startup_s: r["startup_s"].as_f64().unwrap_or(0.0),
         cpu_s: m.cpu_s,
         peak_rss_mb: m.peak_rss_mb,
         documents_read: n("documents_read"),
