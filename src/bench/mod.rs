@@ -234,6 +234,9 @@ fn served(before: &Value, after: &Value) -> (u64, u64, u64) {
     (d("tokens"), d("answered"), d("refused"))
 }
 
+/// Timeline points (250 ms apart) each share is measured across.
+const TIMELINE_SPAN: usize = 4;
+
 /// Our build's timeline file → per-interval busy and waiting shares per stage, and embed
 /// tokens a second.
 fn read_timeline(path: &Path) -> (Vec<String>, Vec<TimelinePoint>) {
@@ -256,14 +259,17 @@ fn read_timeline(path: &Path) -> (Vec<String>, Vec<TimelinePoint>) {
     let get = |p: &Value, i: usize, k: &str| p["stages"][i][k].as_f64().unwrap_or(0.0);
     let embed = names.iter().position(|n| n == "embed");
     let mut out = Vec::new();
-    for w in points.windows(2) {
+    // Stages publish their times when they hand a batch on, so a 250 ms point can fall between
+    // two hand-ons of a busy stage: shares are taken over TIMELINE_SPAN points (1 s).
+    for w in points.windows(TIMELINE_SPAN + 1) {
+        let w = [&w[0], &w[TIMELINE_SPAN]];
         let dt = w[1]["t"].as_f64().unwrap_or(0.0) - w[0]["t"].as_f64().unwrap_or(0.0);
         if dt <= 0.0 {
             continue;
         }
         let share = |k: &str| -> Vec<f64> {
             (0..names.len())
-                .map(|i| ((get(&w[1], i, k) - get(&w[0], i, k)) / dt).clamp(0.0, 1.0))
+                .map(|i| ((get(w[1], i, k) - get(w[0], i, k)) / dt).clamp(0.0, 1.0))
                 .collect()
         };
         out.push(TimelinePoint {
@@ -271,7 +277,7 @@ fn read_timeline(path: &Path) -> (Vec<String>, Vec<TimelinePoint>) {
             busy: share("busy_s"),
             waiting_next: share("wait_downstream_s"),
             embed_tokens_per_s: embed
-                .map(|i| (get(&w[1], i, "tokens") - get(&w[0], i, "tokens")) / dt)
+                .map(|i| (get(w[1], i, "tokens") - get(w[0], i, "tokens")) / dt)
                 .unwrap_or(0.0),
         });
     }
