@@ -234,16 +234,16 @@ impl Inventory {
         let Ok(t) = self.tasks.lock() else {
             return Vec::new();
         };
-        let mut hit = Vec::new();
+        let mut hit: Vec<(String, Value)> = Vec::new();
         for e in t.values().filter(|e| e.stage == Stage::Active) {
             let m = super::revoked::stamps_matching(given, &e.stamps);
             if !m.is_empty() {
                 e.terminate.cancel();
-                hit.extend(
-                    m.into_iter()
-                        .filter(|p| !hit.contains(p))
-                        .collect::<Vec<_>>(),
-                );
+            }
+            for p in m {
+                if !hit.contains(&p) {
+                    hit.push(p);
+                }
             }
         }
         hit

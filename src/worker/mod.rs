@@ -148,12 +148,12 @@ impl Shared {
 
     /// What `/metrics` shows of this worker now.
     fn snapshot(&self) -> crate::metrics::WorkerSnapshot {
-        let (scheduled, reserved, _) = self.inventory.counts();
+        let (scheduled, reserved, active) = self.inventory.counts();
         let l = events::loadavg();
         crate::metrics::WorkerSnapshot {
             hostname: self.opts.hostname.clone(),
             online: !self.stop_fetch.is_cancelled(),
-            active: self.active(),
+            active,
             reserved,
             scheduled,
             processed: self.events.processed(),
@@ -267,18 +267,23 @@ impl Shared {
         }
         let (_, reserved, active) = self.inventory.counts();
         match a.step(self.pool_size(), reserved + active, now) {
-            autoscale::Step::Grow(n) => {
-                tracing::info!("Scaling up {n} processes.");
-                self.add_slots(n);
-            }
-            autoscale::Step::Shrink(n) => {
-                tracing::info!("Scaling down {n} processes.");
-                self.pool_size
-                    .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
-                self.take_slots(n);
-            }
+            autoscale::Step::Grow(n) => self.scale_up(n),
+            autoscale::Step::Shrink(n) => self.scale_down(n),
             autoscale::Step::Hold => {}
         }
+    }
+
+    /// The autoscaler's moves, with Celery's log lines. Its prefetch stays sized for max.
+    fn scale_up(&self, n: usize) {
+        tracing::info!("Scaling up {n} processes.");
+        self.add_slots(n);
+    }
+
+    fn scale_down(self: &Arc<Self>, n: usize) {
+        tracing::info!("Scaling down {n} processes.");
+        self.pool_size
+            .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+        self.take_slots(n);
     }
 
     /// The `autoscale` control command; None when the worker runs without `--autoscale`.
@@ -293,14 +298,10 @@ impl Shared {
             Err(e) => return Some(Err(e)),
         };
         if u.shrink > 0 {
-            tracing::info!("Scaling down {} processes.", u.shrink);
-            self.pool_size
-                .fetch_sub(u.shrink, std::sync::atomic::Ordering::Relaxed);
-            self.take_slots(u.shrink);
+            self.scale_down(u.shrink);
         }
         if u.grow > 0 {
-            tracing::info!("Scaling up {} processes.", u.grow);
-            self.add_slots(u.grow);
+            self.scale_up(u.grow);
         }
         self.resize_prefetch(u.max_delta * self.opts.prefetch_multiplier.max(1) as isize);
         Some(Ok(a.range()))
